@@ -1,0 +1,261 @@
+"""The three token embeddings compared in paper 000, as drop-in `embed_layer`s for timm's VisionTransformer.
+
+Each one maps a (B, C, H, W) image to a grid of ⌈H/16⌉×⌈W/16⌉ tokens (196 at 224×224) and follows the
+contract of `timm.layers.PatchEmbed` (img_size / grid_size / num_patches, feat_ratio, dynamic_feat_size,
+set_input_size, output_fmt), so every VisionTransformer feature keeps working with it.
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from einops.layers.torch import Rearrange
+from torch import nn
+
+from timm.layers import ConvNormAct, Format, to_2tuple
+from timm.layers.trace_utils import _assert
+
+from .super_token import SuperTokenClustering
+
+__all__ = ['TokenEmbed', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed', 'ConvActNorm']
+
+SizeType = Union[int, Tuple[int, int]]
+
+
+class TokenEmbed(nn.Module):
+    """Shared image -> token-grid bookkeeping; subclasses implement `embed` returning NHWC tokens."""
+    output_fmt: Format
+    flatten: torch.jit.Final[bool]
+    strict_img_size: torch.jit.Final[bool]
+    dynamic_img_pad: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            img_size: Optional[SizeType],
+            token_stride: SizeType,
+            in_chans: int,
+            flatten: bool = True,
+            output_fmt: Optional[str] = None,
+            strict_img_size: bool = True,
+            dynamic_img_pad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_chans = in_chans
+        self.embed_name = type(self).__name__  # a plain attribute, so error messages survive TorchScript
+        self.patch_size = to_2tuple(token_stride)
+        if output_fmt is not None:
+            self.flatten = False
+            self.output_fmt = Format(output_fmt)
+        else:
+            self.flatten = flatten
+            self.output_fmt = Format.NCHW
+        self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
+
+    def _rounds_up(self) -> bool:
+        """Whether a partial border patch becomes a token (convolutions pad, plain patchify needs dynamic_img_pad)."""
+        return True
+
+    def _init_img_size(self, img_size: Optional[SizeType]):
+        if img_size is None:
+            return None, None, None
+        img_size = to_2tuple(img_size)
+        grid_size = self.dynamic_feat_size(img_size)
+        return img_size, grid_size, grid_size[0] * grid_size[1]
+
+    def feat_ratio(self, as_scalar: bool = True) -> Union[Tuple[int, int], int]:
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """Token grid for an image size; torchscript-friendly fixed tuple indexing as in timm's PatchEmbed."""
+        if self._rounds_up():
+            return math.ceil(img_size[0] / self.patch_size[0]), math.ceil(img_size[1] / self.patch_size[1])
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def set_input_size(self, img_size: Optional[SizeType] = None, patch_size: Optional[SizeType] = None) -> None:
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_size:
+            raise ValueError(
+                f'{type(self).__name__} has a fixed token stride of {self.patch_size}; '
+                f'it cannot be changed to {to_2tuple(patch_size)}')
+        img_size = img_size or self.img_size
+        if img_size is not None and to_2tuple(img_size) != self.img_size:
+            self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
+
+    def check_image(self, x: torch.Tensor) -> None:
+        """Name what is wrong with an input image before a convolution fails on it cryptically."""
+        _assert(x.ndim == 4, f'{self.embed_name} expects a (B, C, H, W) image batch, got {x.ndim} dims')
+        _assert(x.shape[1] == self.in_chans,
+                f'{self.embed_name} expects {self.in_chans} input channels, got {x.shape[1]} (shape {x.shape})')
+        _assert(x.is_floating_point(),
+                f'{self.embed_name} expects a floating-point image (normalised as in the pretrained cfg), got {x.dtype}')
+        H, W = x.shape[2], x.shape[3]
+        _assert(H >= self.patch_size[0] and W >= self.patch_size[1],
+                f'image {H}x{W} is too small for {self.embed_name}: it needs at least '
+                f'{self.patch_size[0]}x{self.patch_size[1]} pixels (one token)')
+        if self.img_size is not None and self.strict_img_size:
+            _assert(H == self.img_size[0] and W == self.img_size[1],
+                    f'input size {H}x{W} does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
+                    f'create the model with img_size=({H}, {W}) or dynamic_img_size=True')
+
+    def format_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """NHWC tokens -> the layout VisionTransformer asked for (flattened NLC by default)."""
+        if self.flatten:
+            return x.flatten(1, 2)
+        if self.output_fmt == Format.NCHW:
+            return x.permute(0, 3, 1, 2)
+        if self.output_fmt == Format.NLC:
+            return x.flatten(1, 2)
+        if self.output_fmt == Format.NCL:
+            return x.flatten(1, 2).transpose(1, 2)
+        return x
+
+
+class PatchLayerNormEmbed(TokenEmbed):
+    """Patch embedding of paper Table 3: 16×16 patches -> LayerNorm(768) -> Linear(768→D) -> LayerNorm(D).
+
+    297,600 parameters at D=384 (paper Table 1: 0.30M).
+    """
+
+    def __init__(
+            self,
+            img_size: Optional[SizeType] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            bias: bool = True,
+            flatten: bool = True,
+            output_fmt: Optional[str] = None,
+            strict_img_size: bool = True,
+            dynamic_img_pad: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(img_size, patch_size, in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
+        p, q = self.patch_size
+        patch_dim = in_chans * p * q
+        self.patchify = Rearrange('b c (h p) (w q) -> b h w (p q c)', p=p, q=q)
+        self.norm_patch = nn.LayerNorm(patch_dim, **dd)
+        self.proj = nn.Linear(patch_dim, embed_dim, bias=bias, **dd)
+        self.norm = nn.LayerNorm(embed_dim, **dd)
+
+    def _rounds_up(self) -> bool:
+        return self.dynamic_img_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_image(x)
+        H, W = x.shape[2], x.shape[3]
+        if self.dynamic_img_pad:
+            pad_h = (self.patch_size[0] - H % self.patch_size[0]) % self.patch_size[0]
+            pad_w = (self.patch_size[1] - W % self.patch_size[1]) % self.patch_size[1]
+            x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
+        else:
+            _assert(H % self.patch_size[0] == 0 and W % self.patch_size[1] == 0,
+                    f'input size {H}x{W} is not a multiple of the patch size {self.patch_size}; '
+                    f'pass dynamic_img_pad=True to pad it')
+        x = self.norm(self.proj(self.norm_patch(self.patchify(x))))
+        return self.format_tokens(x)
+
+
+class ConvStemEmbed(TokenEmbed):
+    """EarlyConv's convolutional stem (Xiao et al., NeurIPS 2021), the paper's "convolution embedding".
+
+    Four 3×3 stride-2 Conv-BN-ReLU with D/8, D/4, D/2, D channels (48, 96, 192, 384 at D=384), then a
+    1×1 conv to D. 1,021,488 parameters at D=384 (paper Table 1: 1.00M; its Table 4's 96-384 channel
+    stem would be 3.5M and contradicts Table 1, see DESIGN.md §1).
+    """
+
+    def __init__(
+            self,
+            img_size: Optional[SizeType] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            stem_chs: Optional[Sequence[int]] = None,
+            bias: bool = True,
+            flatten: bool = True,
+            output_fmt: Optional[str] = None,
+            strict_img_size: bool = True,
+            dynamic_img_pad: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        stem_chs = tuple(stem_chs or (embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim))
+        super().__init__(img_size, 2 ** len(stem_chs), in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
+        if self.patch_size != to_2tuple(patch_size):
+            raise ValueError(f'a {len(stem_chs)}-conv stride-2 stem has token stride {self.patch_size[0]}, '
+                             f'not the requested patch_size={patch_size}')
+        chs = (in_chans,) + stem_chs
+        self.stem = nn.Sequential(*[
+            ConvNormAct(chs[i], chs[i + 1], kernel_size=3, stride=2, **dd) for i in range(len(stem_chs))
+        ])
+        self.proj = nn.Conv2d(chs[-1], embed_dim, kernel_size=1, bias=bias, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_image(x)
+        x = self.proj(self.stem(x))
+        return self.format_tokens(x.permute(0, 2, 3, 1))
+
+
+class ConvActNorm(nn.Sequential):
+    """The paper's convolution module, eq. 1: Conv3×3 -> GELU -> BatchNorm (in that order)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, **dd)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
+
+
+class SuperTokenConvEmbed(TokenEmbed):
+    """Super-token convolutional embedding of paper Table 5: a light conv stem, super-token clustering, Linear.
+
+    Conv modules (eq. 1) alternate stride 2 and 1 with 16, 32, 32, 64, 64, 64 channels (224² -> 28²×64),
+    super-token clustering on a 2×2 grid with t=3 (28² -> 14²), then Linear(64→D): 132,192 parameters
+    at D=384. `conv_modules` reaches the paper's Table 7 ablation: 0, 1, 2, 4, 6, and 7 (6 plus the
+    extra stride-2 conv to 14×14); by default the clustering grid is chosen so the token stride stays
+    `patch_size` (grid 16, 8, 8, 4, 2, 1 for those depths), keeping 196 tokens at 224×224.
+    """
+    STEM_CHS = (16, 32, 32, 64, 64, 64, 64)
+
+    def __init__(
+            self,
+            img_size: Optional[SizeType] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            conv_modules: int = 6,
+            cluster_grid: Optional[int] = None,
+            cluster_iters: int = 3,
+            bias: bool = True,
+            flatten: bool = True,
+            output_fmt: Optional[str] = None,
+            strict_img_size: bool = True,
+            dynamic_img_pad: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        dd = {'device': device, 'dtype': dtype}
+        if not 0 <= conv_modules <= len(self.STEM_CHS):
+            raise ValueError(f'conv_modules must be in 0..{len(self.STEM_CHS)} (paper Table 7), got {conv_modules}')
+        stem_stride = 2 ** math.ceil(conv_modules / 2)  # modules 1, 3, 5, 7 have stride 2
+        if cluster_grid is None:
+            if patch_size % stem_stride:
+                raise ValueError(f'patch_size={patch_size} is not a multiple of the stem stride {stem_stride}')
+            cluster_grid = patch_size // stem_stride
+        super().__init__(
+            img_size, stem_stride * cluster_grid, in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
+        chs = (in_chans,) + self.STEM_CHS[:conv_modules]
+        self.stem = nn.Sequential(*[
+            ConvActNorm(chs[i], chs[i + 1], stride=2 if i % 2 == 0 else 1, **dd) for i in range(conv_modules)
+        ])
+        self.cluster = SuperTokenClustering(grid=cluster_grid, iters=cluster_iters)
+        self.proj = nn.Linear(chs[-1], embed_dim, bias=bias, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_image(x)
+        x = self.cluster(self.stem(x))  # (B, C, ⌈H/16⌉, ⌈W/16⌉) super tokens
+        x = self.proj(x.permute(0, 2, 3, 1))
+        return self.format_tokens(x)

@@ -1,0 +1,1 @@
+from .supertoken_vit import checkpoint_filter_fn, default_cfgs
