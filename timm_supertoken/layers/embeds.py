@@ -245,13 +245,14 @@ class SuperTokenConvEmbed(TokenEmbed):
             if patch_size % stem_stride:
                 raise ValueError(f'patch_size={patch_size} is not a multiple of the stem stride {stem_stride}')
             cluster_grid = patch_size // stem_stride
+        cluster = SuperTokenClustering(grid=cluster_grid, iters=cluster_iters)  # validates grid and t first
         super().__init__(
             img_size, stem_stride * cluster_grid, in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
         chs = (in_chans,) + self.STEM_CHS[:conv_modules]
         self.stem = nn.Sequential(*[
             ConvActNorm(chs[i], chs[i + 1], stride=2 if i % 2 == 0 else 1, **dd) for i in range(conv_modules)
         ])
-        self.cluster = SuperTokenClustering(grid=cluster_grid, iters=cluster_iters)
+        self.cluster = cluster
         self.proj = nn.Linear(chs[-1], embed_dim, bias=bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
