@@ -2,8 +2,11 @@
 
 The pure-PyTorch reference path below is the specification of the operator: it is vectorised over
 cells, pixels and the batch, and uses only pad / reshape / einsum / softmax, so it runs everywhere
-(CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export).
+(CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). `SuperTokenClustering` dispatches
+CUDA tensors to the fused Triton kernels of `timm_supertoken.ops` (same maths, see `backend`).
 """
+import importlib.util
+import os
 from typing import List, Tuple
 
 import torch
@@ -134,6 +137,42 @@ def super_token_clustering(x: torch.Tensor, grid: int = 2, iters: int = 3) -> to
     return super_token_aggregate(x, affinity, norm, grid)
 
 
+BACKENDS = ('auto', 'reference', 'triton')
+BACKEND_ENV = 'TIMM_SUPERTOKEN_BACKEND'
+_MAX_FUSED_GRID = 4  # timm_supertoken.ops.MAX_FUSED_GRID, repeated here so 'auto' decides without importing Triton
+_TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None  # looked up once, outside torch.compile's trace
+
+
+@torch.jit.ignore
+def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
+    """Pick the implementation: False = reference path, True = the fused Triton op.
+
+    torch.jit tracing, torch.fx symbolic tracing, torch.export and ONNX export always get the reference
+    path, which is made of exportable ops. `'auto'` (overridable by $TIMM_SUPERTOKEN_BACKEND) takes the
+    fused op for CUDA fp32/fp16/bf16 tensors when Triton is importable and the grid is one the kernels
+    support (≤ 4).
+    """
+    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting() \
+            or torch.onnx.is_in_onnx_export():
+        return False
+    if backend == 'auto':
+        backend = os.environ.get(BACKEND_ENV, 'auto')
+        if backend not in BACKENDS:
+            raise ValueError(f'${BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}')
+    if backend == 'reference':
+        return False
+    if backend == 'triton':
+        return True  # the op itself raises a clear error for a CPU tensor outside the interpreter
+    return _TRITON_AVAILABLE and x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+        and grid <= _MAX_FUSED_GRID
+
+
+@torch.jit.ignore
+def _fused_super_token_clustering(x: torch.Tensor, grid: int, iters: int) -> torch.Tensor:
+    from ..ops import super_token_clustering_triton  # imports Triton: only when the fused path is taken
+    return super_token_clustering_triton(x, grid, iters, validate=False)
+
+
 @register_notrace_module
 class SuperTokenClustering(nn.Module):
     """Parameter-free super-token clustering: (B, C, H, W) -> (B, C, ⌈H/grid⌉, ⌈W/grid⌉).
@@ -141,21 +180,33 @@ class SuperTokenClustering(nn.Module):
     Args:
         grid: side of the cell each super token starts from (paper: 2×2 average pooling).
         iters: number of affinity computations t (paper Table 8; t=3 is the paper's choice).
+        backend: 'reference' (pure PyTorch, runs everywhere), 'triton' (the fused kernels of
+            `timm_supertoken.ops`: CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or 'auto' (the
+            default: $TIMM_SUPERTOKEN_BACKEND if set, else fused for fp32/fp16/bf16 CUDA tensors when Triton
+            is importable and grid ≤ 4). TorchScript, tracing, torch.fx, torch.export and ONNX export always
+            use the reference path.
     """
 
-    def __init__(self, grid: int = 2, iters: int = 3) -> None:
+    def __init__(self, grid: int = 2, iters: int = 3, backend: str = 'auto') -> None:
         super().__init__()
         if grid < 1:
             raise ValueError(f'super-token grid must be >= 1, got {grid}')
         if iters < 1:
             raise ValueError(f'super-token iterations t must be >= 1, got {iters}')
+        if backend not in BACKENDS:
+            raise ValueError(f'super-token backend must be one of {BACKENDS}, got {backend!r}')
         self.grid = grid
         self.iters = iters
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             check_super_token_input(x, self.grid, self.iters)
+        if not torch.jit.is_scripting():
+            if _use_fused(x, self.grid, self.backend):
+                return _fused_super_token_clustering(x, self.grid, self.iters)
         return super_token_clustering(x, self.grid, self.iters)
 
     def extra_repr(self) -> str:
-        return f'grid={self.grid}, iters={self.iters}'
+        backend = '' if self.backend == 'auto' else f', backend={self.backend}'
+        return f'grid={self.grid}, iters={self.iters}{backend}'

@@ -1,0 +1,13 @@
+"""Session-wide test setup.
+
+The fused Triton kernels (timm_supertoken.ops) are tested on CPU through Triton's interpreter. Triton
+reads TRITON_INTERPRET when its modules are imported, and torch.compile imports Triton too, so the
+variable is set here, before any test module runs. Only without a GPU: there Inductor generates C++,
+not Triton, so nothing else changes; on a GPU runner the kernels are compiled and tested on CUDA tensors.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')

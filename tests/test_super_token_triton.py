@@ -1,0 +1,216 @@
+"""The fused Triton super-token clustering against the reference path (the specification).
+
+Without a GPU the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before
+anything imports Triton (the variable is read at import time). With a GPU they run compiled on CUDA tensors.
+"""
+import pytest
+import torch
+
+triton = pytest.importorskip('triton')
+from timm_supertoken import ops  # noqa: E402
+from timm_supertoken.ops import super_token_triton as st  # noqa: E402
+from hypothesis import given, settings, strategies as hs  # noqa: E402
+
+from timm_supertoken.layers.super_token import (  # noqa: E402
+    BACKEND_ENV,
+    SuperTokenClustering,
+    check_super_token_input,
+    super_token_clustering,
+)
+from loop_reference import super_token_clustering_loop  # noqa: E402
+
+if ops.INTERPRET:
+    DEVICE = 'cpu'
+elif torch.cuda.is_available():
+    DEVICE = 'cuda'
+else:
+    pytest.skip('Triton kernels need CUDA, or TRITON_INTERPRET=1 set before Triton is imported (tests/conftest.py)',
+                allow_module_level=True)
+
+fused = ops.super_token_clustering_triton
+
+# Per-dtype tolerances (rtol, atol) on outputs and gradients of O(1) randn inputs. fp32: both paths
+# compute in fp32 and differ only in summation order (observed ≤ 1e-6). fp16/bf16: both paths compute
+# in fp32 and round once to the input dtype, so they may differ by one rounding step of that dtype:
+# 2^-10 (fp16) and 2^-7 (bf16) relative to values up to ~2, allowed twice.
+TOL = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-3, 4e-3),
+    torch.bfloat16: (1.6e-2, 3.2e-2),
+}
+
+
+def _forward_backward(fn, x, grid, iters, gen_seed=1):
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x, grid, iters)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gen_seed)).to(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    return y, dx
+
+
+def _assert_matches_reference(shape, grid, iters, dtype=torch.float32, seed=0):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
+    y, dx = _forward_backward(fused, x, grid, iters)
+    y_ref, dx_ref = _forward_backward(super_token_clustering, x, grid, iters)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert y.shape == y_ref.shape and dx.shape == x.shape
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx, dx_ref, rtol=rtol, atol=atol)
+
+
+# (B, C, H, W, grid, iters): every grid and iteration count, H ≠ W, sizes that are not multiples of
+# the grid (ragged border cells), a 1×1 super-token map, C not a power of two and C = 512.
+CASES = [
+    (2, 8, 7, 9, 2, 3),
+    (1, 5, 6, 4, 1, 2),
+    (2, 12, 11, 10, 3, 1),
+    (1, 20, 13, 9, 4, 4),
+    (3, 16, 5, 8, 2, 4),
+    (1, 3, 3, 2, 4, 2),  # one super token: the whole map is a single, partial cell
+    (1, 512, 4, 6, 2, 2),
+    (1, 384, 3, 5, 1, 1),
+]
+
+
+@pytest.mark.parametrize('B,C,H,W,grid,iters', CASES)
+def test_matches_reference_fp32(B, C, H, W, grid, iters):
+    _assert_matches_reference((B, C, H, W), grid, iters)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('B,C,H,W,grid,iters', [(2, 24, 9, 7, 2, 3), (1, 64, 6, 10, 3, 2)])
+def test_matches_reference_half(B, C, H, W, grid, iters, dtype):
+    _assert_matches_reference((B, C, H, W), grid, iters, dtype=dtype)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+@given(
+    B=hs.integers(1, 2), C=hs.integers(1, 40), H=hs.integers(1, 10), W=hs.integers(1, 10),
+    grid=hs.integers(1, 4), iters=hs.integers(1, 4),
+    dtype=hs.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+)
+def test_matches_reference_property(B, C, H, W, grid, iters, dtype):
+    _assert_matches_reference((B, C, H, W), grid, iters, dtype=dtype, seed=B * 1000 + C)
+
+
+def test_matches_loop_reference():
+    """Against the pixel-by-pixel transcription of the spec, not only the vectorised reference."""
+    x = torch.randn(1, 6, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y, dx = _forward_backward(fused, x.float().to(DEVICE), 2, 3)
+    y_loop, dx_loop = _forward_backward(super_token_clustering_loop, x, 2, 3)
+    torch.testing.assert_close(y.double().cpu(), y_loop, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx.double().cpu(), dx_loop, rtol=1e-4, atol=1e-5)
+
+
+def test_bitwise_deterministic():
+    x = torch.randn(1, 24, 7, 9, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    y1, dx1 = _forward_backward(fused, x, 2, 3)
+    y2, dx2 = _forward_backward(fused, x, 2, 3)
+    assert torch.equal(y1, y2) and torch.equal(dx1, dx2)
+
+
+def test_channels_last_input():
+    """Strided (NHWC) input is read in place and gives bit-identical results to the NCHW copy."""
+    x = torch.randn(1, 16, 7, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert not x_cl.is_contiguous()
+    y, dx = _forward_backward(fused, x, 2, 2)
+    y_cl, dx_cl = _forward_backward(fused, x_cl, 2, 2)
+    assert torch.equal(y, y_cl) and torch.equal(dx, dx_cl)
+    torch.testing.assert_close(y_cl, super_token_clustering(x_cl, 2, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_module_backend_triton():
+    x = torch.randn(1, 8, 6, 5, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    module = SuperTokenClustering(grid=2, iters=3, backend='triton')
+    assert 'backend=triton' in repr(module)
+    torch.testing.assert_close(module(x), super_token_clustering(x, 2, 3), rtol=1e-4, atol=1e-5)
+
+
+BAD_INPUTS = [
+    (lambda: torch.randn(1, 4, 4, 4), 0, 1, ValueError, 'grid must be >= 1'),
+    (lambda: torch.randn(1, 4, 4, 4), 2, 0, ValueError, 'iterations t must be >= 1'),
+    (lambda: torch.randn(4, 4, 4), 2, 1, ValueError, r'expects a \(B, C, H, W\) feature map'),
+    (lambda: torch.ones(1, 4, 4, 4, dtype=torch.int64), 2, 1, TypeError, 'floating-point'),
+    (lambda: torch.zeros(0, 4, 4, 4), 2, 1, ValueError, 'empty feature map'),
+    (lambda: torch.full((1, 4, 4, 4), float('nan')), 2, 1, ValueError, 'NaN or Inf'),
+    (lambda: torch.full((1, 4, 4, 4), float('inf')), 2, 1, ValueError, 'NaN or Inf'),
+]
+
+
+def super_token_clustering_checked(x, grid, iters):
+    """The reference path as the module runs it: input checks, then the reference function."""
+    check_super_token_input(x, grid, iters)
+    return super_token_clustering(x, grid, iters)
+
+
+@pytest.mark.parametrize('make,grid,iters,error,message', BAD_INPUTS)
+def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message):
+    x = make().to(DEVICE)
+    with pytest.raises(error, match=message) as ref_error:
+        super_token_clustering_checked(x, grid, iters)
+    with pytest.raises(error, match=message) as fused_error:
+        fused(x, grid, iters)
+    assert str(fused_error.value) == str(ref_error.value)
+    if grid >= 1 and iters >= 1:
+        with pytest.raises(error, match=message):
+            SuperTokenClustering(grid, iters, backend='triton')(x)
+
+
+def test_unsupported_for_fused():
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="backend='reference'"):
+        fused(x, 2, 1)
+    with pytest.raises(ValueError, match='grid <= 4'):
+        fused(x.float(), 5, 1)
+
+
+def test_cpu_tensor_outside_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(st, 'INTERPRET', False)
+    with pytest.raises(RuntimeError, match='needs a CUDA tensor'):
+        fused(torch.randn(1, 4, 4, 4), 2, 1)
+
+
+def test_dispatch(monkeypatch):
+    calls = []
+    original = st.super_token_clustering_triton
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, 'super_token_clustering_triton', spy)
+    x = torch.randn(1, 4, 4, 4)
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    SuperTokenClustering()(x)  # auto: a CPU tensor takes the reference path
+    assert not calls
+    monkeypatch.setenv(BACKEND_ENV, 'triton')  # the variable overrides 'auto' ...
+    SuperTokenClustering()(x)
+    assert len(calls) == 1
+    SuperTokenClustering(backend='reference')(x)  # ... but not an explicit backend
+    assert len(calls) == 1
+    torch.jit.script(SuperTokenClustering(backend='triton'))(x)  # TorchScript: always the reference
+    torch.export.export(SuperTokenClustering(backend='triton'), (x,))
+    assert len(calls) == 1
+    monkeypatch.setenv(BACKEND_ENV, 'cuda')
+    with pytest.raises(ValueError, match=BACKEND_ENV):
+        SuperTokenClustering()(x)
+    with pytest.raises(ValueError, match='backend must be one of'):
+        SuperTokenClustering(backend='cuda')
+
+
+def test_torch_compile_no_graph_break():
+    """fullgraph=True fails on a graph break: the custom op, its fake and its autograd are traceable."""
+    x = torch.randn(1, 8, 6, 7, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    compiled = torch.compile(lambda t, g, i: fused(t, g, i, validate=False), fullgraph=True, backend='aot_eager')
+    y, dx = _forward_backward(compiled, x, 2, 2)
+    y_eager, dx_eager = _forward_backward(fused, x, 2, 2)
+    assert torch.equal(y, y_eager) and torch.equal(dx, dx_eager)
+
+
+def test_opcheck():
+    x = torch.randn(1, 4, 3, 5, generator=torch.Generator().manual_seed(8)).to(DEVICE).requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.timm_supertoken.super_token_clustering.default, (x, 2, 2),
+        test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
