@@ -33,12 +33,12 @@ def _neighbourhood(s: torch.Tensor) -> torch.Tensor:
 
 def _scatter_neighbourhood(c: torch.Tensor) -> torch.Tensor:
     """Adjoint of `_neighbourhood`: sum what every cell sent to its 9 neighbours, (B, h, w, 9, C) -> (B, h, w, C)."""
-    h, w = c.shape[1], c.shape[2]
-    total = torch.zeros_like(c[:, :, :, 0])
-    total = F.pad(total, (0, 0, 1, 1, 1, 1))
+    B, h, w, _, C = c.shape
+    # accumulate in place into one padded buffer: 9 shifted adds, no per-neighbour pad allocations
+    total = c.new_zeros(B, h + 2, w + 2, C)
     for dy in range(3):
         for dx in range(3):
-            total = total + F.pad(c[:, :, :, dy * 3 + dx], (0, 0, dx, 2 - dx, dy, 2 - dy))
+            total[:, dy:dy + h, dx:dx + w] += c[:, :, :, dy * 3 + dx]
     return total[:, 1:h + 1, 1:w + 1]
 
 

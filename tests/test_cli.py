@@ -1,0 +1,95 @@
+"""The `timm-supertoken` command and the CPU benchmark it shares with benchmarks/bench_cpu.py, at toy sizes."""
+import contextlib
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from timm_supertoken import MODEL_NAMES
+from timm_supertoken.benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
+from timm_supertoken.cli import FIGURE_DPI, FIGURE_SIZE_IN, main
+
+TINY = ['--batch-size', '1', '--repeats', '1', '--img-size', '32']
+
+
+@pytest.fixture(scope='module')
+def info_run(tmp_path_factory):
+    """One tiny `info` run shared by the assertions below (model construction dominates its cost)."""
+    out = tmp_path_factory.mktemp('out')
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(['info', *TINY, '--out', str(out)])
+    return rc, stdout.getvalue(), out
+
+
+def test_info_exit_code(info_run):
+    assert info_run[0] == 0
+
+
+def test_info_parameter_table(info_run):
+    params = info_run[1].split('CPU inference')[0]
+    rows = {line.split('|')[1].strip(): line for line in params.splitlines() if line.startswith('| vit_')}
+    assert '| 297,600 | 0.30M |' in rows['vit_small_patch']
+    assert '| 1,021,488 | 1.00M |' in rows['vit_small_convembed']
+    assert '| 132,192 | 0.09M |' in rows['vit_small_stconv']
+    assert '22,050,664' in rows[BASELINE]  # timm's own ViT-S/16, the reference trunk
+
+
+def test_info_benchmark_table(info_run):
+    text = info_run[1]
+    for name in (BASELINE,) + MODEL_NAMES:
+        assert sum(line.startswith(f'| {name} |') for line in text.splitlines()) == 2  # params + throughput
+    assert '| 1.000× |' in text  # the baseline's ratio to itself
+    assert 'torch:' in text and 'cpu:' in text
+
+
+def test_info_writes_figure(info_run):
+    out = info_run[2]
+    path = out / 'super_tokens.png'
+    assert f'wrote {path}' in info_run[1]
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == 'PNG'
+        assert img.size == (round(FIGURE_SIZE_IN[0] * FIGURE_DPI), round(FIGURE_SIZE_IN[1] * FIGURE_DPI))
+
+
+def test_bare_options_mean_info(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(['--no-bench', '--no-plot']) == 0
+    text = capsys.readouterr().out
+    assert '132,192' in text and 'CPU inference' not in text
+    assert not (tmp_path / 'timm-supertoken-out').exists()
+
+
+def test_unknown_command_fails():
+    with pytest.raises(SystemExit):
+        main(['no-such-command'])
+
+
+def test_benchmark_cpu_numbers():
+    names = (BASELINE, 'vit_small_stconv')
+    results = benchmark_cpu(names, batch_size=1, img_size=32, repeats=2, warmup=0)
+    assert list(results) == list(names)
+    for stats in results.values():
+        assert set(stats) == {
+            'img_per_s', 'ms_per_batch', 'embed_ms', 'embed_share', 'ratio', 'best_ms_per_batch', 'best_ratio'}
+        assert all(math.isfinite(v) and v > 0 for v in stats.values())
+        assert 0 < stats['embed_share'] < 5  # separate timings on a noisy machine: loose, but not absurd
+        assert math.isclose(stats['img_per_s'], 1e3 / stats['ms_per_batch'])
+    assert results[BASELINE]['ratio'] == results[BASELINE]['best_ratio'] == 1.0
+    assert results['vit_small_stconv']['best_ms_per_batch'] <= results['vit_small_stconv']['ms_per_batch']
+    table = throughput_markdown(results)
+    assert table.count('\n| vit_') == 2
+
+
+def test_benchmark_rejects_zero_repeats():
+    with pytest.raises(ValueError, match='repeats'):
+        benchmark_cpu(repeats=0)
+
+
+def test_hardware_info_names_the_machine():
+    info = hardware_info()
+    assert info['cpu'] and info['torch'] and info['timm']
+    assert int(info['threads']) >= 1

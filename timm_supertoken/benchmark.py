@@ -1,0 +1,133 @@
+"""CPU inference throughput of the three embeddings against timm's ViT-S/16, measured side by side.
+
+Shared by `timm-supertoken info` and `benchmarks/bench_cpu.py`, so the quick check and the published
+table (docs/benchmarks.md) come from the same code. Models are timed round-robin in one process,
+each repeat visiting every model once, and the median over repeats is reported: on a shared, noisy
+machine this keeps drift (other jobs, thermal state) from favouring whichever model ran first or last.
+"""
+import os
+import platform
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+import timm
+
+from . import MODEL_NAMES
+
+__all__ = ['BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'throughput_markdown']
+
+BASELINE = 'vit_small_patch16_224'
+BENCH_MODELS = (BASELINE,) + MODEL_NAMES
+
+
+def cpu_name() -> str:
+    """The CPU model, so published numbers say which machine they came from."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what the platform module knows
+    return platform.processor() or platform.machine() or 'unknown CPU'
+
+
+def hardware_info() -> Dict[str, str]:
+    """Hardware and software versions that a throughput figure is meaningless without."""
+    return {
+        'cpu': cpu_name(),
+        'cores': str(os.cpu_count()),
+        'threads': str(torch.get_num_threads()),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'python': platform.python_version(),
+        'os': platform.platform(terse=True),
+    }
+
+
+def _create(name: str, img_size: int) -> nn.Module:
+    """An eval-mode, randomly initialised model (weights do not change the cost of a dense forward)."""
+    return timm.create_model(name, img_size=img_size).eval()
+
+
+def _seconds(fn: nn.Module, x: torch.Tensor) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def benchmark_cpu(
+        model_names: Sequence[str] = BENCH_MODELS,
+        batch_size: int = 8,
+        img_size: int = 224,
+        repeats: int = 5,
+        warmup: int = 1,
+        threads: Optional[int] = None,
+        baseline: str = BASELINE,
+) -> Dict[str, Dict[str, float]]:
+    """Median fp32 CPU inference throughput of several timm models, timed in one interleaved run.
+
+    Each repeat times, for every model in turn (the starting model rotates between repeats), one
+    whole forward and one call of `model.patch_embed` alone on the same batch.
+
+    Returns, per model name: `img_per_s` (batch / median forward time), `ms_per_batch`, `embed_ms`
+    (median patch_embed time), `embed_share` (embed_ms / ms_per_batch), `ratio` (img_per_s over that
+    of `baseline`, NaN when the baseline is not among `model_names`), and `best_ms_per_batch` /
+    `best_ratio`, the same from the fastest repeat: other jobs on a shared machine only ever add time,
+    so the minimum is the steadier estimate of a model's own cost when the median is disturbed.
+    """
+    if repeats < 1:
+        raise ValueError(f'repeats must be >= 1, got {repeats}')
+    if threads is not None:
+        torch.set_num_threads(threads)
+    models = {name: _create(name, img_size) for name in model_names}
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+
+    for model in models.values():  # first calls pay for allocator growth and kernel selection
+        for _ in range(warmup):
+            model(x)
+            model.patch_embed(x)
+
+    names = list(models)
+    forward_s: Dict[str, List[float]] = {name: [] for name in names}
+    embed_s: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            forward_s[name].append(_seconds(models[name], x))
+            embed_s[name].append(_seconds(models[name].patch_embed, x))
+
+    results: Dict[str, Dict[str, float]] = {}
+    for name in names:
+        fwd, emb = statistics.median(forward_s[name]), statistics.median(embed_s[name])
+        results[name] = {
+            'img_per_s': batch_size / fwd,
+            'ms_per_batch': fwd * 1e3,
+            'embed_ms': emb * 1e3,
+            'embed_share': emb / fwd,
+            'best_ms_per_batch': min(forward_s[name]) * 1e3,
+        }
+    base = results.get(baseline, {'ms_per_batch': float('nan'), 'best_ms_per_batch': float('nan')})
+    for stats in results.values():
+        stats['ratio'] = base['ms_per_batch'] / stats['ms_per_batch']
+        stats['best_ratio'] = base['best_ms_per_batch'] / stats['best_ms_per_batch']
+    return results
+
+
+def throughput_markdown(results: Dict[str, Dict[str, float]], baseline: str = BASELINE) -> str:
+    """The benchmark result as a Markdown table, the one format both the CLI and docs print."""
+    lines = [
+        f'| model | img/s (median) | ms / batch | ratio to {baseline} | embedding ms | embedding share '
+        '| fastest repeat: ms / batch | fastest repeat: ratio |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|',
+    ]
+    for name, s in results.items():
+        lines.append(
+            f"| {name} | {s['img_per_s']:.2f} | {s['ms_per_batch']:.1f} | {s['ratio']:.3f}× "
+            f"| {s['embed_ms']:.1f} | {s['embed_share']:.1%} | {s['best_ms_per_batch']:.1f} | {s['best_ratio']:.3f}× |")
+    return '\n'.join(lines)
