@@ -1,4 +1,4 @@
-from .embeds import ConvActNorm, ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed, TokenEmbed
+from .embeds import ConvActNorm, ConvStemEmbed, PatchLayerNormEmbed, Patchify, SuperTokenConvEmbed, TokenEmbed
 from .super_token import (
     SuperTokenClustering,
     check_super_token_input,

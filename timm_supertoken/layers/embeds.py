@@ -8,7 +8,6 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-from einops.layers.torch import Rearrange
 from torch import nn
 
 from timm.layers import ConvNormAct, Format, to_2tuple
@@ -16,7 +15,7 @@ from timm.layers.trace_utils import _assert
 
 from .super_token import SuperTokenClustering
 
-__all__ = ['TokenEmbed', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed', 'ConvActNorm']
+__all__ = ['TokenEmbed', 'Patchify', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed', 'ConvActNorm']
 
 SizeType = Union[int, Tuple[int, int]]
 
@@ -88,14 +87,18 @@ class TokenEmbed(nn.Module):
                 f'{self.embed_name} expects {self.in_chans} input channels, got {x.shape[1]} (shape {x.shape})')
         _assert(x.is_floating_point(),
                 f'{self.embed_name} expects a floating-point image (normalised as in the pretrained cfg), got {x.dtype}')
+        # one `_assert` per comparison: under torch.fx the sizes are proxies, and `a and b` would need their
+        # truth value at trace time, while `_assert` itself is wrapped and lands in the graph
         H, W = x.shape[2], x.shape[3]
-        _assert(H >= self.patch_size[0] and W >= self.patch_size[1],
-                f'image {H}x{W} is too small for {self.embed_name}: it needs at least '
-                f'{self.patch_size[0]}x{self.patch_size[1]} pixels (one token)')
+        too_small = (f'image {H}x{W} is too small for {self.embed_name}: it needs at least '
+                     f'{self.patch_size[0]}x{self.patch_size[1]} pixels (one token)')
+        _assert(H >= self.patch_size[0], too_small)
+        _assert(W >= self.patch_size[1], too_small)
         if self.img_size is not None and self.strict_img_size:
-            _assert(H == self.img_size[0] and W == self.img_size[1],
-                    f'input size {H}x{W} does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
-                    f'create the model with img_size=({H}, {W}) or dynamic_img_size=True')
+            mismatch = (f'input size {H}x{W} does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
+                        f'create the model with img_size=({H}, {W}) or dynamic_img_size=True')
+            _assert(H == self.img_size[0], mismatch)
+            _assert(W == self.img_size[1], mismatch)
 
     def format_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """NHWC tokens -> the layout VisionTransformer asked for (flattened NLC by default)."""
@@ -108,6 +111,27 @@ class TokenEmbed(nn.Module):
         if self.output_fmt == Format.NCL:
             return x.flatten(1, 2).transpose(1, 2)
         return x
+
+
+class Patchify(nn.Module):
+    """Non-overlapping patches, (B, C, H, W) -> (B, H/p, W/q, p·q·C), channel fastest within a patch.
+
+    The layout of einops' 'b c (h p) (w q) -> b h w (p q c)', written as reshape / permute because einops
+    caches its recipe keyed by the input shape, which torch.fx symbolic tracing cannot provide (a Proxy).
+    """
+
+    def __init__(self, patch_size: Tuple[int, int]) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        p, q = self.patch_size
+        x = x.reshape(B, C, H // p, p, W // q, q).permute(0, 2, 4, 3, 5, 1)
+        return x.reshape(B, H // p, W // q, p * q * C)
+
+    def extra_repr(self) -> str:
+        return f'patch_size={self.patch_size}'
 
 
 class PatchLayerNormEmbed(TokenEmbed):
@@ -134,7 +158,7 @@ class PatchLayerNormEmbed(TokenEmbed):
         super().__init__(img_size, patch_size, in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
         p, q = self.patch_size
         patch_dim = in_chans * p * q
-        self.patchify = Rearrange('b c (h p) (w q) -> b h w (p q c)', p=p, q=q)
+        self.patchify = Patchify(self.patch_size)
         self.norm_patch = nn.LayerNorm(patch_dim, **dd)
         self.proj = nn.Linear(patch_dim, embed_dim, bias=bias, **dd)
         self.norm = nn.LayerNorm(embed_dim, **dd)
@@ -150,9 +174,10 @@ class PatchLayerNormEmbed(TokenEmbed):
             pad_w = (self.patch_size[1] - W % self.patch_size[1]) % self.patch_size[1]
             x = nn.functional.pad(x, (0, pad_w, 0, pad_h))
         else:
-            _assert(H % self.patch_size[0] == 0 and W % self.patch_size[1] == 0,
-                    f'input size {H}x{W} is not a multiple of the patch size {self.patch_size}; '
-                    f'pass dynamic_img_pad=True to pad it')
+            not_multiple = (f'input size {H}x{W} is not a multiple of the patch size {self.patch_size}; '
+                            f'pass dynamic_img_pad=True to pad it')
+            _assert(H % self.patch_size[0] == 0, not_multiple)
+            _assert(W % self.patch_size[1] == 0, not_multiple)
         x = self.norm(self.proj(self.norm_patch(self.patchify(x))))
         return self.format_tokens(x)
 

@@ -34,7 +34,15 @@ def _neighbourhood(s: torch.Tensor) -> torch.Tensor:
 def _scatter_neighbourhood(c: torch.Tensor) -> torch.Tensor:
     """Adjoint of `_neighbourhood`: sum what every cell sent to its 9 neighbours, (B, h, w, 9, C) -> (B, h, w, C)."""
     B, h, w, _, C = c.shape
-    # accumulate in place into one padded buffer: 9 shifted adds, no per-neighbour pad allocations
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+        # traced in-place slice adds become chained slice_scatters that take inductor minutes to compile
+        padded = F.pad(c, (0, 0, 0, 0, 1, 1, 1, 1))  # (B, h + 2, w + 2, 9, C)
+        total = padded[:, 2:2 + h, 2:2 + w, 0]
+        for k in range(1, 9):
+            dy, dx = k // 3, k % 3
+            total = total + padded[:, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w, k]
+        return total
+    # eager: accumulate in place into one padded buffer, 2-3x faster than allocating shifted copies
     total = c.new_zeros(B, h + 2, w + 2, C)
     for dy in range(3):
         for dx in range(3):
