@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from timm_supertoken.benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
+from timm_supertoken.benchmark import (
+    BASELINE, benchmark_cpu, hardware_info, throughput_markdown, write_markdown_section)
 
 SECTION = '## CPU inference'
 TARGET_RATIO = 0.95  # the issue's goal: vit_small_stconv at >= 0.95x the throughput of vit_small_patch16_224
@@ -149,18 +150,6 @@ def render_section(
     return '\n'.join(lines) + '\n'
 
 
-def replace_section(text: str, section: str) -> str:
-    """Swap this benchmark's section in `text` (from its heading to the next `## ` heading), or append it."""
-    lines = text.splitlines(keepends=True)
-    starts = [i for i, line in enumerate(lines) if line.rstrip('\n') == SECTION]
-    if not starts:
-        return text.rstrip('\n') + '\n\n' + section if text.strip() else '# Benchmarks\n\n' + section
-    start = starts[0]
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')), len(lines))
-    tail = ''.join(lines[end:])
-    return ''.join(lines[:start]) + section + ('\n' + tail if tail else '')
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     """Measure, profile, and rewrite the CPU section of docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,9 +170,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(throughput_markdown(results))
     breakdown = stconv_breakdown(args.batch_size, args.img_size, args.repeats)
     section = render_section(results, breakdown, gflops_per_image(list(results), args.img_size), args, load)
-    old = args.output.read_text() if args.output.exists() else ''
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(replace_section(old, section))
+    write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')
 
 

@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
+from timm_supertoken.benchmark import write_markdown_section
+
 SECTION = '## GPU: super-token clustering kernel'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 MODELS = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv', 'vit_small_patch16_224')
@@ -167,17 +169,6 @@ def render_section(args: argparse.Namespace, kernels: List[Dict[str, object]], m
     return '\n'.join(lines) + '\n'
 
 
-def replace_section(text: str, section: str) -> str:
-    """Swap this benchmark's section in `text` (from its heading to the next `## ` heading), or append it."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        return text.rstrip('\n') + '\n\n' + section if text.strip() else '# Benchmarks\n\n' + section
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')), len(lines))
-    tail = ''.join(lines[end:])
-    return ''.join(lines[:start]) + section + ('\n' + tail if tail else '')
-
-
 def main(argv: Sequence[str] = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -187,9 +178,7 @@ def main(argv: Sequence[str] = None) -> int:
     kernels = bench_kernels(args)
     models = [] if args.skip_models else bench_models(args)
     section = render_section(args, kernels, models)
-    old = args.output.read_text() if args.output.exists() else ''
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(replace_section(old, section))
+    write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')
     return 0
 

@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -131,3 +132,18 @@ def throughput_markdown(results: Dict[str, Dict[str, float]], baseline: str = BA
             f"| {name} | {s['img_per_s']:.2f} | {s['ms_per_batch']:.1f} | {s['ratio']:.3f}× "
             f"| {s['embed_ms']:.1f} | {s['embed_share']:.1%} | {s['best_ms_per_batch']:.1f} | {s['best_ratio']:.3f}× |")
     return '\n'.join(lines)
+
+
+def write_markdown_section(path: Path, heading: str, section: str) -> None:
+    """Replace one `## ` section of a Markdown file (or append it), so several benchmarks share one page."""
+    text = path.read_text() if path.exists() else ''
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        text = text.rstrip('\n') + '\n\n' + section if text.strip() else '# Benchmarks\n\n' + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')), len(lines))
+        tail = ''.join(lines[end:])
+        text = ''.join(lines[:start]) + section + ('\n' + tail if tail else '')
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
