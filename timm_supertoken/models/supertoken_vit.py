@@ -13,7 +13,7 @@ timm's ViT-S default `mlp_ratio=4` gives ~22M parameters; the paper's 17-18M tot
 correspond to `mlp_ratio=3`, reachable as `timm.create_model(name, mlp_ratio=3)`.
 """
 from functools import partial
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -33,6 +33,20 @@ _EMBED_KWARGS = {
 }
 
 
+def _source_grid_size(model: VisionTransformer, num_tokens: int) -> Optional[Tuple[int, int]]:
+    """Token grid the checkpoint was trained at, from the source's recorded image size.
+
+    resample_abs_pos_embed otherwise assumes a square grid, which breaks weights exported at e.g. 160x192.
+    """
+    size = getattr(model, 'pretrained_model_args', {}).get('img_size')
+    if size is None:
+        size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))[-2:]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    grid = model.patch_embed.dynamic_feat_size(size)
+    # metadata that does not account for every token is stale: fall back to the square assumption
+    return grid if grid[0] * grid[1] == num_tokens else None
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
     """Unwrap trainer checkpoints and resample the position embedding to the model's token grid."""
     state_dict = state_dict.get('model', state_dict)
@@ -43,6 +57,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: VisionTrans
         state_dict['pos_embed'] = resample_abs_pos_embed(
             pos_embed,
             new_size=model.patch_embed.grid_size,
+            old_size=_source_grid_size(model, pos_embed.shape[1] - num_prefix_tokens),
             num_prefix_tokens=num_prefix_tokens,
             verbose=True,
         )
