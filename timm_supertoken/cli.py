@@ -18,6 +18,8 @@ import timm
 
 from . import MODEL_NAMES, __version__
 from .benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
+from .clustering.cli import add_cluster_command
+from .hub_cli import add_hub_commands
 from .layers import super_token_affinities, super_token_aggregate
 
 __all__ = ['main', 'build_parser', 'parameter_rows', 'parameter_markdown', 'plot_super_tokens']
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument('--no-bench', action='store_true', help='skip the throughput measurement')
     info.add_argument('--no-plot', action='store_true', help='skip the figure')
     info.set_defaults(func=cmd_info)
+    add_hub_commands(sub)
+    add_cluster_command(sub)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""End-to-end deep clustering on a digits subset with a tiny model: outputs, resume after a kill, bad input."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from timm_supertoken.cli import main
+from timm_supertoken.clustering import ClusterConfig, ImageSet, create_cluster_model, load_digits_set, run_deep_clustering
+from timm_supertoken.clustering.deep_clustering import CHECKPOINT_NAME, EmbedNet
+
+# vit_small_stconv with 1 block of width 32 on 16×16 inputs: seconds per round on 2 CPU cores
+TINY = dict(model='vit_small_stconv', model_kwargs={'depth': 1, 'embed_dim': 32, 'num_heads': 2}, img_size=16,
+            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3)
+TINY_ARGS = ['--subset', '160', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2', '--img-size', '16',
+             '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1']
+
+
+@pytest.fixture(scope='module')
+def digits160():
+    return load_digits_set().subset(160, seed=0)
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    assert main(['cluster', *TINY_ARGS, '--max-rounds', '2', '--eps=-1e9', '--out', str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert '| kmeans pixels |' in printed and '| round 2 |' in printed
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert metrics['n'] == 160 and metrics['k'] == 10 and metrics['config']['targets'] == 'pseudo'
+    assert [r['round'] for r in metrics['rounds']] == [0, 1, 2]
+    assert metrics['stop_reason'].startswith('max_rounds')
+    assert metrics['rounds'][0]['loss_clustering'] == 0.0 and metrics['rounds'][1]['loss_clustering'] > 0
+    for r in metrics['rounds'] + list(metrics['baselines'].values()):
+        assert 0.0 <= r['nmi'] <= 1.0 and 0.0 <= r['acc'] <= 1.0
+    with open(tmp_path / 'assignments.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 160 and [int(r['index']) for r in rows] == list(range(160))
+    assert {int(r['cluster']) for r in rows} <= set(range(10))
+    assert [int(r['label']) for r in rows] == load_digits_set().subset(160, seed=0).labels.tolist()
+    for png in ('nmi_per_round.png', 'clusters.png'):
+        with Image.open(tmp_path / png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+    ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    assert {'model', 'optimizer', 'state', 'rng', 'config'} <= ckpt.keys()
+    assert ckpt['state']['centroids'].shape == (10, 32) and ckpt['state']['assignments'].shape == (160,)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, digits160):
+    cfg = ClusterConfig(**TINY, max_rounds=2, eps=-1e9, seed=3)
+    full = run_deep_clustering(digits160, cfg, str(tmp_path / 'full'), log=lambda s: None)
+
+    def kill_after_round_0(r, record):
+        if r == 0:
+            raise Killed  # the checkpoint of round 0 is already on disk, as after a real kill
+
+    with pytest.raises(Killed):
+        run_deep_clustering(digits160, cfg, str(tmp_path / 'cut'), on_round_end=kill_after_round_0, log=lambda s: None)
+    assert not (tmp_path / 'cut' / 'assignments.csv').exists()
+    # the resumed process must not depend on what the killed one left in the global RNGs
+    torch.manual_seed(12345)
+    resumed = run_deep_clustering(digits160, cfg, str(tmp_path / 'cut'), resume=True, log=lambda s: None)
+    assert len(resumed['rounds']) == len(full['rounds']) == 3
+    for a, b in zip(full['rounds'], resumed['rounds']):
+        for key in ('loss', 'nmi', 'ari', 'acc', 'inertia'):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a['round'], key)
+    assert (tmp_path / 'full' / 'assignments.csv').read_text() == (tmp_path / 'cut' / 'assignments.csv').read_text()
+
+    with pytest.raises(ValueError, match='written by a different run'):
+        run_deep_clustering(digits160, ClusterConfig(**dict(TINY, img_size=24), seed=3), str(tmp_path / 'cut'),
+                            resume=True, log=lambda s: None)
+
+
+def test_true_labels_mode_and_a_timm_model(tmp_path, digits160):
+    # the paper as written (ground-truth targets), on timm's own ViT
+    cfg = ClusterConfig(model='vit_tiny_patch16_224', model_kwargs={'depth': 1, 'patch_size': 4, 'embed_dim': 32,
+                                                                    'num_heads': 2},
+                        img_size=16, epochs=1, batch_size=32, kmeans_restarts=1, targets='true', max_rounds=1)
+    result = run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
+    assert [r['round'] for r in result['rounds']] == [0, 1]
+    assert result['rounds'][1]['loss_vit'] < result['rounds'][0]['loss_vit']  # it learns the labels
+    head = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['model']['model.head.weight']
+    assert head.shape == (10, 32)  # one output per ground-truth class
+
+
+def test_cnn_without_img_size():
+    # a timm CNN takes no img_size: the model is created without it and still embeds via forward_head
+    cfg = ClusterConfig(model='resnet10t', img_size=16)
+    net = EmbedNet(create_cluster_model(cfg, num_classes=4, in_chans=1)).eval()
+    z, logits = net(torch.randn(2, 1, 16, 16))
+    assert z.shape == (2, 512) and logits.shape == (2, 4)
+
+
+@pytest.mark.parametrize('kind, cfg_kw, match', [
+    ('k1', dict(k=1), 'k must be at least 2'),
+    ('kbig', dict(k=161), 'k=161 clusters requested but .* holds only 160 images'),
+    ('empty', dict(), 'is empty'),
+    ('true_few', dict(k=12, targets='true'), '10 classes, fewer than k=12'),
+    ('nolabels', dict(), 'no labels, so k cannot default'),
+    ('batch', dict(batch_size=0), 'batch_size=0'),
+])
+def test_bad_input_is_rejected_before_training(tmp_path, digits160, kind, cfg_kw, match):
+    data = digits160
+    if kind == 'empty':
+        data = ImageSet(torch.zeros(0, 1, 8, 8, dtype=torch.uint8), np.zeros(0, np.int64), 'empty')
+    elif kind == 'nolabels':
+        data = ImageSet(digits160.images, None, 'unlabelled')
+    with pytest.raises(ValueError, match=match):
+        run_deep_clustering(data, ClusterConfig(**dict(TINY, **cfg_kw)), str(tmp_path), log=lambda s: None)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+
+
+def test_diverged_model_reports_nan(tmp_path, digits160):
+    # a learning rate this large sends the tiny ViT's weights to Inf/NaN within the first round
+    cfg = ClusterConfig(**dict(TINY, lr=1e30))
+    with pytest.raises((FloatingPointError, ValueError), match='NaN|Inf|nan|inf'):
+        run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)

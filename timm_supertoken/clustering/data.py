@@ -1,0 +1,170 @@
+"""Image sets for deep clustering, held in memory at their stored size and resized per batch.
+
+A dataset is a uint8 tensor (N, C, h, w) plus optional labels. Images are upsampled to the model's
+size batch by batch on the compute device (70k Fashion-MNIST images at 224×224 would need 42 GB as
+float32 all at once). Grayscale sets stay 1-channel and the model is built with `in_chans=1`
+(timm adapts every embedding to it); pass `in_chans=3` to replicate the channel instead.
+"""
+import gzip
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'ImageSet', 'load_digits_set', 'read_idx', 'load_fashion_mnist', 'load_image_folder', 'load_dataset',
+    'prepare_batch', 'FASHION_MNIST_DIR', 'FASHION_MNIST_FILES',
+]
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
+FASHION_MNIST_FILES = {
+    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+}
+# idx type codes (the third magic byte) -> numpy big-endian dtype
+_IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, h, w) uint8
+    labels: Optional[np.ndarray]  # (N,) int64 ground truth, None if unknown
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        """Distinct ground-truth classes (0 without labels)."""
+        return 0 if self.labels is None else int(np.unique(self.labels).size)
+
+    def subset(self, n: int, seed: int = 0) -> 'ImageSet':
+        """A seeded random subset of n images, for quick runs and tests."""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
+        labels = None if self.labels is None else self.labels[idx]
+        return ImageSet(self.images[torch.from_numpy(idx)], labels, f'{self.name}[{n}]')
+
+
+def load_digits_set() -> ImageSet:
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes, gray levels 0-16 rescaled to 0-255)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255. / 16.)).astype(np.uint8)[:, None]
+    return ImageSet(torch.from_numpy(images), d.target.astype(np.int64), 'digits')
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Parse an idx file (MNIST's format, gzipped or not) into an array; errors name the file and the fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'idx file not found: {path}')
+    opener = gzip.open if path.suffix == '.gz' else open
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ValueError(f'{path}: cannot read ({e})') from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f'{path}: not an idx file (bad magic number {data[:4].hex() or "<empty>"})')
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise ValueError(f'{path}: truncated idx header')
+    shape = struct.unpack(f'>{ndim}I', data[4:header])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f'{path}: idx header promises shape {shape} ({expected} bytes) '
+                         f'but the file holds {len(data) - header} bytes of data')
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder('='))
+
+
+def load_fashion_mnist(data_dir: Union[str, Path, None] = None, split: str = 'all') -> ImageSet:
+    """Fashion-MNIST from its four idx .gz files; split 'train' (60k), 'test' (10k) or 'all' (70k, as DEC/N2D)."""
+    data_dir = Path(data_dir or FASHION_MNIST_DIR)
+    splits = ['train', 'test'] if split == 'all' else [split]
+    if any(s not in FASHION_MNIST_FILES for s in splits):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    images, labels = [], []
+    for s in splits:
+        img_file, lbl_file = (data_dir / f for f in FASHION_MNIST_FILES[s])
+        for f in (img_file, lbl_file):
+            if not f.is_file():
+                raise FileNotFoundError(
+                    f'Fashion-MNIST file missing: {f} (install the Debian package dataset-fashion-mnist, '
+                    f'or pass --data-dir to a folder holding {", ".join(FASHION_MNIST_FILES[s])})')
+        x, y = read_idx(img_file), read_idx(lbl_file)
+        if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(f'{img_file} / {lbl_file}: expected (N, H, W) images and (N,) labels, '
+                             f'got {x.shape} and {y.shape}')
+        images.append(x.astype(np.uint8))
+        labels.append(y.astype(np.int64))
+    return ImageSet(torch.from_numpy(np.concatenate(images))[:, None], np.concatenate(labels), f'fashion-mnist-{split}')
+
+
+def load_image_folder(root: Union[str, Path], img_size: int) -> ImageSet:
+    """Any torchvision ImageFolder tree (root/class/xxx.png), as RGB resized to img_size; classes become labels."""
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f'image folder not found: {root}')
+    folder = ImageFolder(str(root))  # raises if there are no class folders with images
+    images = np.empty((len(folder), img_size, img_size, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(folder.samples):
+        with Image.open(path) as im:
+            images[i] = np.asarray(im.convert('RGB').resize((img_size, img_size), Image.BICUBIC))
+    labels = np.asarray(folder.targets, dtype=np.int64)
+    return ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, f'folder:{root.name}')
+
+
+def load_dataset(name: str, data_dir: Optional[str] = None, img_size: int = 32) -> ImageSet:
+    """Dispatch by name: 'digits', 'fashion-mnist' (optionally ':train' / ':test') or 'folder' (needs data_dir)."""
+    if name == 'digits':
+        return load_digits_set()
+    if name.startswith('fashion-mnist'):
+        split = name.partition(':')[2] or 'all'
+        return load_fashion_mnist(data_dir, split)
+    if name == 'folder':
+        if data_dir is None:
+            raise ValueError("dataset 'folder' needs --data-dir pointing at an ImageFolder tree")
+        return load_image_folder(data_dir, img_size)
+    raise ValueError(f"unknown dataset {name!r}: use 'digits', 'fashion-mnist[:train|:test]' or 'folder'")
+
+
+def prepare_batch(images: torch.Tensor, img_size: int, in_chans: int, device: torch.device,
+                  aug: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 (B, C, h, w) -> normalised float (B, in_chans, S, S) on device, optionally augmented.
+
+    aug holds per-image (scale, shift_x, shift_y) drawn by the caller, so the same draw can be sliced
+    across ranks (a two-process run then sees exactly the augmentations of a one-process run).
+    Augmentation is a random rescale and translation (one affine resampling, black outside the
+    image): digits and clothes have no canonical crop, and flips would turn 2 into a mirrored glyph.
+    """
+    x = images.to(device, non_blocking=True).float().div_(255.)
+    c = x.shape[1]
+    if c != in_chans:
+        if c == 1:
+            x = x.expand(-1, in_chans, -1, -1)
+        else:
+            raise ValueError(f'images have {c} channels; the model expects {in_chans} (only 1 -> N replication is done)')
+    if x.shape[-1] != img_size or x.shape[-2] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
+    if aug is not None:
+        # resampled at the model's size after the resize, so the identity transform is exact and augmented
+        # training images match the un-augmented ones that are embedded
+        scale, tx, ty = aug.to(device).unbind(1)
+        zero = torch.zeros_like(scale)
+        theta = torch.stack([torch.stack([1 / scale, zero, tx], 1), torch.stack([zero, 1 / scale, ty], 1)], 1)
+        grid = F.affine_grid(theta, [x.shape[0], in_chans, img_size, img_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+    return (x - 0.5) / 0.5

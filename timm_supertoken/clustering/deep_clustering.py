@@ -1,0 +1,384 @@
+"""ViT deep clustering (paper 003, §3): train, embed, k-means, retrain with L = L_ViT + γ·L_clustering, repeat.
+
+Works for any timm model: the embedding of an image is its pre-logits feature,
+`model.forward_head(model.forward_features(x), pre_logits=True)`, and the logits are the model's
+classifier applied to it. One process or many under `torchrun` (DDP; every rank clusters the same
+gathered embeddings). Every round is checkpointed, and `resume=True` continues a killed run.
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import timm
+
+from .data import ImageSet, prepare_batch
+from .kmeans import check_embeddings, kmeans
+from .metrics import cluster_metrics, match_clusters, nmi
+
+__all__ = ['ClusterConfig', 'EmbedNet', 'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering',
+           'setup_distributed', 'CHECKPOINT_NAME', 'METRICS_NAME']
+
+CHECKPOINT_NAME = 'checkpoint.pt'
+METRICS_NAME = 'metrics.json'
+# augmentation ranges: isotropic rescale and translation (fraction of the half-width, affine_grid units)
+AUG_SCALE = (0.85, 1.15)
+AUG_SHIFT = 0.15
+
+
+@dataclass
+class ClusterConfig:
+    """Every option of a deep-clustering run; saved in checkpoints and metrics.json."""
+    model: str = 'vit_small_stconv'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    img_size: int = 32
+    in_chans: Optional[int] = None  # None: the dataset's channel count (1 for grayscale)
+    k: Optional[int] = None  # None: the number of ground-truth classes
+    targets: str = 'pseudo'  # 'pseudo': current cluster ids (unsupervised); 'true': ground-truth labels
+    gamma: float = 0.01  # eq. 8 weight of L_clustering
+    eps: float = 1e-3  # stop when l_current - l_new < eps
+    max_rounds: int = 5  # retraining rounds after the initial round 0
+    epochs: int = 4  # training epochs per round (round 0 included)
+    augment: bool = True
+    batch_size: int = 64  # global batch, split evenly over ranks
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    kmeans_restarts: int = 4
+    match_ids: bool = True  # re-number each round's clusters to overlap the previous ids (stable pseudo-labels)
+    seed: int = 0
+    device: str = 'auto'
+
+
+class EmbedNet(nn.Module):
+    """A timm model whose forward returns (pre-logits embedding z, logits), so DDP sees one forward for both."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        z = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+        return z, self.model.get_classifier()(z)
+
+
+def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) -> nn.Module:
+    """timm.create_model with the run's size and channels; img_size is dropped for models without it (CNNs)."""
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
+    try:
+        return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
+    except TypeError as e:
+        if 'img_size' not in str(e):
+            raise
+        return timm.create_model(cfg.model, **kwargs)
+
+
+def setup_distributed(device: str = 'auto') -> Tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    dev = torch.device(device)
+    if dev.type == 'cuda' and dev.index is None:
+        dev = torch.device('cuda', local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return rank, world, dev
+
+
+def _shard(n: int, rank: int, world: int) -> Tuple[int, int]:
+    """Contiguous [start, stop) of rank's share of n items; shares are equal up to one item."""
+    per = -(-n // world)
+    return min(rank * per, n), min((rank + 1) * per, n)
+
+
+@torch.no_grad()
+def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: int, device: torch.device,
+          rank: int = 0, world: int = 1, desc: str = 'embed') -> torch.Tensor:
+    """Pre-logits embeddings of all images in dataset order; each rank embeds a shard, then all_gather."""
+    net.eval()
+    n = images.shape[0]
+    per = -(-n // world)
+    start, stop = _shard(n, rank, world)
+    feats = []
+    for i in tqdm(range(start, stop, 2 * cfg.batch_size), desc=desc, leave=False, disable=rank != 0):
+        x = prepare_batch(images[i:min(i + 2 * cfg.batch_size, stop)], cfg.img_size, in_chans, device)
+        feats.append(net(x)[0].float())
+    z = torch.cat(feats) if feats else torch.empty(0, device=device)
+    if world == 1:
+        return z
+    # all_gather needs equal shapes: pad each shard to `per` rows, then trim the tail after concatenation
+    padded = torch.zeros(per, z.shape[1] if z.numel() else _embed_dim(net, cfg, in_chans, device), device=device)
+    padded[:z.shape[0]] = z
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat(out)[:n]
+
+
+def _embed_dim(net: nn.Module, cfg: ClusterConfig, in_chans: int, device: torch.device) -> int:
+    """Embedding width, for a rank whose shard is empty (more ranks than images)."""
+    x = torch.zeros(1, in_chans, cfg.img_size, cfg.img_size, device=device)
+    return net(x)[0].shape[1]
+
+
+def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
+                centroids: Optional[torch.Tensor], assignments: Optional[torch.Tensor], cfg: ClusterConfig,
+                in_chans: int, device: torch.device, seed: int, rank: int = 0, world: int = 1,
+                desc: str = 'train') -> Dict[str, float]:
+    """Train cfg.epochs epochs on eq. 8 (γ term only when centroids are given); returns the last epoch's mean losses.
+
+    Batch order and augmentation come from a generator seeded per round and drawn for the global
+    batch, each rank taking its slice: the run is reproducible on resume and a DDP run sees the
+    samples and augmentations of a one-process run.
+    """
+    net.train()
+    n = images.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    local = cfg.batch_size // world
+    use_clust = centroids is not None and cfg.gamma > 0
+    for epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        aug = None
+        if cfg.augment:
+            scale = torch.empty(n).uniform_(*AUG_SCALE, generator=gen)
+            shift = torch.empty(n, 2).uniform_(-AUG_SHIFT, AUG_SHIFT, generator=gen)
+            aug = torch.cat([scale[:, None], shift], 1)
+        # drop the ragged last batch so every rank gets an equal, non-empty slice
+        steps = max(n // cfg.batch_size, 1)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        bar = tqdm(range(steps), desc=f'{desc} ep {epoch + 1}/{cfg.epochs}', leave=False, disable=rank != 0)
+        for step in bar:
+            idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
+            x = prepare_batch(images[idx], cfg.img_size, in_chans, device, None if aug is None else aug[idx])
+            z, logits = net(x)
+            loss_vit = F.cross_entropy(logits.float(), targets[idx].to(device))
+            loss = loss_vit
+            loss_clust = torch.zeros((), device=device)
+            if use_clust:
+                # eq. 7: squared distance of each embedding to the centroid of its current cluster
+                mu = centroids[assignments[idx].to(device)]
+                loss_clust = (z.float() - mu).pow(2).sum(1).mean()
+                loss = loss + cfg.gamma * loss_clust
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums += torch.stack([loss.detach(), loss_vit.detach(), loss_clust.detach()]).double()
+            if rank == 0 and step % 10 == 0:
+                bar.set_postfix(loss=f'{loss.item():.3f}')
+        if world > 1:
+            dist.all_reduce(sums)
+        means = (sums / (steps * world)).tolist()
+        if not all(np.isfinite(means)):
+            raise FloatingPointError(f'training loss became {means[0]} in epoch {epoch + 1} of {desc}; '
+                                     f'lower --lr (now {cfg.lr}) or --gamma (now {cfg.gamma})')
+    return {'loss': means[0], 'loss_vit': means[1], 'loss_clustering': means[2]}
+
+
+def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
+    """Check the data and options before any work; returns k."""
+    n = len(data)
+    if n == 0:
+        raise ValueError(f'dataset {data.name!r} is empty')
+    k = cfg.k if cfg.k is not None else data.num_classes
+    if cfg.k is None and data.labels is None:
+        raise ValueError('the dataset has no labels, so k cannot default to the number of classes: pass k')
+    if k < 2:
+        raise ValueError(f'k must be at least 2, got k={k}')
+    if k > n:
+        raise ValueError(f'k={k} clusters requested but dataset {data.name!r} holds only {n} images')
+    if cfg.targets not in ('pseudo', 'true'):
+        raise ValueError(f"targets must be 'pseudo' or 'true', got {cfg.targets!r}")
+    if cfg.targets == 'true':
+        if data.labels is None:
+            raise ValueError("targets='true' needs ground-truth labels; this dataset has none (use targets='pseudo')")
+        if data.num_classes < k:
+            raise ValueError(f"targets='true' trains on the ground-truth classes, but dataset {data.name!r} has "
+                             f'{data.num_classes} classes, fewer than k={k}; lower k or use targets=\'pseudo\'')
+    if cfg.batch_size < world or cfg.batch_size % world:
+        raise ValueError(f'batch_size={cfg.batch_size} must be a positive multiple of the {world} processes')
+    if cfg.epochs < 1 or cfg.max_rounds < 0:
+        raise ValueError(f'epochs must be >= 1 and max_rounds >= 0, got {cfg.epochs} and {cfg.max_rounds}')
+    return k
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Every global RNG's state, so a resumed run continues the same random streams."""
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of `_rng_state`."""
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and rename, so a kill mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_suffix('.tmp')
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _evaluate(labels: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, float]:
+    """NMI/ARI/ACC against ground truth when there is one."""
+    return {} if labels is None else cluster_metrics(labels, pred)
+
+
+def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume: bool = False,
+                        on_round_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+                        log: Callable[[str], None] = tqdm.write) -> Dict[str, Any]:
+    """The paper's loop (Fig. 3) with baselines, per-round metrics, checkpoints and output files; returns metrics.json's dict.
+
+    Round 0 trains with L_ViT only (pseudo mode: on k-means-on-pixels assignments, as there are no
+    clusters yet), embeds and clusters. Each later round retrains with eq. 8 against the previous
+    round's centroids, re-embeds and re-clusters; the loop stops once l_current - l_new < eps or
+    after max_rounds. The last round's clustering of the final model's embeddings is the result.
+    on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
+    """
+    from .plots import plot_cluster_grid, plot_nmi_curve
+
+    rank, world, device = setup_distributed(cfg.device)
+    k = _validate(data, cfg, world)
+    in_chans = cfg.in_chans or data.images.shape[1]
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    labels = data.labels
+    n = len(data)
+
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    num_out = k if cfg.targets == 'pseudo' else int(labels.max()) + 1
+    model = create_cluster_model(cfg, num_out, in_chans).to(device)
+    net = EmbedNet(model)
+    train_net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        saved = {key: ckpt['config'][key] for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed')}
+        mine = {key: asdict(cfg)[key] for key in saved}
+        mine['k'] = k
+        if saved != mine or ckpt['n'] != n:
+            raise ValueError(f'{ckpt_path} was written by a different run ({saved}, {ckpt["n"]} images); '
+                             f'this one is {mine}, {n} images. Use another --out or drop --resume')
+        net.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        state = ckpt['state']
+        _set_rng_state(ckpt['rng'])
+        log(f'resumed from {ckpt_path} after round {state["history"][-1]["round"]}')
+    else:
+        if resume and rank == 0:
+            log(f'no checkpoint at {ckpt_path}: starting from scratch')
+        t0 = time.perf_counter()
+        pixels = data.images.reshape(n, -1).float().div_(255.).to(device)
+        pix = kmeans(pixels, k, n_init=cfg.kmeans_restarts, seed=cfg.seed)
+        z0 = embed(net, data.images, cfg, in_chans, device, rank, world, desc='embed untrained')
+        untrained = kmeans(z0, k, n_init=cfg.kmeans_restarts, seed=cfg.seed)
+        state = {
+            'baselines': {
+                'kmeans_pixels': _evaluate(labels, pix.labels.cpu().numpy()),
+                'kmeans_untrained_embedding': _evaluate(labels, untrained.labels.cpu().numpy()),
+            },
+            'pixel_assignments': pix.labels.cpu(),
+            'assignments': None, 'centroids': None, 'history': [], 'stop_reason': None,
+            'elapsed_s': time.perf_counter() - t0,
+        }
+        if rank == 0:
+            for name, m in state['baselines'].items():
+                log(f'baseline {name:28s} ' + ' '.join(f'{key.upper()} {v:.4f}' for key, v in m.items()))
+
+    z = None  # the latest embeddings; the loop leaves the final model's here
+    while state['stop_reason'] is None:
+        r = len(state['history'])
+        t0 = time.perf_counter()
+        prev = state['assignments'] if r > 0 else state['pixel_assignments']
+        if cfg.targets == 'pseudo':
+            targets = prev
+        else:
+            targets = torch.from_numpy(labels)
+        centroids = state['centroids'].to(device) if r > 0 else None
+        losses = train_round(train_net, optimizer, data.images, targets, centroids, state['assignments'], cfg,
+                             in_chans, device, seed=cfg.seed * 100003 + r, rank=rank, world=world, desc=f'round {r}')
+        z = embed(net, data.images, cfg, in_chans, device, rank, world, desc=f'embed round {r}')
+        check_embeddings(z, k)
+        km = kmeans(z, k, n_init=cfg.kmeans_restarts, seed=cfg.seed + r + 1)
+        assign, cents = km.labels.cpu(), km.centroids
+        if cfg.match_ids:
+            # k-means numbers clusters arbitrarily; keep each cluster's id where its members were, so the
+            # pseudo-label head and eq. 7's centroids refer to the same groups from round to round
+            perm = torch.from_numpy(match_clusters(assign, prev, k))
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(k)
+            assign, cents = perm[assign], cents[inv.to(cents.device)]
+        record = {'round': r, **losses, 'inertia': km.inertia, **_evaluate(labels, assign.numpy()),
+                  'nmi_vs_previous': nmi(prev, assign), 'time_s': time.perf_counter() - t0}
+        state['history'].append(record)
+        state['assignments'], state['centroids'] = assign, cents.cpu()
+        state['elapsed_s'] += record['time_s']
+        if r >= 2 and state['history'][r - 1]['loss'] - record['loss'] < cfg.eps:
+            state['stop_reason'] = (f'l_current - l_new = {state["history"][r - 1]["loss"] - record["loss"]:.4g} '
+                                    f'< eps = {cfg.eps}')
+        elif r >= cfg.max_rounds:
+            state['stop_reason'] = f'max_rounds = {cfg.max_rounds} reached'
+        if rank == 0:
+            log(f'round {r}: loss {record["loss"]:.4f} (L_ViT {record["loss_vit"]:.4f}, '
+                f'L_clust {record["loss_clustering"]:.3f})' + ''.join(
+                    f' {key.upper()} {record[key]:.4f}' for key in ('nmi', 'ari', 'acc') if key in record)
+                + f' | {record["time_s"]:.1f} s' + (f' | stop: {state["stop_reason"]}' if state['stop_reason'] else ''))
+            _save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
+                          'rng': _rng_state(), 'config': dict(asdict(cfg), k=k), 'n': n}, ckpt_path)
+            _write_metrics(out, data, cfg, k, world, state)
+            plot_nmi_curve(state['history'], state['baselines'], out / 'nmi_per_round.png')
+        if world > 1:
+            dist.barrier()  # no rank starts the next round (or a resume) before the checkpoint exists
+        if on_round_end is not None:
+            on_round_end(r, record)
+
+    if z is None:  # resumed a finished run: nothing was trained, embed the final model for the figure
+        z = embed(net, data.images, cfg, in_chans, device, rank, world, desc='embed final')
+    if rank == 0:
+        _write_assignments(out / 'assignments.csv', state['assignments'].numpy(), labels)
+        plot_cluster_grid(data.images, state['assignments'], z.cpu(), state['centroids'], labels, out / 'clusters.png')
+        log(f'done: {state["stop_reason"]}; outputs in {out}')
+    return _metrics_dict(data, cfg, k, world, state)
+
+
+def _metrics_dict(data: ImageSet, cfg: ClusterConfig, k: int, world: int, state: Dict[str, Any]) -> Dict[str, Any]:
+    """The JSON-able summary of a run: settings, baselines, per-round records, stop reason."""
+    return {'dataset': data.name, 'n': len(data), 'k': k, 'world_size': world, 'config': asdict(cfg),
+            'baselines': state['baselines'], 'rounds': state['history'], 'stop_reason': state['stop_reason'],
+            'elapsed_s': state['elapsed_s']}
+
+
+def _write_metrics(out: Path, data: ImageSet, cfg: ClusterConfig, k: int, world: int, state: Dict[str, Any]) -> None:
+    """metrics.json, rewritten every round so a long run can be watched."""
+    (out / METRICS_NAME).write_text(json.dumps(_metrics_dict(data, cfg, k, world, state), indent=2))
+
+
+def _write_assignments(path: Path, assign: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    """index,cluster[,label] per image in dataset order."""
+    rows: List[str] = ['index,cluster' + (',label' if labels is not None else '')]
+    for i, c in enumerate(assign.tolist()):
+        rows.append(f'{i},{c}' + (f',{labels[i]}' if labels is not None else ''))
+    path.write_text('\n'.join(rows) + '\n')
