@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from timm_supertoken.clustering import load_dataset, load_digits_set, load_fashion_mnist, load_image_folder, read_idx
-from timm_supertoken.clustering.data import FASHION_MNIST_FILES, prepare_batch
+from timm_supertoken.data import FASHION_MNIST_FILES, load_dataset, load_digits_set, load_fashion_mnist, load_image_folder, read_idx
+from timm_supertoken.clustering.batches import prepare_batch
 
 
 def _write_idx(path, array, type_code=0x08, compress=True):

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from timm_supertoken.cli import main
-from timm_supertoken.clustering import ClusterConfig, ImageSet, create_cluster_model, load_digits_set, run_deep_clustering
+from timm_supertoken.clustering import ClusterConfig, create_cluster_model, run_deep_clustering
+from timm_supertoken.data import ImageSet, load_digits_set
 from timm_supertoken.clustering.deep_clustering import CHECKPOINT_NAME, EmbedNet
 
 # vit_small_stconv with 1 block of width 32 on 16×16 inputs: seconds per round on 2 CPU cores

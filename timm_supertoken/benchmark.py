@@ -19,7 +19,7 @@ import timm
 
 from . import MODEL_NAMES
 
-__all__ = ['BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'throughput_markdown']
+__all__ = ['BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'time_models', 'throughput_markdown']
 
 BASELINE = 'vit_small_patch16_224'
 BENCH_MODELS = (BASELINE,) + MODEL_NAMES
@@ -56,9 +56,13 @@ def _create(name: str, img_size: int) -> nn.Module:
 
 
 def _seconds(fn: nn.Module, x: torch.Tensor) -> float:
-    """Wall time of one call."""
+    """Wall time of one call, waiting for queued GPU work on both ends."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     start = time.perf_counter()
     fn(x)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     return time.perf_counter() - start
 
 
@@ -83,13 +87,23 @@ def benchmark_cpu(
     `best_ratio`, the same from the fastest repeat: other jobs on a shared machine only ever add time,
     so the minimum is the steadier estimate of a model's own cost when the median is disturbed.
     """
-    if repeats < 1:
-        raise ValueError(f'repeats must be >= 1, got {repeats}')
     if threads is not None:
         torch.set_num_threads(threads)
     models = {name: _create(name, img_size) for name in model_names}
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    return time_models(models, x, repeats=repeats, warmup=warmup, baseline=baseline)
 
+
+@torch.inference_mode()
+def time_models(models: Dict[str, nn.Module], x: torch.Tensor, repeats: int = 5, warmup: int = 1,
+                baseline: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """Interleaved timing of built models on one batch x (any device); the statistics of `benchmark_cpu`.
+
+    baseline defaults to the first model.
+    """
+    if repeats < 1:
+        raise ValueError(f'repeats must be >= 1, got {repeats}')
+    batch_size = x.shape[0]
     for model in models.values():  # first calls pay for allocator growth and kernel selection
         for _ in range(warmup):
             model(x)
@@ -113,7 +127,8 @@ def benchmark_cpu(
             'embed_share': emb / fwd,
             'best_ms_per_batch': min(forward_s[name]) * 1e3,
         }
-    base = results.get(baseline, {'ms_per_batch': float('nan'), 'best_ms_per_batch': float('nan')})
+    base = results.get(baseline if baseline is not None else names[0],
+                       {'ms_per_batch': float('nan'), 'best_ms_per_batch': float('nan')})
     for stats in results.values():
         stats['ratio'] = base['ms_per_batch'] / stats['ms_per_batch']
         stats['best_ratio'] = base['best_ms_per_batch'] / stats['best_ms_per_batch']

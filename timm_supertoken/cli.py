@@ -1,9 +1,10 @@
 """The `timm-supertoken` command.
 
-`timm-supertoken` (or `timm-supertoken info`) shows in one run what the package adds to timm: the
-parameter counts of the three embeddings beside the paper's Table 1, their CPU inference throughput
-beside timm's `vit_small_patch16_224`, and a picture of super-token clustering on a real photo
-(paper Fig. 2). Further subcommands plug into `build_parser`.
+`timm-supertoken compare` is the paper's experiment: the three embeddings trained under one recipe
+and compared (Table 6, Fig. 3). `timm-supertoken` alone (or `info`) shows what the package adds to
+timm: the parameter counts beside the paper's Table 1, CPU inference throughput beside timm's
+`vit_small_patch16_224`, and super-token clustering on a real photo (Fig. 2). The other
+subcommands (recipe, dataset, imagenet100, export, push, cluster) plug into `build_parser`.
 """
 import argparse
 import sys
@@ -19,8 +20,11 @@ import timm
 from . import MODEL_NAMES, __version__
 from .benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
 from .clustering.cli import add_cluster_command
+from .data.export import add_dataset_command
+from .data.imagenet100 import add_imagenet100_command
 from .hub_cli import add_hub_commands
 from .layers import super_token_affinities, super_token_aggregate
+from .training.cli import add_training_commands
 
 __all__ = ['main', 'build_parser', 'parameter_rows', 'parameter_markdown', 'plot_super_tokens']
 
@@ -182,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument('--no-bench', action='store_true', help='skip the throughput measurement')
     info.add_argument('--no-plot', action='store_true', help='skip the figure')
     info.set_defaults(func=cmd_info)
+    add_training_commands(sub)
+    add_dataset_command(sub)
+    add_imagenet100_command(sub)
     add_hub_commands(sub)
     add_cluster_command(sub)
     return parser
@@ -195,7 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help', '--version')):
         argv.insert(0, 'info')
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+        # bad input or data: one line naming the problem, not a traceback
+        raise SystemExit(f'timm-supertoken {args.command}: error: {e}') from e
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ import torch
 from timm.utils import ParseKwargs
 
 from ..benchmark import hardware_info
-from .data import FASHION_MNIST_DIR, load_dataset
+from ..data import FASHION_MNIST_DIR, load_dataset
 from .deep_clustering import ClusterConfig, run_deep_clustering
 
 __all__ = ['add_cluster_command', 'cmd_cluster', 'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS']

@@ -6,8 +6,6 @@ classifier applied to it. One process or many under `torchrun` (DDP; every rank 
 gathered embeddings). Every round is checkpointed, and `resume=True` continues a killed run.
 """
 import json
-import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,12 +20,14 @@ from tqdm.auto import tqdm
 
 import timm
 
-from .data import ImageSet, prepare_batch
+from ..data import ImageSet
+from ..runtime import rng_state, save_atomic, seed_everything, set_rng_state, setup_distributed, shard_range
+from .batches import prepare_batch
 from .kmeans import check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
 
 __all__ = ['ClusterConfig', 'EmbedNet', 'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering',
-           'setup_distributed', 'CHECKPOINT_NAME', 'METRICS_NAME']
+           'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.json'
@@ -82,28 +82,6 @@ def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) ->
         return timm.create_model(cfg.model, **kwargs)
 
 
-def setup_distributed(device: str = 'auto') -> Tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group when launched by torchrun with WORLD_SIZE > 1."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank = int(os.environ.get('RANK', '0'))
-    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    dev = torch.device(device)
-    if dev.type == 'cuda' and dev.index is None:
-        dev = torch.device('cuda', local_rank)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return rank, world, dev
-
-
-def _shard(n: int, rank: int, world: int) -> Tuple[int, int]:
-    """Contiguous [start, stop) of rank's share of n items; shares are equal up to one item."""
-    per = -(-n // world)
-    return min(rank * per, n), min((rank + 1) * per, n)
-
-
 @torch.no_grad()
 def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: int, device: torch.device,
           rank: int = 0, world: int = 1, desc: str = 'embed') -> torch.Tensor:
@@ -111,7 +89,7 @@ def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: in
     net.eval()
     n = images.shape[0]
     per = -(-n // world)
-    start, stop = _shard(n, rank, world)
+    start, stop = shard_range(n, rank, world)
     feats = []
     for i in tqdm(range(start, stop, 2 * cfg.batch_size), desc=desc, leave=False, disable=rank != 0):
         x = prepare_batch(images[i:min(i + 2 * cfg.batch_size, stop)], cfg.img_size, in_chans, device)
@@ -213,30 +191,6 @@ def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
     return k
 
 
-def _rng_state() -> Dict[str, Any]:
-    """Every global RNG's state, so a resumed run continues the same random streams."""
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Dict[str, Any]) -> None:
-    """Inverse of `_rng_state`."""
-    torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and rename, so a kill mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_suffix('.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _evaluate(labels: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, float]:
     """NMI/ARI/ACC against ground truth when there is one."""
     return {} if labels is None else cluster_metrics(labels, pred)
@@ -265,9 +219,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     labels = data.labels
     n = len(data)
 
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    seed_everything(cfg.seed)
     num_out = k if cfg.targets == 'pseudo' else int(labels.max()) + 1
     model = create_cluster_model(cfg, num_out, in_chans).to(device)
     net = EmbedNet(model)
@@ -285,7 +237,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         net.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         state = ckpt['state']
-        _set_rng_state(ckpt['rng'])
+        set_rng_state(ckpt['rng'])
         log(f'resumed from {ckpt_path} after round {state["history"][-1]["round"]}')
     else:
         if resume and rank == 0:
@@ -346,8 +298,8 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
                 f'L_clust {record["loss_clustering"]:.3f})' + ''.join(
                     f' {key.upper()} {record[key]:.4f}' for key in ('nmi', 'ari', 'acc') if key in record)
                 + f' | {record["time_s"]:.1f} s' + (f' | stop: {state["stop_reason"]}' if state['stop_reason'] else ''))
-            _save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
-                          'rng': _rng_state(), 'config': dict(asdict(cfg), k=k), 'n': n}, ckpt_path)
+            save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
+                          'rng': rng_state(), 'config': dict(asdict(cfg), k=k), 'n': n}, ckpt_path)
             _write_metrics(out, data, cfg, k, world, state)
             plot_nmi_curve(state['history'], state['baselines'], out / 'nmi_per_round.png')
         if world > 1:

@@ -1,23 +1,21 @@
-"""Image sets for deep clustering, held in memory at their stored size and resized per batch.
+"""The real image sets this package trains and clusters on, held in memory as uint8 at their stored size.
 
-A dataset is a uint8 tensor (N, C, h, w) plus optional labels. Images are upsampled to the model's
-size batch by batch on the compute device (70k Fashion-MNIST images at 224×224 would need 42 GB as
-float32 all at once). Grayscale sets stay 1-channel and the model is built with `in_chans=1`
-(timm adapts every embedding to it); pass `in_chans=3` to replicate the channel instead.
+An `ImageSet` is a uint8 tensor (N, C, h, w) plus optional labels: Fashion-MNIST from its idx files
+(Debian package `dataset-fashion-mnist`), scikit-learn's bundled digits, or any ImageFolder tree.
+Consumers resize on the fly (70k Fashion-MNIST images at 224×224 would need 42 GB as float32).
 """
 import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = [
-    'ImageSet', 'load_digits_set', 'read_idx', 'load_fashion_mnist', 'load_image_folder', 'load_dataset',
-    'prepare_batch', 'FASHION_MNIST_DIR', 'FASHION_MNIST_FILES',
+    'ImageSet', 'load_digits_set', 'load_digits_splits', 'stratified_split', 'read_idx', 'load_fashion_mnist', 'load_image_folder', 'load_dataset',
+    'FASHION_MNIST_DIR', 'FASHION_MNIST_FILES',
 ]
 
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package `dataset-fashion-mnist`
@@ -26,6 +24,7 @@ FASHION_MNIST_FILES = {
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
 # idx type codes (the third magic byte) -> numpy big-endian dtype
+DIGITS_VAL_FRACTION = 0.2
 _IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
 
@@ -59,6 +58,29 @@ def load_digits_set() -> ImageSet:
     d = load_digits()
     images = np.round(d.images * (255. / 16.)).astype(np.uint8)[:, None]
     return ImageSet(torch.from_numpy(images), d.target.astype(np.int64), 'digits')
+
+
+def stratified_split(data: ImageSet, val_fraction: float, seed: int) -> Tuple[ImageSet, ImageSet]:
+    """A seeded split that keeps every class's share in both parts (for sets without an official split)."""
+    if data.labels is None:
+        raise ValueError(f'{data.name} has no labels to stratify on')
+    rng = np.random.default_rng(seed)
+    val_idx: List[np.ndarray] = []
+    for c in np.unique(data.labels):
+        members = np.flatnonzero(data.labels == c)
+        val_idx.append(rng.choice(members, max(1, round(len(members) * val_fraction)), replace=False))
+    val = np.zeros(len(data), dtype=bool)
+    val[np.concatenate(val_idx)] = True
+
+    def take(mask: np.ndarray, part: str) -> ImageSet:
+        idx = np.flatnonzero(mask)
+        return ImageSet(data.images[torch.from_numpy(idx)], data.labels[idx], f'{data.name}:{part}')
+    return take(~val, 'train'), take(val, 'val')
+
+
+def load_digits_splits(seed: int = 0) -> Tuple[ImageSet, ImageSet]:
+    """Digits has no official split: a seeded, class-stratified 80/20 (train, val) one."""
+    return stratified_split(load_digits_set(), DIGITS_VAL_FRACTION, seed)
 
 
 def read_idx(path: Union[str, Path]) -> np.ndarray:
@@ -139,32 +161,3 @@ def load_dataset(name: str, data_dir: Optional[str] = None, img_size: int = 32) 
             raise ValueError("dataset 'folder' needs --data-dir pointing at an ImageFolder tree")
         return load_image_folder(data_dir, img_size)
     raise ValueError(f"unknown dataset {name!r}: use 'digits', 'fashion-mnist[:train|:test]' or 'folder'")
-
-
-def prepare_batch(images: torch.Tensor, img_size: int, in_chans: int, device: torch.device,
-                  aug: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """uint8 (B, C, h, w) -> normalised float (B, in_chans, S, S) on device, optionally augmented.
-
-    aug holds per-image (scale, shift_x, shift_y) drawn by the caller, so the same draw can be sliced
-    across ranks (a two-process run then sees exactly the augmentations of a one-process run).
-    Augmentation is a random rescale and translation (one affine resampling, black outside the
-    image): digits and clothes have no canonical crop, and flips would turn 2 into a mirrored glyph.
-    """
-    x = images.to(device, non_blocking=True).float().div_(255.)
-    c = x.shape[1]
-    if c != in_chans:
-        if c == 1:
-            x = x.expand(-1, in_chans, -1, -1)
-        else:
-            raise ValueError(f'images have {c} channels; the model expects {in_chans} (only 1 -> N replication is done)')
-    if x.shape[-1] != img_size or x.shape[-2] != img_size:
-        x = F.interpolate(x, size=(img_size, img_size), mode='bilinear', align_corners=False)
-    if aug is not None:
-        # resampled at the model's size after the resize, so the identity transform is exact and augmented
-        # training images match the un-augmented ones that are embedded
-        scale, tx, ty = aug.to(device).unbind(1)
-        zero = torch.zeros_like(scale)
-        theta = torch.stack([torch.stack([1 / scale, zero, tx], 1), torch.stack([zero, 1 / scale, ty], 1)], 1)
-        grid = F.affine_grid(theta, [x.shape[0], in_chans, img_size, img_size], align_corners=False)
-        x = F.grid_sample(x, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-    return (x - 0.5) / 0.5

@@ -1,0 +1,207 @@
+"""The training recipe, the seeded data pipeline, the trainer and `compare` (paper Table 6 / Fig. 3)."""
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from timm.data.auto_augment import AugmentOp
+
+from timm_supertoken.data import ImageSet, load_digits_set, stratified_split
+from timm_supertoken.training import PAPER_RECIPE, CompareConfig, Recipe, load_recipe, parse_model_spec, run_compare
+from timm_supertoken.training.cli import QUICK_RECIPE, recipe_names, recipe_path
+from timm_supertoken.training.compare import FIGURE_NAME, RESULTS_CSV, RESULTS_JSON, results_markdown
+from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler
+from timm_supertoken.training.recipe import recipe_to_yaml
+
+TINY_KWARGS = dict(depth=1, embed_dim=32, num_heads=2)
+TINY_RECIPE = Recipe(epochs=2, warmup_epochs=1, batch_size=32, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0,
+                     drop_path=0.1, model_ema=True, model_ema_decay=0.9)
+
+
+def small_digits(per_class=12):
+    """A balanced 120-image digits subset, split 80/20, to keep trainer tests to seconds."""
+    data = load_digits_set()
+    idx = np.concatenate([np.flatnonzero(data.labels == c)[:per_class] for c in range(10)])
+    return stratified_split(ImageSet(data.images[idx], data.labels[idx], 'digits-small'), 0.2, seed=0)
+
+
+# ---- recipes -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('model', ['vit_small_patch', 'vit_small_convembed', 'vit_small_stconv'])
+def test_imagenet100_recipes_are_table_2(model):
+    recipe, run = load_recipe(recipe_path(f'imagenet100_{model}'))
+    assert recipe == PAPER_RECIPE  # one recipe for all three embeddings, exactly the paper's
+    assert (recipe.opt, recipe.lr, recipe.weight_decay, recipe.batch_size) == ('adamw', 1e-3, 0.05, 128)
+    assert (recipe.mixup, recipe.cutmix, recipe.epochs) == (1.0, 0.8, 300)
+    assert run == {'model': model, 'model_kwargs': {'mlp_ratio': 3}, 'num_classes': 100, 'img_size': 224,
+                   'amp': True, 'workers': 8, 'pin_mem': True}
+    with torch.device('meta'):
+        total = sum(p.numel() for p in timm.create_model(model, num_classes=100, **run['model_kwargs']).parameters())
+    assert 17.5e6 < total < 19e6  # the paper's 17-20M regime (Tables 6-7), not timm's 22M mlp_ratio=4 trunk
+
+
+def test_fashion_mnist_and_quick_recipes():
+    fashion, run = load_recipe(recipe_path('fashion_mnist'))
+    assert fashion == PAPER_RECIPE.replace(epochs=100) and run['num_classes'] == 10 and 'model' not in run
+    quick, run = load_recipe(recipe_path(QUICK_RECIPE))
+    assert (quick.opt, quick.lr, quick.weight_decay) == ('adamw', 1e-3, 0.05)
+    assert quick.mixes and quick.aa.startswith('rand-') and quick.reprob > 0  # same pipeline, milder
+    assert run['model_kwargs'] == {'depth': 4, 'embed_dim': 192, 'num_heads': 3} and run['img_size'] == 48
+    assert set(recipe_names()) >= {'quick_digits', 'fashion_mnist', 'imagenet100_vit_small_stconv'}
+
+
+def test_recipe_yaml_round_trip(tmp_path):
+    path = tmp_path / 'r.yaml'
+    path.write_text(recipe_to_yaml(TINY_RECIPE, {'model': 'vit_small_stconv'}))
+    recipe, run = load_recipe(path)
+    assert recipe == TINY_RECIPE and run == {'model': 'vit_small_stconv'}
+
+
+@pytest.mark.parametrize('text, match', [
+    ('lr: 1e-3\nmixupp: 0.8\n', r"unknown option\(s\) \['mixupp'\]"),
+    ('- lr\n', 'expected a mapping'),
+    ('lr: [1, 2\n', 'not valid YAML'),
+    ('epochs: 0\n', 'epochs must be positive'),
+    ('mixup: -1\n', 'mixup must be >= 0'),
+    ('epochs: 5\nwarmup_epochs: 5\n', 'no epoch'),
+])
+def test_recipe_errors_name_the_problem(tmp_path, text, match):
+    path = tmp_path / 'bad.yaml'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_recipe(path)
+
+
+def test_missing_recipe_file():
+    with pytest.raises(FileNotFoundError, match='recipe file not found'):
+        load_recipe('/nonexistent/recipe.yaml')
+    with pytest.raises(ValueError, match='no shipped recipe'):
+        recipe_path('imagenet1000')
+
+
+def test_recipe_builds_timm_pieces():
+    model = timm.create_model('vit_small_stconv', num_classes=10, img_size=32, **TINY_KWARGS)
+    assert type(PAPER_RECIPE.train_loss()).__name__ == 'SoftTargetCrossEntropy'
+    assert type(PAPER_RECIPE.replace(mixup=0., cutmix=0.).train_loss()).__name__ == 'LabelSmoothingCrossEntropy'
+    mix = PAPER_RECIPE.mixup_fn(10)
+    assert (mix.mixup_alpha, mix.cutmix_alpha, mix.label_smoothing) == (1.0, 0.8, 0.1)
+    opt = PAPER_RECIPE.optimizer(model)
+    assert type(opt).__name__ == 'AdamW' and opt.defaults['lr'] == 1e-3
+    # timm puts norms, biases, tokens and pos-embed in a no-weight-decay group, as in train.py
+    assert sorted(g['weight_decay'] for g in opt.param_groups) == [0.0, 0.05]
+    sched = PAPER_RECIPE.scheduler(opt, updates_per_epoch=10)
+    sched.step(0)
+    assert opt.param_groups[0]['lr'] == pytest.approx(PAPER_RECIPE.warmup_lr)
+    sched.step(PAPER_RECIPE.warmup_epochs)
+    assert opt.param_groups[0]['lr'] == pytest.approx(1e-3, rel=1e-3)
+    names = [type(t).__name__ for t in PAPER_RECIPE.train_transform(32, (0.5,) * 3, (0.5,) * 3).transforms]
+    assert names[:3] == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment']
+    assert names[-1] == 'RandomErasing'
+
+
+def test_deit_randaugment_survives_full_magnitude():
+    # 'inc1' posterize keeps 4 - int(m / 10 * 4) bits: 0 bits at m = 10, which Pillow 13 rejects
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    out = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)
+    assert np.asarray(out).max() == 0  # all bits dropped: a black image, as timm intends
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+
+def test_augmentation_is_seeded_per_sample_and_leaves_global_rngs_alone():
+    train, _ = small_digits()
+    data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32, (0.5,) * 3, (0.5,) * 3), seed=3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    a = data[5][0]
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    _ = data[7]
+    assert torch.equal(data[5][0], a)  # independent of what was drawn before
+    data.set_epoch(1)
+    assert not torch.equal(data[5][0], a)  # a new epoch draws new augmentations
+    assert data[5][0].shape == (3, 32, 32) and data[5][1] == int(train.labels[5])
+
+
+def test_global_batches_split_across_ranks():
+    one = list(GlobalBatchSampler(100, 16, seed=1))
+    halves = [list(GlobalBatchSampler(100, 16, rank=r, world=2, seed=1)) for r in range(2)]
+    assert len(one) == 6 and all(len(b) == 16 for b in one)  # the ragged last batch is dropped
+    assert [a + b for a, b in zip(*halves)] == one  # each global batch is the same, cut in two
+    sampler = GlobalBatchSampler(100, 16, seed=1)
+    sampler.set_epoch(1)
+    assert list(sampler) != one
+    shards = [list(GlobalBatchSampler(101, 15, rank=r, world=3, shuffle=False, drop_last=False)) for r in range(3)]
+    seen = sorted(i for shard in shards for batch in shard for i in batch)
+    assert seen == list(range(101))  # evaluation covers every image exactly once
+    with pytest.raises(ValueError, match='multiple of the 3 processes'):
+        GlobalBatchSampler(100, 16, world=3)
+    with pytest.raises(ValueError, match='larger than the 10 training images'):
+        GlobalBatchSampler(10, 16)
+
+
+# ---- compare ---------------------------------------------------------------------------------------------------
+
+def test_parse_model_spec():
+    assert parse_model_spec('vit_small_stconv') == ('vit_small_stconv', {})
+    assert parse_model_spec('vit_small_stconv:conv_modules=4,cluster_iters=2,act=gelu') == (
+        'vit_small_stconv', {'conv_modules': 4, 'cluster_iters': 2, 'act': 'gelu'})
+    with pytest.raises(ValueError, match='expected key=value'):
+        parse_model_spec('vit_small_stconv:4')
+
+
+def test_compare_trains_and_writes_table_6(tmp_path):
+    train, val = small_digits()
+    specs = ['vit_small_patch', 'vit_small_stconv:cluster_iters=1']
+    cfg = CompareConfig(models=specs, model_kwargs=TINY_KWARGS, img_size=32, recipe=TINY_RECIPE, out=str(tmp_path),
+                        device='cpu')
+    results = run_compare(cfg, splits=(train, val), log=lambda s: None)
+    assert list(results['models']) == specs
+    for spec, r in results['models'].items():
+        name, kwargs = parse_model_spec(spec)
+        model = timm.create_model(name, num_classes=10, img_size=32, **TINY_KWARGS, **kwargs)
+        assert r['params'] == sum(p.numel() for p in model.parameters())
+        assert r['embed_params'] == sum(p.numel() for p in model.patch_embed.parameters())
+        assert [h['epoch'] for h in r['history']] == [1, 2] and r['epochs'] == 2
+        assert all(0 <= h['top1'] <= 100 and np.isfinite(h['train_loss']) and 'ema_top1' in h for h in r['history'])
+        assert r['top1'] == r['history'][-1]['top1'] and r['img_per_s'] > 0
+        assert (tmp_path / spec.replace(':', '_') / 'last.pth.tar').is_file()
+    assert results['models'][specs[0]]['throughput_ratio'] == 1.0
+    # the stconv model really was built with its spec's kwargs
+    assert results['models'][specs[1]]['model_kwargs'] == dict(TINY_KWARGS, cluster_iters=1)
+    saved = json.loads((tmp_path / RESULTS_JSON).read_text())
+    assert saved['models'][specs[1]]['top1'] == results['models'][specs[1]]['top1']
+    with open(tmp_path / RESULTS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert [r['model_spec'] for r in rows] == specs and float(rows[0]['params']) > 0
+    assert Image.open(tmp_path / FIGURE_NAME).size[0] > 500
+    table = results_markdown(results)
+    assert table.count('\n| vit_small_') == 2 and 'top-1 (last)' in table and 'Throughput: ' in table
+
+
+def test_compare_validates_before_training(tmp_path):
+    base = dict(model_kwargs=TINY_KWARGS, img_size=32, recipe=TINY_RECIPE, out=str(tmp_path), device='cpu')
+    with pytest.raises(ValueError, match="unknown timm model 'vit_small_nope'"):
+        run_compare(CompareConfig(models=['vit_small_nope'], **base), log=lambda s: None)
+    with pytest.raises(ValueError, match='must be distinct'):
+        run_compare(CompareConfig(models=['vit_small_patch', 'vit_small_patch'], **base), log=lambda s: None)
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+        run_compare(CompareConfig(dataset='cifar', **base), log=lambda s: None)
+    with pytest.raises(FileNotFoundError, match='train/ and val/'):
+        run_compare(CompareConfig(dataset='folder', data_dir=str(tmp_path), **base), log=lambda s: None)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    train, val = small_digits()
+    cfg = CompareConfig(models=['vit_small_patch'], model_kwargs=TINY_KWARGS, img_size=32,
+                        recipe=dataclasses.replace(TINY_RECIPE, epochs=2, model_ema=False), out=str(tmp_path), device='cpu')
+    run_compare(cfg, splits=(train, val), log=lambda s: None)
+    finished = run_compare(dataclasses.replace(cfg, resume=True), splits=(train, val), log=lambda s: None)
+    assert finished['models']['vit_small_patch']['epochs'] == 2  # a finished run is returned, not retrained
+    with pytest.raises(ValueError, match=r'written by a different run \(lr: 0.001 -> 0.002\)'):
+        run_compare(dataclasses.replace(cfg, resume=True, recipe=cfg.recipe.replace(lr=2e-3)), splits=(train, val),
+                    log=lambda s: None)

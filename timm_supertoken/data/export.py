@@ -1,0 +1,106 @@
+"""Write an in-memory image set as an ImageFolder tree (train/ and val/), the layout timm's train.py reads.
+
+timm's train.py cannot read idx files; with `--data-dir OUT` it reads OUT/train and OUT/validation
+or OUT/val through torchvision's ImageFolder. Class folders are named so that their sorted order is
+the dataset's own label order (`0-t-shirt-top`, `1-trouser`, ...), hence train.py's class indices
+equal the original labels.
+"""
+import argparse
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from .image_sets import FASHION_MNIST_DIR, ImageSet, load_digits_splits, load_fashion_mnist
+
+__all__ = ['FASHION_MNIST_CLASSES', 'class_folder_names', 'per_class_subset', 'export_image_folder',
+           'add_dataset_command']
+
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+
+
+def class_folder_names(names: Sequence[str]) -> Tuple[str, ...]:
+    """'3-dress' style folder names whose lexicographic order is the label order (zero-padded index first)."""
+    width = len(str(len(names) - 1))
+    slug = (''.join(c if c.isalnum() else '-' for c in n.lower()).strip('-') for n in names)
+    return tuple(f'{i:0{width}d}-{s}' for i, s in enumerate(slug))
+
+
+def per_class_subset(data: ImageSet, per_class: Optional[int], seed: int = 0) -> ImageSet:
+    """A seeded subset with at most per_class images of every class (None: all), in the original order."""
+    if per_class is None:
+        return data
+    if per_class < 1:
+        raise ValueError(f'per_class must be >= 1, got {per_class}')
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(data.labels):
+        members = np.flatnonzero(data.labels == c)
+        keep.append(rng.choice(members, min(per_class, len(members)), replace=False))
+    idx = np.sort(np.concatenate(keep))
+    return ImageSet(data.images[idx], data.labels[idx], f'{data.name}[{per_class}/class]')
+
+
+def export_image_folder(splits: Dict[str, ImageSet], out: Path, class_names: Sequence[str]) -> Dict[str, int]:
+    """Write each split as out/split/<class folder>/<index>.png (grayscale stays 'L'); returns images per split."""
+    out = Path(out)
+    folders = class_folder_names(class_names)
+    for split, data in splits.items():
+        if data.labels is None:
+            raise ValueError(f'{data.name} has no labels: an ImageFolder tree needs a class per image')
+        if int(data.labels.max()) >= len(folders):
+            raise ValueError(f'{data.name} has label {int(data.labels.max())} but only {len(folders)} class names')
+        target = out / split
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f'{target} already exists and is not empty: choose another output folder')
+    counts = {}
+    for split, data in splits.items():
+        for folder in folders:
+            (out / split / folder).mkdir(parents=True, exist_ok=True)
+        images = data.images.numpy()
+        width = len(str(len(data)))
+        for i, (img, label) in enumerate(zip(images, data.labels)):
+            pil = Image.fromarray(img[0], 'L') if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0), 'RGB')
+            pil.save(out / split / folders[label] / f'{i:0{width}d}.png')
+        counts[split] = len(data)
+    return counts
+
+
+def _load_for_export(name: str, data_dir: Optional[str], seed: int) -> Tuple[ImageSet, ImageSet, Sequence[str]]:
+    """(train, val, class names) of a named embedded or installed dataset."""
+    if name == 'fashion-mnist':
+        return load_fashion_mnist(data_dir, 'train'), load_fashion_mnist(data_dir, 'test'), FASHION_MNIST_CLASSES
+    if name == 'digits':
+        train, val = load_digits_splits(seed)  # the split `compare` trains and evaluates on
+        return train, val, tuple(str(d) for d in range(10))
+    raise ValueError(f"unknown dataset {name!r}: use 'fashion-mnist' or 'digits'")
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    """Export, print the counts and the train.py options that read the result."""
+    train, val, classes = _load_for_export(args.name, args.data_dir, args.seed)
+    splits = {'train': per_class_subset(train, args.train_per_class, args.seed),
+              'val': per_class_subset(val, args.val_per_class, args.seed)}
+    counts = export_image_folder(splits, Path(args.out), classes)
+    for split, n in counts.items():
+        print(f'{split}: {n:,} images in {len(classes)} class folders -> {Path(args.out) / split}')
+    print(f'timm train.py: --data-dir {args.out} --num-classes {len(classes)} (train/ and val/ are found by name)')
+    return 0
+
+
+def add_dataset_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `dataset`: export Fashion-MNIST or digits as an ImageFolder tree for timm's train.py."""
+    p = subparsers.add_parser(
+        'dataset', help='write Fashion-MNIST or digits as an ImageFolder tree (train/, val/) for timm train.py',
+        description='Fashion-MNIST: train = its 60k training images, val = its 10k test images. '
+                    'digits: the stratified 80/20 split that `compare` uses.')
+    p.add_argument('name', choices=('fashion-mnist', 'digits'))
+    p.add_argument('out', help='output folder (train/ and val/ are created in it)')
+    p.add_argument('--data-dir', default=None, help=f'Fashion-MNIST idx folder (default {FASHION_MNIST_DIR})')
+    p.add_argument('--train-per-class', type=int, default=None, help='keep at most N training images per class')
+    p.add_argument('--val-per-class', type=int, default=None, help='keep at most N validation images per class')
+    p.add_argument('--seed', type=int, default=0, help='seed of the subset and of the digits split')
+    p.set_defaults(func=cmd_dataset)
+    return p

@@ -1,0 +1,143 @@
+"""`timm-supertoken compare` (the paper's experiment) and `timm-supertoken recipe` (the shipped train.py YAMLs)."""
+import argparse
+import os
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+from timm.utils import ParseKwargs
+
+from .. import MODEL_NAMES
+from ..benchmark import hardware_info
+from ..data import FASHION_MNIST_DIR
+from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, results_markdown, run_compare
+from .data import DATASETS
+from .recipe import PAPER_RECIPE, load_recipe, recipe_to_yaml
+
+__all__ = ['add_training_commands', 'recipe_path', 'recipe_names', 'QUICK_RECIPE']
+
+QUICK_RECIPE = 'quick_digits'  # the embedded default: scaled down to finish in minutes on 2 CPU cores
+# recipe options that the command line can override, by train.py name
+_RECIPE_OPTIONS = ('epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob',
+                   'smoothing', 'drop_path', 'sched', 'opt')
+
+
+def recipe_names() -> List[str]:
+    """The recipes shipped in timm_supertoken/recipes, without the .yaml suffix."""
+    return sorted(p.name[:-5] for p in resources.files('timm_supertoken.recipes').iterdir() if p.name.endswith('.yaml'))
+
+
+def recipe_path(name: str) -> Path:
+    """A shipped recipe's file, by name ('quick_digits') or as a path to any YAML file."""
+    if name.endswith(('.yaml', '.yml')) or os.sep in name:
+        return Path(name)
+    if name not in recipe_names():
+        raise ValueError(f'no shipped recipe {name!r}; shipped: {", ".join(recipe_names())} (or pass a .yaml path)')
+    return Path(str(resources.files('timm_supertoken.recipes') / f'{name}.yaml'))
+
+
+def _config_from_args(args: argparse.Namespace) -> CompareConfig:
+    """Recipe file first, then command-line options over it; the run keys of the YAML give defaults for the rest."""
+    recipe, run = load_recipe(recipe_path(args.config), base=PAPER_RECIPE)
+    overrides: Dict[str, Any] = {name: getattr(args, name) for name in _RECIPE_OPTIONS}
+    if overrides['aa'] is not None and overrides['aa'].lower() == 'none':
+        overrides['aa'] = ''  # no RandAugment
+    if args.model_ema:
+        overrides['model_ema'] = True
+    recipe = recipe.replace(**overrides)
+    model_kwargs = args.model_kwargs if args.model_kwargs is not None else dict(run.get('model_kwargs') or {})
+    return CompareConfig(
+        models=args.models or ([run['model']] if run.get('model') else list(MODEL_NAMES)),
+        model_kwargs=model_kwargs,
+        dataset=args.dataset,
+        data_dir=args.data_dir or run.get('data_dir'),
+        img_size=args.img_size or run.get('img_size') or 224,
+        recipe=recipe,
+        seed=args.seed if args.seed is not None else run.get('seed', 0),
+        device=args.device,
+        workers=args.workers if args.workers is not None else 0,
+        out=args.out,
+        resume=args.resume,
+    )
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Print the settings, train every model, print the Table 6-style comparison."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    cfg = _config_from_args(args)
+    rank = int(os.environ.get('RANK', '0'))
+    if rank == 0:
+        print(', '.join(f'{k}: {v}' for k, v in hardware_info().items()))
+        print(f'recipe {args.config} ({recipe_path(args.config)}), after command-line options:')
+        print('  ' + recipe_to_yaml(cfg.recipe).strip().replace('\n', '\n  '))
+        print(f'models: {", ".join(cfg.models)}; model kwargs for all: {cfg.model_kwargs or "none"}; '
+              f'dataset {cfg.dataset}, {cfg.img_size}×{cfg.img_size}, seed {cfg.seed}, world size '
+              f'{os.environ.get("WORLD_SIZE", "1")}')
+        if args.config == QUICK_RECIPE:
+            print('scaled down from the paper so the default run fits 2 CPU cores in minutes: ViT-S trunk cut to '
+                  'depth 4, width 192, 3 heads; 64×64 digits; fewer epochs and milder augmentation than Table 2. '
+                  'The paper-scale recipes are `timm-supertoken recipe` (imagenet100_*, fashion_mnist).')
+    results = run_compare(cfg)
+    if rank == 0:
+        out = Path(cfg.out)
+        print('\n' + results_markdown(results))
+        print(f'\nwrote {out / RESULTS_CSV}, {out / RESULTS_JSON}, {out / FIGURE_NAME}; checkpoints in '
+              f'{out}/<model>/last.pth.tar (timm-supertoken export turns one into Hub files)')
+        print(f'done in {time.perf_counter() - start:.1f} s')
+    return 0
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    """List the shipped recipes, or print one's path (for train.py --config) or its contents."""
+    if args.name is None:
+        for name in recipe_names():
+            print(f'{name:36s} {recipe_path(name)}')
+        return 0
+    path = recipe_path(args.name)
+    print(path.read_text() if args.show else path)
+    return 0
+
+
+def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `compare` and `recipe` on the main parser's subparsers."""
+    p = subparsers.add_parser(
+        'compare', help='train the three embeddings under one recipe and compare them (paper Table 6, Fig. 3)',
+        description='Trains each model with the same recipe (timm transforms with RandAugment and random erasing, '
+                    'Mixup/CutMix, SoftTargetCrossEntropy, AdamW, cosine schedule with warm-up), evaluates top-1 '
+                    'after every epoch, times inference side by side and writes a table (CSV, JSON) and the '
+                    'accuracy-per-epoch figure. Defaults: the quick_digits recipe, which finishes in minutes '
+                    'on 2 CPU cores. Runs under torchrun for data parallelism (gloo on CPU, NCCL on GPU).')
+    p.add_argument('--config', default=QUICK_RECIPE,
+                   help=f'recipe: a shipped name ({", ".join(recipe_names())}) or a train.py YAML path '
+                        f'(default {QUICK_RECIPE})')
+    p.add_argument('--models', nargs='+', default=None, metavar='SPEC',
+                   help='timm names, each optionally with kwargs: vit_small_stconv:conv_modules=4,cluster_iters=2 '
+                        '(default: the recipe\'s model, else the three)')
+    p.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs,
+                   help='create_model kwargs for every model, e.g. depth=4 embed_dim=192 (default: the recipe\'s)')
+    p.add_argument('--dataset', choices=DATASETS, default='digits', help='default: digits (embedded)')
+    p.add_argument('--data-dir', default=None,
+                   help=f'Fashion-MNIST idx folder (default {FASHION_MNIST_DIR}) or a folder with train/ and val/')
+    p.add_argument('--img-size', type=int, default=None, help='input side (default: the recipe\'s)')
+    for name, kind in (('epochs', int), ('batch-size', int), ('lr', float), ('weight-decay', float),
+                       ('warmup-epochs', int), ('mixup', float), ('cutmix', float), ('aa', str), ('reprob', float),
+                       ('smoothing', float), ('drop-path', float), ('sched', str), ('opt', str)):
+        p.add_argument(f'--{name}', type=kind, default=None, help='recipe override (train.py meaning)')
+    p.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights and evaluate it too')
+    p.add_argument('--seed', type=int, default=None)
+    p.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', ...")
+    p.add_argument('--workers', type=int, default=None, help='data-loader processes per rank (default 0)')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads per process')
+    p.add_argument('--out', default='./timm-supertoken-compare', help='output folder')
+    p.add_argument('--resume', action='store_true', help='continue from the checkpoints in --out')
+    p.set_defaults(func=cmd_compare)
+
+    r = subparsers.add_parser('recipe', help='list the shipped train.py recipes, or print one\'s path',
+                              description='Shipped YAML recipes for timm train.py --config (and compare --config).')
+    r.add_argument('name', nargs='?', default=None, help='recipe name; without one, list them all')
+    r.add_argument('--show', action='store_true', help='print the file instead of its path')
+    r.set_defaults(func=cmd_recipe)

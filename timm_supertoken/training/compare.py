@@ -1,0 +1,192 @@
+"""The paper's experiment: train several embeddings under one recipe, then compare them as in Table 6 and Fig. 3.
+
+Each model spec is a timm name with optional kwargs, `vit_small_stconv:conv_modules=4,cluster_iters=2`,
+so Table 7's module-count ablation and Table 8's t sweep are the same command with other specs.
+Every model trains in its own sub-folder of the output with its own resumable checkpoint; the
+comparison table (CSV, JSON, Markdown) and the accuracy-per-epoch figure are rewritten after each
+model, and throughput is timed for all models side by side once they are trained.
+"""
+import ast
+import csv
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import timm
+
+from .. import MODEL_NAMES
+from ..benchmark import hardware_info, time_models
+from ..data import ImageSet
+from ..runtime import setup_distributed
+from .data import load_splits
+from .recipe import Recipe
+from .trainer import TrainConfig, fit
+
+__all__ = ['CompareConfig', 'parse_model_spec', 'run_compare', 'results_markdown', 'RESULTS_CSV', 'RESULTS_JSON',
+           'FIGURE_NAME']
+
+RESULTS_CSV = 'results.csv'
+RESULTS_JSON = 'results.json'
+FIGURE_NAME = 'accuracy_per_epoch.png'
+THROUGHPUT_BATCH = 64
+THROUGHPUT_REPEATS = 5
+
+
+def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """'name' or 'name:key=value,key=value' -> (name, kwargs); values are Python literals, else strings."""
+    name, _, rest = spec.partition(':')
+    if not name:
+        raise ValueError(f'model spec {spec!r} has no model name')
+    kwargs: Dict[str, Any] = {}
+    for item in filter(None, rest.split(',')):
+        key, eq, value = item.partition('=')
+        if not eq or not key.isidentifier():
+            raise ValueError(f'model spec {spec!r}: expected key=value after the colon, got {item!r}')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
+
+
+@dataclass
+class CompareConfig:
+    """Everything one comparison run needs; saved into results.json."""
+    models: Sequence[str] = MODEL_NAMES
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # applied to every model, under each spec's own
+    dataset: str = 'digits'
+    data_dir: Optional[str] = None
+    img_size: int = 224
+    recipe: Recipe = field(default_factory=Recipe)
+    seed: int = 0
+    device: str = 'auto'
+    workers: int = 0
+    out: str = './timm-supertoken-compare'
+    resume: bool = False
+
+
+def _folder_name(spec: str) -> str:
+    """A file-system-safe sub-folder per model spec."""
+    return re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec)
+
+
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
+                splits: Optional[Tuple[ImageSet, ImageSet]] = None) -> Dict[str, Any]:
+    """Train every spec with cfg.recipe, time them side by side, write the table and figure; returns results.json's dict.
+
+    splits: (train, val) image sets to use instead of loading cfg.dataset.
+    """
+    specs = [(spec, *parse_model_spec(spec)) for spec in cfg.models]
+    if len({s for s, _, _ in specs}) != len(specs):
+        raise ValueError(f'model specs must be distinct, got {list(cfg.models)}')
+    unknown = [name for _, name, _ in specs if not timm.is_model(name)]
+    if unknown:
+        raise ValueError(f'unknown timm model {unknown[0]!r} (timm.list_models() lists the names)')
+    train_set, val_set = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed)
+    rank, world, device = setup_distributed(cfg.device)
+    num_classes = int(max(train_set.labels.max(), val_set.labels.max())) + 1
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        log(f'data: {cfg.dataset}, train {len(train_set):,} / val {len(val_set):,} images of '
+            f'{tuple(train_set.images.shape[1:])}, {num_classes} classes, resized to {cfg.img_size}×{cfg.img_size}')
+
+    results: Dict[str, Any] = {'config': dict(asdict(cfg), recipe=asdict(cfg.recipe)), 'world_size': world,
+                               'device': str(device), 'hardware': hardware_info(), 'models': {}}
+    trained = {}
+    for spec, name, kwargs in specs:
+        t0 = time.perf_counter()
+        train_cfg = TrainConfig(model=name, recipe=cfg.recipe, model_kwargs={**cfg.model_kwargs, **kwargs},
+                                img_size=cfg.img_size, num_classes=num_classes, seed=cfg.seed, device=cfg.device,
+                                workers=cfg.workers)
+        run = fit(train_cfg, train_set, val_set, str(out / _folder_name(spec)), resume=cfg.resume,
+                  dataset_name=cfg.dataset, log=log)
+        history = run['history']
+        trained[spec] = run['model'].eval()
+        results['models'][spec] = {
+            'model': name, 'model_kwargs': train_cfg.model_kwargs, 'params': run['params'],
+            'embed_params': run['embed_params'], 'epochs': len(history), 'top1': history[-1]['top1'],
+            'best_top1': max(r['top1'] for r in history), 'history': history,
+            'train_time_s': sum(r['time_s'] for r in history), 'wall_s': time.perf_counter() - t0,
+        }
+        if rank == 0:
+            _write_outputs(out, results)
+
+    if rank == 0:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        x = torch.randn(THROUGHPUT_BATCH, 3, cfg.img_size, cfg.img_size, generator=gen).to(device)
+        timing = time_models(trained, x, repeats=THROUGHPUT_REPEATS)
+        for spec, stats in timing.items():
+            results['models'][spec].update(img_per_s=stats['img_per_s'], throughput_ratio=stats['ratio'])
+        results['throughput'] = {'batch': THROUGHPUT_BATCH, 'img_size': cfg.img_size, 'device': _device_name(device),
+                                 'repeats': THROUGHPUT_REPEATS, 'baseline': specs[0][0]}
+        _write_outputs(out, results)
+    if world > 1:
+        dist.barrier()
+    return results
+
+
+def _device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with the thread count: throughput means nothing without it."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'{hardware_info()["cpu"]}, {torch.get_num_threads()} threads'
+
+
+def results_markdown(results: Dict[str, Any]) -> str:
+    """The comparison as a Markdown table in the layout of paper Table 6, plus throughput."""
+    tp = results.get('throughput')
+    lines = ['| model | params | embedding params | ' + (f'img/s (inference, batch {tp["batch"]}) | ratio | ' if tp else '')
+             + 'top-1 (last) | top-1 (best) | epochs |',
+             '|---|---:|---:|' + ('---:|---:|' if tp else '') + '---:|---:|---:|']
+    for spec, r in results['models'].items():
+        speed = f'{r["img_per_s"]:.1f} | {r["throughput_ratio"]:.3f}× | ' if tp and 'img_per_s' in r else (
+            '- | - | ' if tp else '')
+        lines.append(f'| {spec} | {r["params"] / 1e6:.2f}M | {r["embed_params"]:,} | {speed}'
+                     f'{r["top1"]:.2f} | {r["best_top1"]:.2f} | {r["epochs"]} |')
+    if tp:
+        lines.append(f'\nThroughput: {tp["device"]}, {tp["img_size"]}×{tp["img_size"]}, median of {tp["repeats"]} '
+                     f'interleaved repeats; ratio to {tp["baseline"]}.')
+    return '\n'.join(lines)
+
+
+def _write_outputs(out: Path, results: Dict[str, Any]) -> None:
+    """results.json, results.csv and the figure, rewritten after each model so a long run can be watched."""
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2, default=str))
+    columns = ['model_spec', 'model', 'params', 'embed_params', 'img_per_s', 'throughput_ratio', 'top1', 'best_top1',
+               'epochs', 'train_time_s']
+    with open(out / RESULTS_CSV, 'w', newline='') as f:
+        writer = csv.DictWriter(f, columns, extrasaction='ignore')
+        writer.writeheader()
+        for spec, r in results['models'].items():
+            writer.writerow({'model_spec': spec, **r})
+    plot_accuracy_curves(results, out / FIGURE_NAME)
+
+
+def plot_accuracy_curves(results: Dict[str, Any], path: Path) -> None:
+    """Paper Fig. 3: validation top-1 (a) and training loss (b) per epoch, one line per embedding."""
+    import matplotlib
+    matplotlib.use('Agg')  # headless: the command only writes files
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, layout='constrained')
+    for spec, r in results['models'].items():
+        epochs = [h['epoch'] for h in r['history']]
+        acc_ax.plot(epochs, [h['top1'] for h in r['history']], marker='o', ms=3, label=spec)
+        loss_ax.plot(epochs, [h['train_loss'] for h in r['history']], marker='o', ms=3, label=spec)
+    acc_ax.set(xlabel='epoch', ylabel='validation top-1 (%)', title='(a) top-1 accuracy')
+    loss_ax.set(xlabel='epoch', ylabel='training loss', title='(b) training loss')
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    cfg = results['config']
+    fig.suptitle(f'{cfg["dataset"]} at {cfg["img_size"]}×{cfg["img_size"]}, one recipe for all (paper Fig. 3)')
+    fig.savefig(path)
+    plt.close(fig)

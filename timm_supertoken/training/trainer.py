@@ -1,0 +1,229 @@
+"""Train one timm model on an image set with a `Recipe`: one process or DDP under torchrun, checkpoint every epoch, resume.
+
+The loop is train.py's, cut down to what the paper's experiment needs: timm's transforms, Mixup,
+loss, optimiser and scheduler from the recipe, optional EMA (timm's ModelEmaV3), bfloat16 autocast
+on CUDA, top-1 on the validation split after every epoch. Checkpoints use train.py's keys
+(`state_dict`, `state_dict_ema`, `optimizer`, `epoch`, `args`, `metric`), so `timm-supertoken
+export` turns them into Hub files. Randomness is re-seeded from (seed, epoch) at every epoch
+start and per sample in the data (see `training.data`), so `resume=True` after a kill at any point
+ends with the same weights as an uninterrupted run.
+"""
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.utils import ModelEmaV3
+
+from ..data import ImageSet
+from ..runtime import save_atomic, seed_everything, setup_distributed
+from .data import AugmentedImageSet, GlobalBatchSampler
+from .recipe import Recipe
+
+__all__ = ['TrainConfig', 'create_training_model', 'train_one_epoch', 'evaluate', 'fit', 'CHECKPOINT_NAME']
+
+CHECKPOINT_NAME = 'last.pth.tar'  # train.py's name for its latest checkpoint
+EVAL_BATCH_MULTIPLIER = 2  # no activations kept for backward, so twice the batch fits
+
+
+@dataclass
+class TrainConfig:
+    """One model's training run: the model, its input, the recipe and the hardware options."""
+    model: str
+    recipe: Recipe
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    num_classes: int = 10
+    seed: int = 0
+    device: str = 'auto'
+    workers: int = 0
+    sync_bn: bool = True  # SyncBatchNorm across GPUs under torchrun (gloo on CPU has none: BN stays per rank)
+    mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
+
+    def train_py_args(self, dataset: str) -> Dict[str, Any]:
+        """The run as train.py's `args`, which `timm-supertoken export` and the model card read."""
+        return dict(dataclasses.asdict(self.recipe), model=self.model, model_kwargs=dict(self.model_kwargs),
+                    img_size=self.img_size, num_classes=self.num_classes, seed=self.seed, dataset=dataset,
+                    mean=list(self.mean), std=list(self.std))
+
+
+def create_training_model(cfg: TrainConfig) -> nn.Module:
+    """timm.create_model with the run's classes, size and the recipe's drop path."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.recipe.drop_path is not None:
+        kwargs.setdefault('drop_path_rate', cfg.recipe.drop_path)
+    return timm.create_model(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size, **kwargs)
+
+
+def _autocast(device: torch.device) -> Any:
+    """bfloat16 autocast on CUDA (no loss scaler needed); full precision on CPU, where bf16 matmuls are slower."""
+    return torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                    device: torch.device, mixup_fn: Optional[Callable] = None, ema: Optional[ModelEmaV3] = None,
+                    clip_grad: Optional[float] = None, world: int = 1, desc: str = 'train',
+                    show_progress: bool = True) -> float:
+    """One pass over the loader; returns the mean training loss over all ranks."""
+    model.train()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True)
+    for x, y in bar:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        with _autocast(device):
+            loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f'training loss became {loss.item()} ({desc}); lower the learning rate')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        total += torch.stack([loss.detach().double() * x.shape[0], torch.tensor(x.shape[0], device=device)])
+        bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
+    if world > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, world: int = 1) -> Dict[str, float]:
+    """Top-1 accuracy (%) and cross-entropy over the whole validation set, summed across ranks."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y, reduction='sum')
+        sums += torch.stack([(logits.argmax(1) == y).sum().double(), loss.double(),
+                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(sums)
+    return {'top1': (100 * sums[0] / sums[2]).item(), 'val_loss': (sums[1] / sums[2]).item()}
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global RNG seed of one rank's epoch (mixup draws, drop path), so a resumed epoch repeats exactly."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def _check_resumable(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path) -> None:
+    """Refuse to continue a checkpoint written by a different run, naming what differs."""
+    saved = ckpt.get('args') or {}
+    keys = sorted(set(args) - {'epochs'})  # extending the schedule is not allowed either, but says so below
+    differ = {k: (saved.get(k), args[k]) for k in keys if saved.get(k) != args[k]}
+    if differ or saved.get('epochs') != args['epochs']:
+        differ.update({'epochs': (saved.get('epochs'), args['epochs'])} if saved.get('epochs') != args['epochs'] else {})
+        details = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differ.items())
+        raise ValueError(f'{path} was written by a different run ({details}); use another output folder or drop --resume')
+
+
+def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, resume: bool = False,
+        dataset_name: str = '', log: Callable[[str], None] = tqdm.write,
+        on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """Train cfg.model for cfg.recipe.epochs and evaluate after each; returns {'history', 'model', 'params', ...}.
+
+    Writes `out_dir/last.pth.tar` after every epoch (atomically, rank 0). With resume=True an existing
+    checkpoint is continued from the epoch after the saved one; a finished run is returned as is.
+    on_epoch_end(epoch, record) runs after each checkpoint (tests use it to interrupt a run).
+    """
+    rank, world, device = setup_distributed(cfg.device)
+    recipe = cfg.recipe
+    if val_set.labels is None or train_set.labels is None:
+        raise ValueError('training needs labelled train and val sets')
+    if int(train_set.labels.max()) >= cfg.num_classes:
+        raise ValueError(f'labels go up to {int(train_set.labels.max())} but num_classes={cfg.num_classes}')
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    args = cfg.train_py_args(dataset_name or train_set.name)
+
+    seed_everything(cfg.seed)  # identical initial weights in every process and every run with this seed
+    model = create_training_model(cfg).to(device)
+    if world > 1 and device.type == 'cuda' and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
+        if world > 1 else model
+    ema = ModelEmaV3(model, decay=recipe.model_ema_decay) if recipe.model_ema else None
+
+    train_data = AugmentedImageSet(train_set, recipe.train_transform(cfg.img_size, cfg.mean, cfg.std), cfg.seed)
+    val_data = AugmentedImageSet(val_set, recipe.eval_transform(cfg.img_size, cfg.mean, cfg.std), cfg.seed)
+    train_sampler = GlobalBatchSampler(len(train_data), recipe.batch_size, rank, world, cfg.seed)
+    val_sampler = GlobalBatchSampler(len(val_data), recipe.batch_size * EVAL_BATCH_MULTIPLIER, rank, world,
+                                     shuffle=False, drop_last=False)
+    pin = device.type == 'cuda'
+    train_loader = DataLoader(train_data, batch_sampler=train_sampler, num_workers=cfg.workers, pin_memory=pin,
+                              persistent_workers=cfg.workers > 0)
+    val_loader = DataLoader(val_data, batch_sampler=val_sampler, num_workers=cfg.workers, pin_memory=pin)
+
+    optimizer = recipe.optimizer(model)
+    scheduler = recipe.scheduler(optimizer, len(train_sampler))
+    mixup_fn = recipe.mixup_fn(cfg.num_classes)
+    loss_fn = recipe.train_loss()
+
+    history: List[Dict[str, Any]] = []
+    start_epoch = 0
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _check_resumable(ckpt, args, ckpt_path)
+        model.load_state_dict(ckpt['state_dict'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ema is not None:
+            ema.module.load_state_dict(ckpt['state_dict_ema'])
+        history = list(ckpt['history'])
+        start_epoch = ckpt['epoch'] + 1
+        if rank == 0:
+            log(f'{cfg.model}: resumed from {ckpt_path} after epoch {ckpt["epoch"] + 1}/{recipe.epochs}')
+    elif resume and rank == 0:
+        log(f'{cfg.model}: no checkpoint at {ckpt_path}, starting from scratch')
+
+    for epoch in range(start_epoch, recipe.epochs):
+        t0 = time.perf_counter()
+        seed_everything(_epoch_seed(cfg.seed, epoch, rank))
+        train_data.set_epoch(epoch)
+        train_sampler.set_epoch(epoch)
+        scheduler.step(epoch)
+        lr = optimizer.param_groups[0]['lr']
+        loss = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, mixup_fn, ema, recipe.clip_grad,
+                               world, desc=f'{cfg.model} {epoch + 1}/{recipe.epochs}', show_progress=rank == 0)
+        record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss,
+                                  **evaluate(model, val_loader, device, world)}
+        if ema is not None:
+            record.update({f'ema_{k}': v for k, v in evaluate(ema.module, val_loader, device, world).items()})
+        record['time_s'] = time.perf_counter() - t0
+        history.append(record)
+        if rank == 0:
+            log(f'{cfg.model} epoch {epoch + 1}/{recipe.epochs}: loss {loss:.4f}, top-1 {record["top1"]:.2f}%'
+                + (f' (EMA {record["ema_top1"]:.2f}%)' if ema is not None else '') + f', lr {lr:.2e}, '
+                f'{record["time_s"]:.1f} s')
+            ckpt = {'epoch': epoch, 'arch': cfg.model, 'state_dict': model.state_dict(),
+                    'optimizer': optimizer.state_dict(), 'args': args, 'metric': record['top1'],
+                    'history': history}
+            if ema is not None:
+                ckpt['state_dict_ema'] = ema.module.state_dict()
+            save_atomic(ckpt, ckpt_path)
+        if world > 1:
+            dist.barrier()  # no rank moves on (or exits, to be resumed) before the checkpoint exists
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+
+    return {'model': model, 'ema': None if ema is None else ema.module, 'history': history, 'args': args,
+            'params': sum(p.numel() for p in model.parameters()),
+            'embed_params': sum(p.numel() for p in model.patch_embed.parameters())
+            if hasattr(model, 'patch_embed') else 0}
