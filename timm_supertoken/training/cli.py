@@ -79,7 +79,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f'{os.environ.get("WORLD_SIZE", "1")}')
         if args.config == QUICK_RECIPE:
             print('scaled down from the paper so the default run fits 2 CPU cores in minutes: ViT-S trunk cut to '
-                  'depth 4, width 192, 3 heads; 64×64 digits; fewer epochs and milder augmentation than Table 2. '
+                  'depth 4, width 192, 3 heads; 48×48 digits; fewer epochs and milder augmentation than Table 2. '
                   'The paper-scale recipes are `timm-supertoken recipe` (imagenet100_*, fashion_mnist).')
     results = run_compare(cfg)
     if rank == 0:

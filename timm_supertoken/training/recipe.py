@@ -78,8 +78,6 @@ class Recipe:
         for name in ('weight_decay', 'mixup', 'cutmix', 'reprob', 'smoothing', 'warmup_epochs'):
             if getattr(self, name) < 0:
                 raise ValueError(f'recipe {name} must be >= 0, got {getattr(self, name)}')
-        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise ValueError(f'warmup_epochs={self.warmup_epochs} leaves no epoch of the {self.epochs} after warm-up')
 
     def replace(self, **changes: Any) -> 'Recipe':
         """A copy with some fields changed (None values are ignored, so CLI options can be passed straight in)."""
