@@ -182,6 +182,17 @@ def test_compare_trains_and_writes_table_6(tmp_path):
     assert table.count('\n| vit_small_') == 2 and 'top-1 (last)' in table and 'Throughput: ' in table
 
 
+def test_compare_takes_any_timm_model(tmp_path):
+    train, val = small_digits()
+    cfg = CompareConfig(models=['resnet10t', 'vit_tiny_patch16_224:patch_size=8,depth=1'], img_size=32,
+                        recipe=TINY_RECIPE.replace(epochs=1), out=str(tmp_path), device='cpu')
+    results = run_compare(cfg, splits=(train, val), log=lambda s: None)
+    cnn, vit = results['models'].values()
+    assert cnn['embed_params'] == 0 and cnn['img_per_s'] > 0 and cnn['throughput_ratio'] == 1.0
+    assert vit['params'] == sum(p.numel() for p in timm.create_model(
+        'vit_tiny_patch16_224', patch_size=8, depth=1, img_size=32, num_classes=10).parameters())
+
+
 def test_compare_validates_before_training(tmp_path):
     base = dict(model_kwargs=TINY_KWARGS, img_size=32, recipe=TINY_RECIPE, out=str(tmp_path), device='cpu')
     with pytest.raises(ValueError, match="unknown timm model 'vit_small_nope'"):

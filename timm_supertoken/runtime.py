@@ -1,4 +1,4 @@
-"""Process-group, RNG and checkpoint plumbing shared by the training and deep-clustering loops."""
+"""Model-creation, process-group, RNG and checkpoint plumbing shared by the training and deep-clustering loops."""
 import os
 import random
 from pathlib import Path
@@ -7,8 +7,21 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ['setup_distributed', 'shard_range', 'rng_state', 'set_rng_state', 'seed_everything', 'save_atomic']
+import timm
+
+__all__ = ['create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state', 'set_rng_state', 'seed_everything', 'save_atomic']
+
+
+def create_model_at_size(name: str, img_size: int, **kwargs: Any) -> nn.Module:
+    """timm.create_model at img_size for models that take one (ViTs); CNNs, which take any size, get no img_size."""
+    try:
+        return timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as e:
+        if 'img_size' not in str(e):
+            raise
+        return timm.create_model(name, **kwargs)
 
 
 def setup_distributed(device: str = 'auto') -> Tuple[int, int, torch.device]:

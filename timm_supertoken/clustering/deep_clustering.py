@@ -18,10 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import timm
-
 from ..data import ImageSet
-from ..runtime import rng_state, save_atomic, seed_everything, set_rng_state, setup_distributed, shard_range
+from ..runtime import create_model_at_size, rng_state, save_atomic, seed_everything, set_rng_state, setup_distributed, shard_range
 from .batches import prepare_batch
 from .kmeans import check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
@@ -73,13 +71,8 @@ class EmbedNet(nn.Module):
 
 def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) -> nn.Module:
     """timm.create_model with the run's size and channels; img_size is dropped for models without it (CNNs)."""
-    kwargs = dict(num_classes=num_classes, in_chans=in_chans, **cfg.model_kwargs)
-    try:
-        return timm.create_model(cfg.model, img_size=cfg.img_size, **kwargs)
-    except TypeError as e:
-        if 'img_size' not in str(e):
-            raise
-        return timm.create_model(cfg.model, **kwargs)
+    return create_model_at_size(cfg.model, cfg.img_size, num_classes=num_classes, in_chans=in_chans,
+                                **cfg.model_kwargs)
 
 
 @torch.no_grad()

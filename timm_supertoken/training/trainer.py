@@ -20,12 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
 from ..data import ImageSet
-from ..runtime import save_atomic, seed_everything, setup_distributed
+from ..runtime import create_model_at_size, save_atomic, seed_everything, setup_distributed
 from .data import AugmentedImageSet, GlobalBatchSampler
 from .recipe import Recipe
 
@@ -62,7 +61,7 @@ def create_training_model(cfg: TrainConfig) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     if cfg.recipe.drop_path is not None:
         kwargs.setdefault('drop_path_rate', cfg.recipe.drop_path)
-    return timm.create_model(cfg.model, num_classes=cfg.num_classes, img_size=cfg.img_size, **kwargs)
+    return create_model_at_size(cfg.model, cfg.img_size, num_classes=cfg.num_classes, **kwargs)
 
 
 def _autocast(device: torch.device) -> Any:
@@ -92,8 +91,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         if ema is not None:
-            ema.update(model)
-        total += torch.stack([loss.detach().double() * x.shape[0], torch.tensor(x.shape[0], device=device)])
+            ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+        total += torch.stack([loss.detach().double() * x.shape[0],
+                              torch.tensor(x.shape[0], dtype=torch.float64, device=device)])
         bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
     if world > 1:
         dist.all_reduce(total)
@@ -125,10 +125,8 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def _check_resumable(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint written by a different run, naming what differs."""
     saved = ckpt.get('args') or {}
-    keys = sorted(set(args) - {'epochs'})  # extending the schedule is not allowed either, but says so below
-    differ = {k: (saved.get(k), args[k]) for k in keys if saved.get(k) != args[k]}
-    if differ or saved.get('epochs') != args['epochs']:
-        differ.update({'epochs': (saved.get('epochs'), args['epochs'])} if saved.get('epochs') != args['epochs'] else {})
+    differ = {k: (saved.get(k), v) for k, v in args.items() if saved.get(k) != v}
+    if differ:
         details = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differ.items())
         raise ValueError(f'{path} was written by a different run ({details}); use another output folder or drop --resume')
 
