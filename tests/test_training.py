@@ -215,3 +215,32 @@ def test_resume_refuses_a_different_run(tmp_path):
     with pytest.raises(ValueError, match=r'written by a different run \(lr: 0.001 -> 0.002\)'):
         run_compare(dataclasses.replace(cfg, resume=True, recipe=cfg.recipe.replace(lr=2e-3)), splits=(train, val),
                     log=lambda s: None)
+
+
+# ---- command line --------------------------------------------------------------------------------------------
+
+def test_compare_command_prints_settings_and_table(tmp_path, capsys):
+    from timm_supertoken.cli import main
+    argv = ['compare', '--models', 'vit_small_stconv', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2',
+            '--img-size', '32', '--epochs', '1', '--batch-size', '64', '--aa', 'none', '--mixup', '0', '--cutmix', '0',
+            '--device', 'cpu', '--out', str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "aa: ''" in out and 'mixup: 0.0' in out and 'lr: 0.001' in out  # the recipe as run, overrides applied
+    assert 'scaled down from the paper' in out  # the default recipe says what it changed
+    assert '| vit_small_stconv | ' in out and 'results.csv' in out
+    saved = json.loads((tmp_path / RESULTS_JSON).read_text())
+    assert saved['config']['recipe']['epochs'] == 1 and saved['config']['model_kwargs']['depth'] == 1
+
+
+def test_recipe_command(capsys):
+    from timm_supertoken.cli import main
+    assert main(['recipe']) == 0
+    listing = capsys.readouterr().out
+    assert 'imagenet100_vit_small_stconv' in listing and 'quick_digits' in listing
+    assert main(['recipe', 'fashion_mnist']) == 0
+    assert capsys.readouterr().out.strip().endswith('fashion_mnist.yaml')
+    assert main(['recipe', 'fashion_mnist', '--show']) == 0
+    assert 'cutmix: 0.8' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='timm-supertoken compare: error: no shipped recipe'):
+        main(['compare', '--config', 'imagenet1000'])

@@ -4,7 +4,7 @@ import os
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from timm.utils import ParseKwargs
@@ -16,7 +16,7 @@ from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, resu
 from .data import DATASETS
 from .recipe import PAPER_RECIPE, load_recipe, recipe_to_yaml
 
-__all__ = ['add_training_commands', 'recipe_path', 'recipe_names', 'QUICK_RECIPE']
+__all__ = ['add_training_commands', 'build_compare_config', 'recipe_path', 'recipe_names', 'QUICK_RECIPE']
 
 QUICK_RECIPE = 'quick_digits'  # the embedded default: scaled down to finish in minutes on 2 CPU cores
 # recipe options that the command line can override, by train.py name
@@ -38,28 +38,31 @@ def recipe_path(name: str) -> Path:
     return Path(str(resources.files('timm_supertoken.recipes') / f'{name}.yaml'))
 
 
-def _config_from_args(args: argparse.Namespace) -> CompareConfig:
-    """Recipe file first, then command-line options over it; the run keys of the YAML give defaults for the rest."""
-    recipe, run = load_recipe(recipe_path(args.config), base=PAPER_RECIPE)
-    overrides: Dict[str, Any] = {name: getattr(args, name) for name in _RECIPE_OPTIONS}
-    if overrides['aa'] is not None and overrides['aa'].lower() == 'none':
-        overrides['aa'] = ''  # no RandAugment
-    if args.model_ema:
-        overrides['model_ema'] = True
-    recipe = recipe.replace(**overrides)
-    model_kwargs = args.model_kwargs if args.model_kwargs is not None else dict(run.get('model_kwargs') or {})
+def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[str]] = None,
+                         model_kwargs: Optional[Dict[str, Any]] = None, dataset: str = 'digits',
+                         data_dir: Optional[str] = None, img_size: Optional[int] = None, seed: Optional[int] = None,
+                         device: str = 'auto', workers: Optional[int] = None, out: str = './timm-supertoken-compare',
+                         resume: bool = False, **recipe_overrides: Any) -> CompareConfig:
+    """The recipe file first, explicit values over it; the file's run keys (model, img_size, ...) fill the rest.
+
+    recipe_overrides are Recipe fields (train.py names); None values are ignored, and aa='none' turns
+    RandAugment off.
+    """
+    recipe, run = load_recipe(recipe_path(config), base=PAPER_RECIPE)
+    if str(recipe_overrides.get('aa')).lower() == 'none':
+        recipe_overrides['aa'] = ''
     return CompareConfig(
-        models=args.models or ([run['model']] if run.get('model') else list(MODEL_NAMES)),
-        model_kwargs=model_kwargs,
-        dataset=args.dataset,
-        data_dir=args.data_dir or run.get('data_dir'),
-        img_size=args.img_size or run.get('img_size') or 224,
-        recipe=recipe,
-        seed=args.seed if args.seed is not None else run.get('seed', 0),
-        device=args.device,
-        workers=args.workers if args.workers is not None else 0,
-        out=args.out,
-        resume=args.resume,
+        models=list(models or ([run['model']] if run.get('model') else MODEL_NAMES)),
+        model_kwargs=dict(model_kwargs if model_kwargs is not None else run.get('model_kwargs') or {}),
+        dataset=dataset,
+        data_dir=data_dir or run.get('data_dir'),
+        img_size=img_size or run.get('img_size') or 224,
+        recipe=recipe.replace(**recipe_overrides),
+        seed=seed if seed is not None else run.get('seed', 0),
+        device=device,
+        workers=workers if workers is not None else 0,
+        out=out,
+        resume=resume,
     )
 
 
@@ -68,7 +71,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    cfg = _config_from_args(args)
+    cfg = build_compare_config(
+        args.config, args.models, args.model_kwargs, args.dataset, args.data_dir, args.img_size, args.seed, args.device,
+        args.workers, args.out, args.resume, model_ema=args.model_ema or None,
+        **{name: getattr(args, name) for name in _RECIPE_OPTIONS})
     rank = int(os.environ.get('RANK', '0'))
     if rank == 0:
         print(', '.join(f'{k}: {v}' for k, v in hardware_info().items()))
