@@ -244,3 +244,17 @@ def test_recipe_command(capsys):
     assert 'cutmix: 0.8' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='timm-supertoken compare: error: no shipped recipe'):
         main(['compare', '--config', 'imagenet1000'])
+
+
+def test_resume_names_a_damaged_checkpoint(tmp_path):
+    train, val = small_digits()
+    cfg = CompareConfig(models=['vit_small_patch'], model_kwargs=TINY_KWARGS, img_size=32, recipe=TINY_RECIPE,
+                        out=str(tmp_path), device='cpu', resume=True)
+    ckpt = tmp_path / 'vit_small_patch' / 'last.pth.tar'
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b'PK\x03\x04 truncated')
+    with pytest.raises(ValueError, match=r'last.pth.tar: cannot resume from it, the file is damaged'):
+        run_compare(cfg, splits=(train, val), log=lambda s: None)
+    torch.save({'model': {}}, ckpt)
+    with pytest.raises(ValueError, match=r"not a checkpoint written by compare \(missing \['args', 'epoch'"):
+        run_compare(cfg, splits=(train, val), log=lambda s: None)

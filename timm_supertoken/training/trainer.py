@@ -9,6 +9,7 @@ start and per sample in the data (see `training.data`), so `resume=True` after a
 ends with the same weights as an uninterrupted run.
 """
 import dataclasses
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,20 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
+def _load_checkpoint(path: Path, device: torch.device) -> Dict[str, Any]:
+    """Our own checkpoint, tensors and plain containers only; a damaged file is named, not dumped as a traceback."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(f'{path}: cannot resume from it, the file is damaged ({str(e).splitlines()[0]}); '
+                         f'delete it to restart that model, or use another output folder') from e
+    missing = {'epoch', 'state_dict', 'optimizer', 'args', 'history'} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f'{path}: not a checkpoint written by compare (missing {sorted(missing)}); '
+                         f'use another output folder or drop --resume')
+    return ckpt
+
+
 def _check_resumable(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path) -> None:
     """Refuse to continue a checkpoint written by a different run, naming what differs."""
     saved = ckpt.get('args') or {}
@@ -178,7 +193,7 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
     history: List[Dict[str, Any]] = []
     start_epoch = 0
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = _load_checkpoint(ckpt_path, device)
         _check_resumable(ckpt, args, ckpt_path)
         model.load_state_dict(ckpt['state_dict'])
         optimizer.load_state_dict(ckpt['optimizer'])
