@@ -111,7 +111,7 @@ def render_section(
         f'{args.img_size}×{args.img_size}, randomly initialised weights (they do not change the cost of a '
         f'dense forward). All four models run in one process, interleaved round-robin; each figure is the '
         f'median of {args.repeats} repeats after {args.warmup} warm-up call(s).',
-        f'- Embedding share: time of `model.patch_embed(x)` alone / time of the whole `model(x)`.',
+        '- Embedding share: time of `model.patch_embed(x)` alone / time of the whole `model(x)`.',
         f'- Machine load (1-min load average, {hw["cores"]} cores) at start / end of the timing: '
         f'{load[0]:.1f} / {load[1]:.1f}. This is a shared machine: a load above {hw["cores"]} means other '
         f'jobs competed for the cores, so read the ratios with a few percent of noise.',

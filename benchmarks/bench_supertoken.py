@@ -103,40 +103,45 @@ def bench_kernels(args: argparse.Namespace) -> List[Dict[str, object]]:
     return rows
 
 
+def _time_model(name: str, batch: int, args: argparse.Namespace) -> Tuple[float, float]:
+    """(inference img/s, training img/s) of one freshly built model; its memory is freed when this returns."""
+    import timm
+
+    model = timm.create_model(name, num_classes=100).cuda()
+    x = torch.randn(batch, 3, 224, 224, device='cuda')
+    target = torch.randint(0, 100, (batch,), device='cuda')
+    model.eval()
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        infer_ms = cuda_time_ms(lambda: model(x), args.warmup, args.model_repeats)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_ms = cuda_time_ms(step, args.warmup, args.model_repeats)
+    return batch / infer_ms * 1e3, batch / train_ms * 1e3
+
+
 def bench_models(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
     """(label, inference img/s, training img/s) with bf16 autocast at --model-batch-size, 224×224."""
-    import timm
     import timm_supertoken  # noqa: F401  registers the models
 
-    B = args.model_batch_size
     results = []
     variants = [(m, None) for m in MODELS if m != 'vit_small_stconv']
     variants[2:2] = [('vit_small_stconv', 'reference'), ('vit_small_stconv', 'triton')]
     for name, backend in variants:
         if backend is not None:
             os.environ['TIMM_SUPERTOKEN_BACKEND'] = backend  # read by SuperTokenClustering(backend='auto')
-        model = timm.create_model(name, num_classes=100).cuda()
-        x = torch.randn(B, 3, 224, 224, device='cuda')
-        target = torch.randint(0, 100, (B,), device='cuda')
-        model.eval()
-        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-            infer_ms = cuda_time_ms(lambda: model(x), args.warmup, args.model_repeats)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-        def step() -> None:
-            with torch.autocast('cuda', dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        train_ms = cuda_time_ms(step, args.warmup, args.model_repeats)
+        infer, train = _time_model(name, args.model_batch_size, args)
         label = name if backend is None else f'{name} ({backend} clustering)'
-        results.append((label, B / infer_ms * 1e3, B / train_ms * 1e3))
+        results.append((label, infer, train))
         print(results[-1], flush=True)
         os.environ.pop('TIMM_SUPERTOKEN_BACKEND', None)
-        del model, optimizer
         torch.cuda.empty_cache()
     return results
 

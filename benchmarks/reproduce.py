@@ -62,27 +62,26 @@ def _speed(runs: List[Dict[str, Any]]) -> str:
             f'{statistics.median(r["throughput_ratio"] for r in runs):.3f}×')
 
 
-def table_6(exp: Dict[str, Any]) -> str:
-    """The three embeddings, ours beside the paper's."""
-    lines = ['| embedding | params | embedding params | img/s | ratio | top-1 (ours) | top-1 (paper, ImageNet-100) |',
+def _model_table(exp: Dict[str, Any], first_column: str, labels: Sequence[str], paper: Sequence[float]) -> str:
+    """One row per spec: label, parameters, throughput, our top-1, the paper's top-1."""
+    lines = [f'| {first_column} | params | embedding params | img/s | ratio | top-1 (ours) | top-1 (paper) |',
              '|---|---:|---:|---:|---:|---:|---:|']
-    for spec, runs in exp['per_spec'].items():
+    for runs, label, theirs in zip(exp['per_spec'].values(), labels, paper):
         r = runs[0]
-        lines.append(f'| {spec} | {r["params"] / 1e6:.2f}M | {r["embed_params"]:,} | {_speed(runs)} | {_top1(runs)} '
-                     f'| {PAPER_TABLE_6[spec]:.2f} |')
+        lines.append(f'| {label} | {r["params"] / 1e6:.2f}M | {r["embed_params"]:,} | {_speed(runs)} | {_top1(runs)} '
+                     f'| {theirs:.2f} |')
     return '\n'.join(lines)
+
+
+def table_6(exp: Dict[str, Any]) -> str:
+    """The three embeddings, ours beside the paper's (ImageNet-100)."""
+    return _model_table(exp, 'embedding', EMBEDDINGS, [PAPER_TABLE_6[m] for m in EMBEDDINGS])
 
 
 def table_7(exp: Dict[str, Any]) -> str:
     """Conv modules before the clustering, ours beside the paper's."""
-    lines = ['| conv modules | params | embedding params | img/s | ratio | top-1 (ours) | top-1 (paper) |',
-             '|---|---:|---:|---:|---:|---:|---:|']
-    for (spec, runs), n in zip(exp['per_spec'].items(), CONV_MODULES):
-        r = runs[0]
-        label = {0: 'none (clustering only)', 7: '1-6 + additional conv'}.get(n, f'1-{n}' if n > 1 else '1')
-        lines.append(f'| {label} | {r["params"] / 1e6:.2f}M | {r["embed_params"]:,} | {_speed(runs)} | {_top1(runs)} '
-                     f'| {PAPER_TABLE_7[n]:.2f} |')
-    return '\n'.join(lines)
+    labels = [{0: 'none (clustering only)', 1: '1', 7: '1-6 + additional conv'}.get(n, f'1-{n}') for n in CONV_MODULES]
+    return _model_table(exp, 'conv modules', labels, [PAPER_TABLE_7[n] for n in CONV_MODULES])
 
 
 def table_8(exp: Dict[str, Any]) -> str:
