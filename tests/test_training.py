@@ -233,6 +233,16 @@ def test_compare_command_prints_settings_and_table(tmp_path, capsys):
     assert saved['config']['recipe']['epochs'] == 1 and saved['config']['model_kwargs']['depth'] == 1
 
 
+def test_build_compare_config_applies_only_given_overrides():
+    from timm_supertoken.training.cli import build_compare_config
+    recipe, run = load_recipe(recipe_path(QUICK_RECIPE))
+    default = build_compare_config()
+    assert default.recipe == recipe and default.img_size == run['img_size'] and default.model_kwargs == run['model_kwargs']
+    assert list(default.models) == ['vit_small_patch', 'vit_small_convembed', 'vit_small_stconv']
+    changed = build_compare_config(epochs=3, aa='None', lr=None)
+    assert changed.recipe == recipe.replace(epochs=3, aa='')  # 'none' turns RandAugment off; None changes nothing
+
+
 def test_recipe_command(capsys):
     from timm_supertoken.cli import main
     assert main(['recipe']) == 0

@@ -23,8 +23,8 @@ FASHION_MNIST_FILES = {
     'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
     'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
+DIGITS_VAL_FRACTION = 0.2  # digits has no official split
 # idx type codes (the third magic byte) -> numpy big-endian dtype
-DIGITS_VAL_FRACTION = 0.2
 _IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
 

@@ -49,7 +49,8 @@ def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[s
     RandAugment off.
     """
     recipe, run = load_recipe(recipe_path(config), base=PAPER_RECIPE)
-    if str(recipe_overrides.get('aa')).lower() == 'none':
+    aa = recipe_overrides.get('aa')
+    if isinstance(aa, str) and aa.lower() == 'none':
         recipe_overrides['aa'] = ''
     return CompareConfig(
         models=list(models or ([run['model']] if run.get('model') else MODEL_NAMES)),

@@ -19,6 +19,8 @@ from ..data import ImageSet, load_digits_splits, load_fashion_mnist, load_image_
 __all__ = ['load_splits', 'AugmentedImageSet', 'GlobalBatchSampler', 'DATASETS']
 
 DATASETS = ('digits', 'fashion-mnist', 'folder')
+
+
 def load_splits(dataset: str, data_dir: Optional[str] = None, img_size: int = 32,
                 seed: int = 0) -> Tuple[ImageSet, ImageSet]:
     """(train, val) of 'digits' (stratified 80/20), 'fashion-mnist' (60k/10k) or 'folder' (DATA_DIR/train, DATA_DIR/val)."""
