@@ -98,7 +98,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
         log(f'data: {cfg.dataset}, train {len(train_set):,} / val {len(val_set):,} images of '
             f'{tuple(train_set.images.shape[1:])}, {num_classes} classes, resized to {cfg.img_size}×{cfg.img_size}')
 
-    results: Dict[str, Any] = {'config': dict(asdict(cfg), recipe=asdict(cfg.recipe)), 'world_size': world,
+    results: Dict[str, Any] = {'config': asdict(cfg), 'world_size': world,
                                'device': str(device), 'hardware': hardware_info(), 'models': {}}
     trained = {}
     for spec, name, kwargs in specs:
