@@ -268,3 +268,18 @@ def test_resume_names_a_damaged_checkpoint(tmp_path):
     torch.save({'model': {}}, ckpt)
     with pytest.raises(ValueError, match=r"not a checkpoint written by compare \(missing \['args', 'epoch'"):
         run_compare(cfg, splits=(train, val), log=lambda s: None)
+
+
+def test_compare_checkpoint_exports_to_hub_files(tmp_path):
+    from timm_supertoken.hub import export
+    train, val = small_digits()
+    cfg = CompareConfig(models=['vit_small_stconv:cluster_iters=2'], model_kwargs=TINY_KWARGS, img_size=32,
+                        recipe=TINY_RECIPE.replace(epochs=1), out=str(tmp_path / 'run'), device='cpu')
+    trained = run_compare(cfg, splits=(train, val), log=lambda s: None)
+    ckpt = tmp_path / 'run' / 'vit_small_stconv_cluster_iters=2' / 'last.pth.tar'
+    export(ckpt, tmp_path / 'hub', use_ema=False)
+    loaded = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
+    assert loaded.patch_embed.cluster.iters == 2 and loaded.num_classes == 10 and len(loaded.blocks) == 1
+    saved = torch.load(ckpt, weights_only=True)['state_dict']
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())  # the trained weights, unchanged
+    assert trained['models']['vit_small_stconv:cluster_iters=2']['params'] == sum(p.numel() for p in loaded.parameters())
