@@ -152,7 +152,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
         lines.append(f'| {spec} | {r["params"] / 1e6:.2f}M | {r["embed_params"]:,} | {speed}'
                      f'{r["top1"]:.2f} | {r["best_top1"]:.2f} | {r["epochs"]} |')
     if tp:
-        lines.append(f'\nThroughput: {tp["device"]}, {tp["img_size"]}×{tp["img_size"]}, median of {tp["repeats"]} '
+        lines.append(f'\nThroughput: {tp["device"]}, fp32, {tp["img_size"]}×{tp["img_size"]}, median of {tp["repeats"]} '
                      f'interleaved repeats; ratio to {tp["baseline"]}.')
     return '\n'.join(lines)
 
