@@ -14,10 +14,10 @@ from timm_supertoken.data import (
     export_image_folder,
     load_digits_splits,
     load_fashion_mnist,
+    load_splits,
     per_class_subset,
 )
 from timm_supertoken.data.export import class_folder_names
-from timm_supertoken.training.data import load_splits
 
 
 def test_real_fashion_mnist_is_installed_and_parsed():

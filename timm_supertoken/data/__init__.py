@@ -1,5 +1,6 @@
 """Real datasets: Fashion-MNIST (idx), scikit-learn digits, ImageFolder trees; ImageFolder export; ImageNet-100."""
 from .image_sets import (
+    DATASETS,
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
     ImageSet,
@@ -8,6 +9,7 @@ from .image_sets import (
     load_digits_splits,
     load_fashion_mnist,
     load_image_folder,
+    load_splits,
     read_idx,
     stratified_split,
 )

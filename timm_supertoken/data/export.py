@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
 
-from .image_sets import FASHION_MNIST_DIR, ImageSet, load_digits_splits, load_fashion_mnist
+from .image_sets import FASHION_MNIST_DIR, ImageSet, load_splits
 
 __all__ = ['FASHION_MNIST_CLASSES', 'class_folder_names', 'per_class_subset', 'export_image_folder',
            'add_dataset_command']
@@ -59,23 +58,19 @@ def export_image_folder(splits: Dict[str, ImageSet], out: Path, class_names: Seq
     for split, data in splits.items():
         for folder in folders:
             (out / split / folder).mkdir(parents=True, exist_ok=True)
-        images = data.images.numpy()
         width = len(str(len(data)))
-        for i, (img, label) in enumerate(zip(images, data.labels)):
-            pil = Image.fromarray(img[0], 'L') if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0), 'RGB')
-            pil.save(out / split / folders[label] / f'{i:0{width}d}.png')
+        for i, label in enumerate(data.labels):
+            data.pil(i).save(out / split / folders[label] / f'{i:0{width}d}.png')
         counts[split] = len(data)
     return counts
 
 
 def _load_for_export(name: str, data_dir: Optional[str], seed: int) -> Tuple[ImageSet, ImageSet, Sequence[str]]:
-    """(train, val, class names) of a named embedded or installed dataset."""
-    if name == 'fashion-mnist':
-        return load_fashion_mnist(data_dir, 'train'), load_fashion_mnist(data_dir, 'test'), FASHION_MNIST_CLASSES
-    if name == 'digits':
-        train, val = load_digits_splits(seed)  # the split `compare` trains and evaluates on
-        return train, val, tuple(str(d) for d in range(10))
-    raise ValueError(f"unknown dataset {name!r}: use 'fashion-mnist' or 'digits'")
+    """(train, val, class names): the splits `compare` trains and evaluates on."""
+    classes = {'fashion-mnist': FASHION_MNIST_CLASSES, 'digits': tuple(str(d) for d in range(10))}
+    if name not in classes:
+        raise ValueError(f"unknown dataset {name!r}: use 'fashion-mnist' or 'digits'")
+    return (*load_splits(name, data_dir, seed=seed), classes[name])
 
 
 def cmd_dataset(args: argparse.Namespace) -> int:

@@ -12,9 +12,10 @@ from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
 __all__ = [
-    'ImageSet', 'load_digits_set', 'load_digits_splits', 'stratified_split', 'read_idx', 'load_fashion_mnist', 'load_image_folder', 'load_dataset',
+    'DATASETS', 'load_splits', 'ImageSet', 'load_digits_set', 'load_digits_splits', 'stratified_split', 'read_idx', 'load_fashion_mnist', 'load_image_folder', 'load_dataset',
     'FASHION_MNIST_DIR', 'FASHION_MNIST_FILES',
 ]
 
@@ -49,6 +50,13 @@ class ImageSet:
         idx = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
         labels = None if self.labels is None else self.labels[idx]
         return ImageSet(self.images[torch.from_numpy(idx)], labels, f'{self.name}[{n}]')
+
+    def pil(self, index: int) -> Image.Image:
+        """Image index as PIL: 'L' for one channel, 'RGB' for three (what PNG export and timm's transforms take)."""
+        arr = self.images[index].numpy()
+        if arr.shape[0] == 1:
+            return Image.fromarray(arr[0], 'L')
+        return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), 'RGB')
 
 
 def load_digits_set() -> ImageSet:
@@ -147,6 +155,31 @@ def load_image_folder(root: Union[str, Path], img_size: int) -> ImageSet:
             images[i] = np.asarray(im.convert('RGB').resize((img_size, img_size), Image.BICUBIC))
     labels = np.asarray(folder.targets, dtype=np.int64)
     return ImageSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels, f'folder:{root.name}')
+
+
+DATASETS = ('digits', 'fashion-mnist', 'folder')
+
+
+def load_splits(dataset: str, data_dir: Optional[str] = None, img_size: int = 32,
+                seed: int = 0) -> Tuple[ImageSet, ImageSet]:
+    """(train, val) of 'digits' (stratified 80/20), 'fashion-mnist' (60k/10k) or 'folder' (DATA_DIR/train, DATA_DIR/val)."""
+    if dataset == 'digits':
+        return load_digits_splits(seed)
+    if dataset == 'fashion-mnist':
+        return load_fashion_mnist(data_dir, 'train'), load_fashion_mnist(data_dir, 'test')
+    if dataset == 'folder':
+        if data_dir is None:
+            raise ValueError("dataset 'folder' needs --data-dir: a folder with train/ and val/ ImageFolder trees")
+        root = Path(data_dir)
+        for split in ('train', 'val'):
+            if not (root / split).is_dir():
+                raise FileNotFoundError(f'{root / split} not found: --data-dir must hold train/ and val/ '
+                                        f'ImageFolder trees (timm-supertoken dataset writes one)')
+        train, val = load_image_folder(root / 'train', img_size), load_image_folder(root / 'val', img_size)
+        if train.num_classes != val.num_classes:
+            raise ValueError(f'{root}: train/ has {train.num_classes} classes but val/ has {val.num_classes}')
+        return train, val
+    raise ValueError(f'unknown dataset {dataset!r}: use one of {", ".join(DATASETS)}')
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, img_size: int = 32) -> ImageSet:

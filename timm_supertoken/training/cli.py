@@ -11,9 +11,8 @@ from timm.utils import ParseKwargs
 
 from .. import MODEL_NAMES
 from ..benchmark import hardware_info
-from ..data import FASHION_MNIST_DIR
+from ..data import DATASETS, FASHION_MNIST_DIR
 from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, results_markdown, run_compare
-from .data import DATASETS
 from .recipe import PAPER_RECIPE, load_recipe, recipe_to_yaml
 
 __all__ = ['add_training_commands', 'build_compare_config', 'recipe_path', 'recipe_names', 'QUICK_RECIPE']

@@ -23,9 +23,8 @@ import timm
 
 from .. import MODEL_NAMES
 from ..benchmark import hardware_info, time_models
-from ..data import ImageSet
+from ..data import ImageSet, load_splits
 from ..runtime import setup_distributed
-from .data import load_splits
 from .recipe import Recipe
 from .trainer import TrainConfig, fit
 

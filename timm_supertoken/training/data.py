@@ -1,4 +1,4 @@
-"""Train/val splits of the real image sets, and loaders whose randomness does not depend on how the run is split.
+"""Training loaders whose randomness does not depend on how the run is split.
 
 Every sample is augmented under an RNG seeded by (run seed, epoch, sample index), and every global
 batch is one slice of a per-epoch permutation that ranks cut into equal parts. A run resumed after a
@@ -6,42 +6,16 @@ kill, a run with more data-loader workers and a two-process run therefore see ex
 an uninterrupted one-process run.
 """
 import random
-from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..data import ImageSet, load_digits_splits, load_fashion_mnist, load_image_folder
+from ..data import ImageSet
 
-__all__ = ['load_splits', 'AugmentedImageSet', 'GlobalBatchSampler', 'DATASETS']
-
-DATASETS = ('digits', 'fashion-mnist', 'folder')
-
-
-def load_splits(dataset: str, data_dir: Optional[str] = None, img_size: int = 32,
-                seed: int = 0) -> Tuple[ImageSet, ImageSet]:
-    """(train, val) of 'digits' (stratified 80/20), 'fashion-mnist' (60k/10k) or 'folder' (DATA_DIR/train, DATA_DIR/val)."""
-    if dataset == 'digits':
-        return load_digits_splits(seed)
-    if dataset == 'fashion-mnist':
-        return load_fashion_mnist(data_dir, 'train'), load_fashion_mnist(data_dir, 'test')
-    if dataset == 'folder':
-        if data_dir is None:
-            raise ValueError("dataset 'folder' needs --data-dir: a folder with train/ and val/ ImageFolder trees")
-        root = Path(data_dir)
-        for split in ('train', 'val'):
-            if not (root / split).is_dir():
-                raise FileNotFoundError(f'{root / split} not found: --data-dir must hold train/ and val/ '
-                                        f'ImageFolder trees (timm-supertoken dataset writes one)')
-        train, val = load_image_folder(root / 'train', img_size), load_image_folder(root / 'val', img_size)
-        if train.num_classes != val.num_classes:
-            raise ValueError(f'{root}: train/ has {train.num_classes} classes but val/ has {val.num_classes}')
-        return train, val
-    raise ValueError(f'unknown dataset {dataset!r}: use one of {", ".join(DATASETS)}')
-
+__all__ = ['AugmentedImageSet', 'GlobalBatchSampler']
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed per (run, epoch, sample); SeedSequence mixes the three so nearby inputs give unrelated streams."""
@@ -66,13 +40,6 @@ class AugmentedImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def image(self, index: int) -> Image.Image:
-        """Sample index as an RGB PIL image, the form train.py's ImageFolder loader produces."""
-        arr = self.data.images[index].numpy()
-        if arr.shape[0] == 1:
-            return Image.fromarray(arr[0], 'L').convert('RGB')
-        return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), 'RGB')
-
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         # timm's transforms draw from Python's, NumPy's and torch's global RNGs: seed all three for this
         # sample, then put them back so the training step's own randomness (mixup, drop path) is untouched
@@ -82,7 +49,8 @@ class AugmentedImageSet(Dataset):
         np.random.seed(seed % 2**32)
         torch.default_generator.manual_seed(seed)
         try:
-            x = self.transform(self.image(index))
+            # RGB, as train.py's ImageFolder loader produces
+            x = self.transform(self.data.pil(index).convert('RGB'))
         finally:
             random.setstate(states[0])
             np.random.set_state(states[1])
