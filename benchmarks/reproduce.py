@@ -113,17 +113,16 @@ def main() -> None:
     t6 = run_experiment('table6', EMBEDDINGS, args.seeds, args)
     t7 = run_experiment('table7', [f'vit_small_stconv:conv_modules={n}' for n in CONV_MODULES], args.ablation_seeds, args)
     t8 = run_experiment('table8', [f'vit_small_stconv:cluster_iters={t}' for t in ITERS], args.ablation_seeds, args)
-    section = render(t6, t7, t8, args)
+    section = render(t6, t7, t8, args, ' '.join(['python benchmarks/reproduce.py', *_cli_args(args, parser)]))
     write_markdown_section(args.output, SECTION, section)
     print(section)
     print(f'wrote {args.output}')
 
 
-def render(t6: Dict[str, Any], t7: Dict[str, Any], t8: Dict[str, Any], args: argparse.Namespace) -> str:
+def render(t6: Dict[str, Any], t7: Dict[str, Any], t8: Dict[str, Any], args: argparse.Namespace, command: str) -> str:
     """The generated section of docs/reproduction.md: settings, hardware, the three tables."""
     cfg, tp, hw = t6['config'], t6['throughput'], hardware_info()
     train_min = sum(r['train_time_s'] for exp in (t6, t7, t8) for runs in exp['per_spec'].values() for r in runs) / 60
-    command = ' '.join(['python benchmarks/reproduce.py', *_cli_args(args)])
     return f"""{SECTION}
 
 `{command}`, {datetime.date.today()}: {train_min:.0f} min of training in all. Hardware: {tp['device']};
@@ -153,13 +152,12 @@ Recipe `{args.config}` as run:
 """
 
 
-def _cli_args(args: argparse.Namespace) -> List[str]:
-    """The options that differ from the defaults, to print the command that regenerates the page."""
+def _cli_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
+    """The experiment options that differ from the parser's defaults, to print the command that regenerates the page."""
     out = []
-    for name, default in (('config', QUICK_RECIPE), ('dataset', 'digits'), ('img_size', None), ('epochs', None),
-                          ('seeds', [0, 1, 2]), ('ablation_seeds', [0])):
+    for name in ('config', 'dataset', 'img_size', 'epochs', 'seeds', 'ablation_seeds'):
         value = getattr(args, name)
-        if value != default:
+        if value != parser.get_default(name):
             out.append(f'--{name.replace("_", "-")} ' + (' '.join(map(str, value)) if isinstance(value, list) else str(value)))
     return out
 

@@ -19,8 +19,9 @@ __all__ = ['add_training_commands', 'build_compare_config', 'recipe_path', 'reci
 
 QUICK_RECIPE = 'quick_digits'  # the embedded default: scaled down to finish in minutes on 2 CPU cores
 # recipe options that the command line can override, by train.py name
-_RECIPE_OPTIONS = ('epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob',
-                   'smoothing', 'drop_path', 'sched', 'opt')
+_RECIPE_OPTIONS = (('epochs', int), ('batch_size', int), ('lr', float), ('weight_decay', float), ('warmup_epochs', int),
+                   ('mixup', float), ('cutmix', float), ('aa', str), ('reprob', float), ('smoothing', float),
+                   ('drop_path', float), ('sched', str), ('opt', str))
 
 
 def recipe_names() -> List[str]:
@@ -74,7 +75,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = build_compare_config(
         args.config, args.models, args.model_kwargs, args.dataset, args.data_dir, args.img_size, args.seed, args.device,
         args.workers, args.out, args.resume, model_ema=args.model_ema or None,
-        **{name: getattr(args, name) for name in _RECIPE_OPTIONS})
+        **{name: getattr(args, name) for name, _ in _RECIPE_OPTIONS})
     rank = int(os.environ.get('RANK', '0'))
     if rank == 0:
         print(', '.join(f'{k}: {v}' for k, v in hardware_info().items()))
@@ -129,10 +130,8 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--data-dir', default=None,
                    help=f'Fashion-MNIST idx folder (default {FASHION_MNIST_DIR}) or a folder with train/ and val/')
     p.add_argument('--img-size', type=int, default=None, help='input side (default: the recipe\'s)')
-    for name, kind in (('epochs', int), ('batch-size', int), ('lr', float), ('weight-decay', float),
-                       ('warmup-epochs', int), ('mixup', float), ('cutmix', float), ('aa', str), ('reprob', float),
-                       ('smoothing', float), ('drop-path', float), ('sched', str), ('opt', str)):
-        p.add_argument(f'--{name}', type=kind, default=None, help='recipe override (train.py meaning)')
+    for name, kind in _RECIPE_OPTIONS:
+        p.add_argument(f'--{name.replace("_", "-")}', type=kind, default=None, help='recipe override (train.py meaning)')
     p.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights and evaluate it too')
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', ...")

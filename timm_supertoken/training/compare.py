@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import timm
 
 from .. import MODEL_NAMES
-from ..benchmark import hardware_info, time_models
+from ..benchmark import cpu_name, hardware_info, time_models
 from ..data import ImageSet, load_splits
 from ..runtime import setup_distributed
 from .recipe import Recipe
@@ -136,7 +136,7 @@ def _device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model with the thread count: throughput means nothing without it."""
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return f'{hardware_info()["cpu"]}, {torch.get_num_threads()} threads'
+    return f'{cpu_name()}, {torch.get_num_threads()} threads'
 
 
 def results_markdown(results: Dict[str, Any]) -> str:
