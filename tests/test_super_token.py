@@ -163,7 +163,7 @@ def test_bad_arguments_are_named(kwargs, match):
 
 def test_compile_time_scatter_equals_the_eager_one(monkeypatch):
     """Under torch.compile the neighbourhood scatter takes a functional form; both must sum the same."""
-    from timm_supertoken.layers import super_token
+    from timm_supertoken.functional import super_token
 
     contributions = torch.randn(2, 5, 6, 9, 4, dtype=torch.float64)
     eager = super_token._scatter_neighbourhood(contributions)

@@ -11,12 +11,8 @@ from timm_supertoken import ops  # noqa: E402
 from timm_supertoken.ops import super_token_triton as st  # noqa: E402
 from hypothesis import given, settings, strategies as hs  # noqa: E402
 
-from timm_supertoken.layers.super_token import (  # noqa: E402
-    BACKEND_ENV,
-    SuperTokenClustering,
-    check_super_token_input,
-    super_token_clustering,
-)
+from timm_supertoken.functional import check_finite, check_super_token_input, super_token_clustering  # noqa: E402
+from timm_supertoken.layers.super_token import BACKEND_ENV, CHECK_FINITE_ENV, SuperTokenClustering  # noqa: E402
 from loop_reference import super_token_clustering_loop  # noqa: E402
 
 if ops.INTERPRET:
@@ -112,13 +108,14 @@ def test_bitwise_deterministic():
 
 
 def test_channels_last_input():
-    """Strided (NHWC) input is read in place and gives bit-identical results to the NCHW copy."""
+    """The kernels run channels_last: NHWC input is read in place, NCHW converted, with bit-identical results."""
     x = torch.randn(1, 16, 7, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     x_cl = x.to(memory_format=torch.channels_last)
     assert not x_cl.is_contiguous()
     y, dx = _forward_backward(fused, x, 2, 2)
     y_cl, dx_cl = _forward_backward(fused, x_cl, 2, 2)
     assert torch.equal(y, y_cl) and torch.equal(dx, dx_cl)
+    assert y.is_contiguous(memory_format=torch.channels_last) and dx.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y_cl, super_token_clustering(x_cl, 2, 2), rtol=1e-4, atol=1e-5)
 
 
@@ -141,13 +138,14 @@ BAD_INPUTS = [
 
 
 def super_token_clustering_checked(x, grid, iters):
-    """The reference path as the module runs it: input checks, then the reference function."""
+    """The reference path with every input check, the NaN/Inf scan included, then the reference function."""
     check_super_token_input(x, grid, iters)
+    check_finite(x)
     return super_token_clustering(x, grid, iters)
 
 
 @pytest.mark.parametrize('make,grid,iters,error,message', BAD_INPUTS)
-def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message):
+def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message, monkeypatch):
     x = make().to(DEVICE)
     with pytest.raises(error, match=message) as ref_error:
         super_token_clustering_checked(x, grid, iters)
@@ -155,6 +153,7 @@ def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message):
         fused(x, grid, iters)
     assert str(fused_error.value) == str(ref_error.value)
     if grid >= 1 and iters >= 1:
+        monkeypatch.setenv(CHECK_FINITE_ENV, '1')  # the module scans for NaN/Inf on the fused path on request
         with pytest.raises(error, match=message):
             SuperTokenClustering(grid, iters, backend='triton')(x)
 
@@ -182,10 +181,14 @@ def test_dispatch(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(ops, 'super_token_clustering_triton', spy)
-    x = torch.randn(1, 4, 4, 4)
+    x = torch.randn(1, 4, 4, 4, device=DEVICE)
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    SuperTokenClustering()(x)  # auto: a CPU tensor takes the reference path
+    SuperTokenClustering()(x.cpu())  # auto: a CPU tensor takes the reference path
     assert not calls
+    if DEVICE == 'cuda':
+        SuperTokenClustering()(x)  # ... and a CUDA tensor the fused one
+        assert len(calls) == 1
+        calls.clear()
     monkeypatch.setenv(BACKEND_ENV, 'triton')  # the variable overrides 'auto' ...
     SuperTokenClustering()(x)
     assert len(calls) == 1
@@ -215,3 +218,45 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.timm_supertoken.super_token_clustering.default, (x, 2, 2),
         test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
+
+
+class _HostSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that copy a tensor's value to the host: what .item(), bool() and .tolist() run."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+               torch.ops.aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('checked', [False, True])
+def test_fused_forward_reads_nothing_back(checked, monkeypatch):
+    """The module's fused forward makes no host sync (capturable in a CUDA graph) unless a NaN scan is asked for."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    if checked:
+        monkeypatch.setenv(CHECK_FINITE_ENV, '1')
+    else:
+        monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    module = SuperTokenClustering(grid=2, iters=2, backend='triton')
+    with _HostSyncRecorder() as recorder:
+        module(x)
+    assert bool(recorder.calls) == checked, recorder.calls
+
+
+def test_check_finite_setting_is_validated(monkeypatch):
+    monkeypatch.setenv(CHECK_FINITE_ENV, 'yes')
+    with pytest.raises(ValueError, match=CHECK_FINITE_ENV):
+        SuperTokenClustering(backend='triton')(torch.randn(1, 4, 4, 4, device=DEVICE))
+
+
+def test_reference_path_on_cpu_scans_for_nan(monkeypatch):
+    monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
+    with pytest.raises(ValueError, match='NaN or Inf'):
+        SuperTokenClustering(backend='reference')(torch.full((1, 4, 4, 4), float('nan')))

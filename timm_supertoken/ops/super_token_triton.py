@@ -1,264 +1,407 @@
-"""Fused Triton super-token clustering (DESIGN.md §2): forward and backward kernels and their custom op.
+"""Fused Triton super-token clustering: forward and backward kernels, their launch plan and custom op.
 
-The equations are those of the reference path, `timm_supertoken.layers.super_token`, which is the
-specification. For X of shape (B, C, H, W), grid g, h = ⌈H/g⌉, w = ⌈W/g⌉:
+The equations are those of the reference path, `timm_supertoken.functional.super_token`, which is the
+specification. For X of shape (B, C, H, W), grid g, h = ⌈H/g⌉, w = ⌈W/g⌉, t iterations:
 
-    S⁰_j  = mean of the real pixels of cell j                                      (init kernel)
-    a_pj  = ⟨x_p, s_j⟩ · C^-½   for the 9 cells j around p's cell (off-grid: -inf)
-    A_pj  = softmax_j(a_pj)   (0 for padded pixels)                               (iteration kernel,
-    Z_j   = Σ_p A_pj + 1e-12,   s_j ← Σ_p A_pj x_p / Z_j                           once per iteration)
-    dX_p  = Σ_{j∈N(p)} A_pj / Z_j · dS_j                                           (backward kernel)
+    S⁰_j  = mean of the real pixels of cell j                                   `_cell_mean_kernel`
+    A_pk  = softmax_k(⟨x_p, s_k⟩ · C^-½) over the 3×3 cells k around p's cell     `_affinity_kernel`
+    Z_j   = Σ_p A_pj + 1e-12,   s_j ← Σ_p A_pj x_p / Z_j                          `_aggregate_kernel`
+    dX_p  = Σ_k A_pk / Z_k · dS_k                                                  `_backward_kernel`
 
-Kernel design:
-- one program per super token j (grid B·h·w) for the init and iteration kernels. An iteration program
-  loads the pixels of the 3×3 cells around j as one [NPIX, BLOCK_C] tile (NPIX = next_pow2(9g²)) and the
-  25 super tokens of the 5×5 window around j as [32, BLOCK_C], so the logits of every pixel to every
-  token of the window are one `tl.dot` per channel block; each pixel row is then masked to its own
-  3×3 neighbourhood and soft-maxed. Column j of that softmax is A_pj, which is all the program needs
-  to aggregate s_j: no program writes what another reads, so no atomics and no partial-sum buffers,
-  at the price of recomputing each pixel's logits in the 9 programs around it (compute, not traffic:
-  the 3×3 tile is re-read from L2).
-- one launch per iteration, ping-ponging the (B, h, w, C) fp32 super tokens through global memory
-  (the neighbours' updated tokens are needed, i.e. a grid-wide barrier). The last launch writes the
-  output (B, C, h, w) in the input dtype, Z, and the full softmax rows A (B, H, W, 9) of the pixels of
-  each program's own cell (every pixel has exactly one own cell: disjoint writes).
-- backward: one program per (batch, pixel row, BLOCK_W pixels), dX_p gathered from the ≤9 dS_j and
-  A_pj / Z_j: deterministic, no atomics.
-Everything accumulates in fp32 (`tl.dot` with input_precision="ieee", no TF32, to match the reference).
-Any input strides are handled (NCHW or channels_last), so no copy of X is made.
+Traffic and FLOPs (n = B·H·W pixels, e = bytes per element of X, T = B·h·w tokens ≈ n/g²):
+- the operator must read X once and write S once: n·C·e + T·C·e bytes (the floor);
+- one iteration does 9·C multiply-adds per pixel for the logits and 9·C for the aggregation,
+  36·n·C FLOPs, against 2·C·e bytes of X read per pixel (affinity and aggregation launch each read X):
+  9 FLOPs per byte of X in bf16. An H100 sustains ~50 fp32 TFLOP/s of FFMA and 3.35 TB/s of HBM,
+  i.e. ~15 FLOPs per byte at the balance point, so FFMA keeps pace with the memory system.
+
+Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads the compiled kernels):
+- Each pixel's 9 logits and softmax are computed exactly once per iteration (`_affinity_kernel`, one
+  row per pixel), written as A (B, 9, H, W) fp32, and each token gathers its ≤ 9g² weighted pixels
+  (`_aggregate_kernel`, one row per token). Two launches per iteration is the least the dependence
+  allows without recomputation: a token needs the affinities of pixels in the 3×3 cells around it,
+  which need the tokens around those cells, i.e. other programs' results of the same iteration.
+- It is a 9-point stencil, not a matrix product: the 9 tokens differ for every cell, so tensor cores
+  would need a dense [pixels × window] product that is ≥ 75% zeros (a 3×(TW+2)-token window per strip
+  of TW cells). The useful work is 36·C FLOPs per pixel per iteration, which FFMA already delivers at
+  memory speed (above); the kernels use no tensor cores, in every dtype, and the report checks it.
+- Half-precision inputs are read as they are and converted in registers; all arithmetic is fp32, and
+  the running super tokens are fp32 (the reference's compute dtype).
+- Rows are pixels or tokens of one image (program axis 1 is the image), so per-row offsets are int32
+  and only the image base pointer is 64-bit: registers stay low and inputs beyond 2³¹ elements work.
+- The kernels address channels_last (NHWC) tensors only: a row's channels are contiguous, so every
+  tile load and store is a coalesced 128-bit access, and one 64-bit base per image plus int32 offsets
+  address everything. An NCHW input is converted once (one read and one write of X, ~1/8 of the
+  forward's traffic at t = 3); gathering NCHW tiles in place instead costs 160-255 registers per
+  thread and 8-12 resident warps (measured with the kernel report). S and dX come out channels_last.
+- On CUDA the batch is processed in chunks whose working set (X, two token buffers, A) fits in half
+  of the L2 cache, so the 2t + 1 launches of a chunk re-read X from L2, not from HBM.
+- The backward is a gather of 9 dS tokens per pixel (no atomics): deterministic.
+
+Block sizes and warps are autotuned per shape among configs that the report proves free of local
+memory and at ≥ 16 resident warps per SM on sm_80 and sm_90 (tests/test_kernel_report.py holds
+every config to that in CI). Under Triton's interpreter only the first config of each list runs.
 
 The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd registrations) lets
 `torch.compile` keep the fused op in its graph; `register_autograd` plays the role of the
 `torch.autograd.Function` of Liger-Kernel-style ops.
 """
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ['super_token_clustering_triton', 'INTERPRET', 'MAX_FUSED_GRID', 'FUSED_DTYPES']
+from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_super_token_input
 
-# the 3×3 cell tile of a g=4 token is 144 pixels -> a [256, BLOCK_C] tile; beyond that it no longer fits
-MAX_FUSED_GRID = 4
-# register budget of the [NPIX, BLOCK_C] pixel tile (fp32 elements per program)
-_TILE_ELEMS = 8192
-_WINDOW = 32  # the 5×5 token window around a super token, padded to a power of two
+__all__ = [
+    'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
+    'INTERPRET',
+]
 
-
-@triton.jit
-def _init_kernel(
-        x_ptr, s_ptr,
-        C, H, W, h, w,
-        sxb, sxc, sxh, sxw,
-        GRID: tl.constexpr, CELL: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """S⁰_j = mean of the real pixels of cell j -> s (B, h, w, C) fp32. One program per super token."""
-    pid = tl.program_id(0)
-    b = (pid // (h * w)).to(tl.int64)
-    i = (pid // w) % h
-    j = pid % w
-    p = tl.arange(0, CELL)
-    y = i * GRID + p // GRID
-    x = j * GRID + p % GRID
-    real = (p < GRID * GRID) & (y < H) & (x < W)
-    count = tl.sum(real.to(tl.float32), axis=0)  # border cells hold fewer pixels
-    x_off = b * sxb + y * sxh + x * sxw
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cm = c < C
-        xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc, mask=real[:, None] & cm[None, :], other=0.0)
-        tl.store(s_ptr + pid.to(tl.int64) * C + c, tl.sum(xt.to(tl.float32), axis=0) / count, mask=cm)
+def _interpreter_prune(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs) -> List[triton.Config]:
+    """The interpreter cannot time configs (and gives the same numbers for each): keep the first."""
+    return configs[:1] if INTERPRET else configs
 
 
-@triton.jit
-def _iteration_kernel(
-        x_ptr, s_in_ptr, s_out_ptr, norm_ptr, aff_ptr,
-        C, H, W, h, w, scale,
-        sxb, sxc, sxh, sxw,
-        sob, soc, soh, sow,
-        GRID: tl.constexpr, NPIX: tl.constexpr, WINDOW: tl.constexpr, BLOCK_C: tl.constexpr,
-        SAVE: tl.constexpr,
-):
-    """One clustering iteration for super token j: A_pj over the 3×3 cells around j, s_j = Σ_p A_pj x_p / Z_j.
+def _row_configs(name: str) -> List[triton.Config]:
+    """Rows per program × warps for a row kernel; the first is the interpreter's.
 
-    Reads the tokens s_in (B, h, w, C) fp32, writes s_j to s_out with strides (so, ...). With SAVE (the
-    last iteration) also writes Z_j to norm (B, h, w) and the 9 affinities of the pixels of cell j to
-    aff (B, H, W, 9), for the backward pass.
+    Each keeps a [rows, BLOCK_C ≤ 64] tile at ≤ 16 elements per thread (two 128-bit loads in bf16), so
+    the loaded tiles, their fp32 products and the partial sums stay in registers at ≤ 128 per thread.
     """
-    pid = tl.program_id(0)
-    b = (pid // (h * w)).to(tl.int64)
-    i = (pid // w) % h
-    j = pid % w
+    return [triton.Config({name: rows}, num_warps=warps, num_stages=1)
+            for rows, warps in ((32, 4), (16, 2), (32, 8), (64, 8))]
 
-    # pixel p of the 3g×3g block of cells around j, and the offset (cy, cx) ∈ {-1, 0, 1}² of its cell
-    p = tl.arange(0, NPIX)
-    ry = p // (3 * GRID)
-    rx = p % (3 * GRID)
-    cy = ry // GRID - 1
-    cx = rx // GRID - 1
-    y = (i - 1) * GRID + ry
-    x = (j - 1) * GRID + rx
-    real = (p < 9 * GRID * GRID) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-    x_off = b * sxb + y * sxh + x * sxw
 
-    # token t of the 5×5 window around j, at offset (ty, tx) ∈ {-2..2}²
-    t = tl.arange(0, WINDOW)
-    ty = t // 5 - 2
-    tx = t % 5 - 2
-    tok_ok = (t < 25) & (i + ty >= 0) & (i + ty < h) & (j + tx >= 0) & (j + tx < w)
-    tok_off = ((b * h + i + ty) * w + j + tx) * C
+_PIXEL_CONFIGS = _row_configs('BLOCK_M')
+_TOKEN_CONFIGS = _row_configs('BLOCK_N')
+_AUTOTUNE = dict(key=['C', 'H', 'W'], prune_configs_by={'early_config_prune': _interpreter_prune})
 
-    logits = tl.zeros((NPIX, WINDOW), dtype=tl.float32)
+
+@triton.jit
+def _cell_mean_kernel(
+        x_ptr, tok_ptr,
+        C, H, W, h, w,
+        GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """S⁰_j = mean of the real pixels of cell j, into the fp32 tokens. Rows: tokens of image program_id(1)."""
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = n < h * w
+    i = n // w
+    j = n % w
+    # border cells of a map that the grid does not divide hold fewer pixels
+    count = tl.minimum(H - i * GRID, GRID) * tl.minimum(W - j * GRID, GRID)
+    count = tl.where(row_ok, count, 1).to(tl.float32)
+    x_base = x_ptr + b * H * W * C
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc, mask=real[:, None] & cm[None, :], other=0.0)
-        tok = tl.load(s_in_ptr + tok_off[:, None] + c[None, :], mask=tok_ok[:, None] & cm[None, :], other=0.0)
-        logits += tl.dot(xt.to(tl.float32), tl.trans(tok), input_precision='ieee')
+        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for q in tl.static_range(GRID * GRID):
+            y = i * GRID + q // GRID
+            x = j * GRID + q % GRID
+            ok = row_ok & (y < H) & (x < W)
+            acc += tl.load(x_base + ((y * W + x) * C)[:, None] + c[None, :],
+                           mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        tl.store(tok_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / count[:, None],
+                 mask=row_ok[:, None] & cm[None, :])
 
-    # each pixel sees only the 3×3 tokens around its own cell, and only those on the grid
-    near = (tl.abs(ty[None, :] - cy[:, None]) <= 1) & (tl.abs(tx[None, :] - cx[:, None]) <= 1)
-    valid = near & tok_ok[None, :] & real[:, None]
-    logits = tl.where(valid, logits * scale, float('-inf'))
-    row_max = tl.max(logits, axis=1)
-    row_max = tl.where(row_max == float('-inf'), 0.0, row_max)  # padded rows: keep exp() NaN-free
-    e = tl.where(valid, tl.exp(logits - row_max[:, None]), 0.0)
+
+@triton.autotune(configs=_PIXEL_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _affinity_kernel(
+        x_ptr, tok_ptr, aff_ptr,
+        C, H, W, h, w, scale,
+        GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """A_pk = softmax_k(⟨x_p, s_k⟩·scale) over the 3×3 tokens k around p's cell, into aff (B, 9, H, W).
+
+    Rows: pixels of image program_id(1). Slot k = (dy + 1)·3 + (dx + 1) for the token at cell offset
+    (dy, dx); slots off the grid get A = 0. The 9 logits live in one [BLOCK_M, 16] tile.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = m < H * W
+    y = m // W
+    x = m % W
+    i = y // GRID
+    j = x // GRID
+    k = tl.arange(0, 16)
+    slot_ok = (k[None, :] < 9) & row_ok[:, None] & (i[:, None] + k[None, :] // 3 >= 1) \
+        & (i[:, None] + k[None, :] // 3 <= h) & (j[:, None] + k[None, :] % 3 >= 1) & (j[:, None] + k[None, :] % 3 <= w)
+    x_base = x_ptr + b * H * W * C
+    t_base = tok_ptr + b * h * w * C
+    logits = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        xt = tl.load(x_base + (m * C)[:, None] + c[None, :], mask=row_ok[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        for kk in range(9):
+            ti = i + (kk // 3 - 1)
+            tj = j + (kk % 3 - 1)
+            ok = row_ok & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
+            tok = tl.load(t_base + ((ti * w + tj) * C)[:, None] + c[None, :],
+                          mask=ok[:, None] & cm[None, :], other=0.0)
+            logits += tl.where(k[None, :] == kk, tl.sum(xt * tok, axis=1)[:, None], 0.0)
+    logits = tl.where(slot_ok, logits * scale, float('-inf'))
+    row_max = tl.where(row_ok, tl.max(logits, axis=1), 0.0)  # rows past the map: keep exp() NaN-free
+    e = tl.where(slot_ok, tl.exp(logits - row_max[:, None]), 0.0)
     den = tl.sum(e, axis=1)
-    aff = e / tl.where(den > 0, den, 1.0)[:, None]  # real pixels always see their own cell: den ≥ 1
-    a_j = tl.sum(tl.where(t[None, :] == 12, aff, 0.0), axis=1)  # column of the centre token j
-    norm = tl.sum(a_j, axis=0) + 1e-12
+    aff = e / tl.where(den > 0, den, 1.0)[:, None]  # a real pixel always sees its own cell: den ≥ 1
+    tl.store(aff_ptr + b * 9 * H * W + k[None, :] * (H * W) + m[:, None], aff,
+             mask=(k[None, :] < 9) & row_ok[:, None])
 
+
+@triton.autotune(configs=_TOKEN_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _aggregate_kernel(
+        x_ptr, aff_ptr, out_ptr, norm_ptr,
+        C, H, W, h, w,
+        GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Z_j = Σ_p A_pj + ε and s_j = Σ_p A_pj x_p / Z_j over the pixels p of the 3×3 cells around j.
+
+    Rows: tokens of image program_id(1). The pixel in cell j + (dy, dx) saw token j in its slot 8 - k,
+    where k is that cell's slot seen from j. Writes s to out (fp32 tokens, or the output's dtype) and Z to norm.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = n < h * w
+    i = n // w
+    j = n % w
+    x_base = x_ptr + b * H * W * C
+    a_base = aff_ptr + b * 9 * H * W
+    norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        xt = tl.load(x_ptr + x_off[:, None] + c[None, :] * sxc, mask=real[:, None] & cm[None, :], other=0.0)
-        s = tl.sum(a_j[:, None] * xt.to(tl.float32), axis=0) / norm
-        tl.store(s_out_ptr + b * sob + i * soh + j * sow + c * soc, s, mask=cm)
+        acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        norm = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the same in every channel block: cheaper than a pass
+        for kk in range(9):
+            cy = (i + kk // 3 - 1) * GRID  # first pixel of the neighbour cell
+            cx = (j + kk % 3 - 1) * GRID
+            cell_ok = row_ok & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
+            a_kk = a_base + (8 - kk) * (H * W)
+            for q in range(GRID * GRID):
+                y = cy + q // GRID
+                x = cx + q % GRID
+                ok = cell_ok & (y < H) & (x < W)
+                a = tl.load(a_kk + y * W + x, mask=ok, other=0.0)
+                xt = tl.load(x_base + ((y * W + x) * C)[:, None] + c[None, :], mask=ok[:, None] & cm[None, :],
+                             other=0.0)
+                acc += a[:, None] * xt.to(tl.float32)
+                norm += a
+        norm += 1e-12
+        tl.store(out_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / norm[:, None],
+                 mask=row_ok[:, None] & cm[None, :])
+    tl.store(norm_ptr + b * h * w + n, norm, mask=row_ok)
 
-    if SAVE:
-        tl.store(norm_ptr + pid, norm)
-        # the pixels of cell j store their whole 3×3 softmax row, slot k = (ty + 1)·3 + (tx + 1)
-        own = real & (cy == 0) & (cx == 0)
-        centre = (tl.abs(ty) <= 1) & (tl.abs(tx) <= 1)
-        k = (ty + 1) * 3 + tx + 1
-        a_off = ((b * H + y) * W + x) * 9
-        tl.store(aff_ptr + a_off[:, None] + k[None, :], aff, mask=own[:, None] & centre[None, :])
 
-
+@triton.autotune(configs=_PIXEL_CONFIGS, **_AUTOTUNE)
 @triton.jit
 def _backward_kernel(
         grad_ptr, aff_ptr, norm_ptr, dx_ptr,
         C, H, W, h, w,
-        sgb, sgc, sgh, sgw,
-        sdb, sdc, sdh, sdw,
-        GRID: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """dX_p = Σ_{j∈N(p)} A_pj / Z_j · dS_j, gathered per pixel. One program per (b, y, BLOCK_W pixels of row y)."""
-    pid = tl.program_id(0)
-    n_tiles = (W + BLOCK_W - 1) // BLOCK_W
-    b = (pid // (H * n_tiles)).to(tl.int64)
-    y = (pid // n_tiles) % H
-    x = (pid % n_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
-    pm = x < W
-    # the cell row as a vector: Triton's interpreter cannot AND a scalar condition into a vector mask
-    i = (y + 0 * x) // GRID
-    jx = x // GRID
-    a_off = ((b * H + y) * W + x) * 9
+    """dX_p = Σ_k A_pk / Z_k · dS_k over the 3×3 tokens k around p's cell. Rows: pixels of image program_id(1)."""
+    b = tl.program_id(1).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = m < H * W
+    y = m // W
+    x = m % W
+    i = y // GRID
+    j = x // GRID
+    g_base = grad_ptr + b * h * w * C
+    a_base = aff_ptr + b * 9 * H * W
+    n_base = norm_ptr + b * h * w
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=tl.float32)
-        for k in tl.static_range(9):
-            ti = i + k // 3 - 1
-            tj = jx + k % 3 - 1
-            ok = pm & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
-            weight = tl.load(aff_ptr + a_off + k, mask=ok, other=0.0) / \
-                tl.load(norm_ptr + (b * h + ti) * w + tj, mask=ok, other=1.0)
-            g = tl.load(grad_ptr + b * sgb + (ti * sgh + tj * sgw)[:, None] + c[None, :] * sgc,
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+        for kk in range(9):
+            ti = i + (kk // 3 - 1)
+            tj = j + (kk % 3 - 1)
+            ok = row_ok & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
+            weight = tl.load(a_base + kk * (H * W) + m, mask=ok, other=0.0) \
+                / tl.load(n_base + ti * w + tj, mask=ok, other=1.0)
+            g = tl.load(g_base + ((ti * w + tj) * C)[:, None] + c[None, :],
                         mask=ok[:, None] & cm[None, :], other=0.0)
             acc += weight[:, None] * g.to(tl.float32)
-        tl.store(dx_ptr + b * sdb + y * sdh + x[:, None] * sdw + c[None, :] * sdc, acc, mask=pm[:, None] & cm[None, :])
+        tl.store(dx_ptr + b * H * W * C + (m * C)[:, None] + c[None, :], acc, mask=row_ok[:, None] & cm[None, :])
 
 
-# the kernels were built as interpreter functions iff TRITON_INTERPRET=1 was set when this module loaded
-INTERPRET: bool = isinstance(_iteration_kernel, InterpretedFunction)
+# the kernels were built as interpreter functions iff TRITON_INTERPRET=1 was set when Triton loaded
+INTERPRET: bool = isinstance(_cell_mean_kernel, InterpretedFunction)
 
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of the fused op: what both the launcher and `compile_kernels` read.
+
+    `grid` maps the chosen meta-parameters (BLOCK_M / BLOCK_N of an autotuned kernel) to the program grid.
+    `label` names the launch where one kernel is compiled twice with different argument types.
+    """
+    kernel: Any
+    grid: Callable[[Dict[str, Any]], Tuple[int, ...]]
+    args: Tuple[Any, ...]
+    constexprs: Dict[str, Any] = field(default_factory=dict)
+    label: str = ''
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+def _block_c(C: int) -> int:
+    """Channels per block: all of them up to 64 (the model's C), so the common case is one pass."""
+    return max(16, min(triton.next_power_of_2(C), 64))
+
+
+def _nhwc(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised (B, C, ·, ·) tensor stored channels_last: the only layout the kernels address."""
+    return torch.empty(shape, device=like.device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def _rows(count: int, block: str, images: int) -> Callable[[Dict[str, Any]], Tuple[int, int]]:
+    return lambda meta: (triton.cdiv(count, meta[block]), images)
+
+
+def _batch_chunk(x: torch.Tensor, h: int, w: int) -> int:
+    """Images per chunk whose working set (X, 2 fp32 token buffers, A) fits in half the L2 (all on CPU)."""
+    B, C, H, W = x.shape
+    if not x.is_cuda:
+        return B
+    per_image = C * H * W * x.element_size() + 2 * C * h * w * 4 + 9 * H * W * 4
+    l2 = torch.cuda.get_device_properties(x.device).L2_cache_size
+    # a multiple of 8 images keeps every chunk's base pointers 16-byte aligned, as the first one is
+    return min(B, max(8, (l2 // 2 // per_image) // 8 * 8))
+
+
+def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], Tuple[torch.Tensor, ...]]:
+    """The launches of the fused forward for x (made channels_last), and its outputs (S, A, Z), allocated.
+
+    x may be a meta tensor: `timm_supertoken.ops.compile_kernels` compiles exactly these launches.
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    B, C, H, W = x.shape
+    h, w = triton.cdiv(H, grid), triton.cdiv(W, grid)
+    tokens = [_nhwc(x, (B, C, h, w), torch.float32), _nhwc(x, (B, C, h, w), torch.float32)]
+    out = _nhwc(x, (B, C, h, w), x.dtype)
+    aff = torch.empty((B, 9, H, W), device=x.device, dtype=torch.float32)
+    norm = torch.empty((B, h, w), device=x.device, dtype=torch.float32)
+    block_c = _block_c(C)
+    launches = []
+    chunk = _batch_chunk(x, h, w)
+    for b0 in range(0, B, chunk):
+        part = slice(b0, min(B, b0 + chunk))
+        xs, ts, outs, affs, norms = x[part], [t[part] for t in tokens], out[part], aff[part], norm[part]
+        images = xs.shape[0]
+        launches.append(Launch(
+            _cell_mean_kernel, _rows(h * w, 'BLOCK_N', images),
+            (xs, ts[0], C, H, W, h, w),
+            dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, num_warps=4, num_stages=1)))
+        for step in range(iters):
+            last = step == iters - 1
+            src, dst = ts[step % 2], outs if last else ts[(step + 1) % 2]
+            launches.append(Launch(
+                _affinity_kernel, _rows(H * W, 'BLOCK_M', images),
+                (xs, src, affs, C, H, W, h, w, C ** -0.5),
+                dict(GRID=grid, BLOCK_C=block_c)))
+            launches.append(Launch(
+                _aggregate_kernel, _rows(h * w, 'BLOCK_N', images),
+                (xs, affs, dst, norms, C, H, W, h, w),
+                dict(GRID=grid, BLOCK_C=block_c), label='_aggregate_kernel(output)' if last else ''))
+    return launches, (out, aff, norm)
+
+
+def backward_plan(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, grid: int
+                  ) -> Tuple[List[Launch], torch.Tensor]:
+    """The launch of the fused backward for dS (made channels_last), and dX (B, C, H, W) channels_last."""
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    B, C, h, w = grad.shape
+    H, W = aff.shape[2], aff.shape[3]
+    dx = _nhwc(grad, (B, C, H, W), grad.dtype)
+    launch = Launch(
+        _backward_kernel, _rows(H * W, 'BLOCK_M', B),
+        (grad, aff, norm, dx, C, H, W, h, w),
+        dict(GRID=grid, BLOCK_C=_block_c(C)))
+    return [launch], dx
+
+
+@dataclass(frozen=True)
+class LaunchCost:
+    """Compulsory DRAM bytes and FLOPs of one launch: its floor is max(bytes / bandwidth, FLOPs / peak)."""
+    kernel: str
+    launches: int
+    bytes: int
+    flops: int
+
+
+def traffic_model(B: int, C: int, H: int, W: int, grid: int, iters: int, elem: int) -> List[LaunchCost]:
+    """The module docstring's traffic/FLOP model, per kernel (for a whole batch, each launch counted once).
+
+    Each launch reads its inputs once and writes its outputs once (a neighbour's re-read hits L1/L2); a
+    multiply-add is 2 FLOPs. n = B·H·W pixels, T = B·h·w tokens, e = bytes per element of X.
+    """
+    h, w = -(-H // grid), -(-W // grid)
+    n, T = B * H * W, B * h * w
+    x, s32, a = n * C * elem, T * C * 4, n * 9 * 4
+    return [
+        LaunchCost('_cell_mean_kernel', 1, x + s32, n * C),
+        LaunchCost('_affinity_kernel', iters, x + s32 + a, 2 * 9 * n * C + 9 * 5 * n),
+        LaunchCost('_aggregate_kernel', iters, x + a + s32 + T * 4, 2 * 9 * n * C),
+        LaunchCost('_backward_kernel', 1, T * C * elem + a + T * 4 + x, 2 * 9 * n * C),
+    ]
 
 
 def _check_fused(x: torch.Tensor, grid: int) -> None:
     if x.dtype not in FUSED_DTYPES:
-        # the kernels accumulate in fp32: float64 would silently lose precision
         raise TypeError(f"the Triton super-token backend takes {FUSED_DTYPES}, got {x.dtype}; use backend='reference'")
     if not (x.is_cuda or INTERPRET):
         raise RuntimeError(
             f'the Triton super-token backend needs a CUDA tensor, got one on {x.device}; on CPU it runs only in '
-            "Triton's interpreter (TRITON_INTERPRET=1 set before timm_supertoken.ops is imported), else use "
+            "Triton's interpreter (TRITON_INTERPRET=1 set before Triton is imported), else use "
             "backend='reference'")
     if grid > MAX_FUSED_GRID:
         raise ValueError(
-            f'the Triton super-token backend supports grid <= {MAX_FUSED_GRID}, got {grid}; use backend=\'reference\'')
+            f"the Triton super-token backend supports grid <= {MAX_FUSED_GRID}, got {grid}; use backend='reference'")
 
 
 @torch.library.custom_op('timm_supertoken::super_token_clustering', mutates_args=())
 def _super_token_fwd(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns the super tokens S (B, C, h, w) in x.dtype, and A (B, H, W, 9) and Z (B, h, w) in fp32 for backward."""
+    """Returns the super tokens S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), Z (B, h, w) fp32."""
     _check_fused(x, grid)
-    B, C, H, W = x.shape
-    h, w = triton.cdiv(H, grid), triton.cdiv(W, grid)
-    npix = triton.next_power_of_2(9 * grid * grid)
-    block_c = max(16, min(triton.next_power_of_2(C), _TILE_ELEMS // npix))
-    f32 = dict(device=x.device, dtype=torch.float32)
-    tokens = [torch.empty((B, h, w, C), **f32), torch.empty((B, h, w, C), **f32)]
-    out = torch.empty((B, C, h, w), device=x.device, dtype=x.dtype)
-    norm = torch.empty((B, h, w), **f32)
-    aff = torch.empty((B, H, W, 9), **f32)
-    programs = (B * h * w,)
-    _init_kernel[programs](
-        x, tokens[0], C, H, W, h, w, *x.stride(),
-        GRID=grid, CELL=triton.next_power_of_2(grid * grid), BLOCK_C=max(16, min(triton.next_power_of_2(C), 256)))
-    for step in range(iters):
-        last = step == iters - 1
-        dst = out if last else tokens[(step + 1) % 2]
-        # (B, C, h, w) strides of the destination; the fp32 ping-pong buffer is (B, h, w, C) in memory
-        dst_strides = out.stride() if last else (h * w * C, 1, w * C, C)
-        _iteration_kernel[programs](
-            x, tokens[step % 2], dst, norm, aff,
-            C, H, W, h, w, C ** -0.5,
-            *x.stride(), *dst_strides,
-            GRID=grid, NPIX=npix, WINDOW=_WINDOW, BLOCK_C=block_c, SAVE=last,
-            num_warps=8 if npix >= 128 else 4)
-    return out, aff, norm
+    launches, outputs = forward_plan(x, grid, iters)
+    for launch in launches:
+        launch()
+    return outputs
 
 
 @_super_token_fwd.register_fake
 def _(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C, H, W = x.shape
     h, w = (H + grid - 1) // grid, (W + grid - 1) // grid
-    return (x.new_empty((B, C, h, w)), x.new_empty((B, H, W, 9), dtype=torch.float32),
+    return (_nhwc(x, (B, C, h, w), x.dtype), x.new_empty((B, 9, H, W), dtype=torch.float32),
             x.new_empty((B, h, w), dtype=torch.float32))
 
 
 @torch.library.custom_op('timm_supertoken::super_token_clustering_backward', mutates_args=())
 def _super_token_bwd(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, grid: int) -> torch.Tensor:
-    """dX (B, C, H, W) in grad.dtype from dS (B, C, h, w) and the saved A (B, H, W, 9), Z (B, h, w)."""
-    B, C, h, w = grad.shape
-    H, W = aff.shape[1], aff.shape[2]
-    dx = torch.empty((B, C, H, W), device=grad.device, dtype=grad.dtype)
-    block_w = min(64, triton.next_power_of_2(W))
-    block_c = max(16, min(triton.next_power_of_2(C), 4096 // block_w))
-    _backward_kernel[(B * H * triton.cdiv(W, block_w),)](
-        grad, aff, norm, dx, C, H, W, h, w, *grad.stride(), *dx.stride(),
-        GRID=grid, BLOCK_W=block_w, BLOCK_C=block_c)
+    """dX (B, C, H, W) in grad's dtype, channels_last, from dS (B, C, h, w) and the saved A and Z."""
+    launches, dx = backward_plan(grad, aff, norm, grid)
+    for launch in launches:
+        launch()
     return dx
 
 
 @_super_token_bwd.register_fake
 def _(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, grid: int) -> torch.Tensor:
-    return grad.new_empty((grad.shape[0], grad.shape[1], aff.shape[1], aff.shape[2]))
+    return _nhwc(grad, (grad.shape[0], grad.shape[1], aff.shape[2], aff.shape[3]), grad.dtype)
 
 
 def _setup_context(ctx, inputs: Tuple[torch.Tensor, int, int], output: Tuple[torch.Tensor, ...]) -> None:
@@ -282,12 +425,12 @@ def super_token_clustering_triton(
         x: torch.Tensor, grid: int = 2, iters: int = 3, validate: bool = True) -> torch.Tensor:
     """Fused super-token clustering, (B, C, H, W) -> (B, C, ⌈H/grid⌉, ⌈W/grid⌉); same maths as the reference.
 
-    `validate` runs the reference path's input checks (a NaN/Inf scan costs one pass over X and a host
-    sync; callers that already checked pass False). Half-precision inputs are computed in fp32 and the
-    result is cast back to the input dtype.
+    `validate` runs the reference path's input checks, the NaN/Inf scan included (one pass over X and a
+    host sync; callers that checked already pass False). Half-precision inputs are computed in fp32 and
+    the result is cast back to the input dtype. The output is channels_last, like the reference's.
     """
     if validate and not torch.compiler.is_compiling():
-        from ..layers.super_token import check_super_token_input  # ops <-> layers import cycle
         check_super_token_input(x, grid, iters)
+        check_finite(x)
     _check_fused(x, grid)
     return _super_token_fwd(x, grid, iters)[0]

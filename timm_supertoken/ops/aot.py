@@ -1,0 +1,210 @@
+"""The fused kernels as a GPU will run them, compiled and inspected ahead of time, with no GPU present.
+
+Triton compiles for a target that is not there (`GPUTarget('cuda', arch, 32)` needs no driver), and the
+`ptxas` and `cuobjdump` bundled in its wheel read the result. `compile_kernels` compiles the launches
+that `forward_plan` / `backward_plan` make (the same code the launcher runs), with the argument
+specialisation of Triton's own JIT binder (16-byte pointer alignment, integers divisible by 16 or
+equal to 1), so the registers, spills and instructions it shows are those of the kernels a GPU runs.
+`kernel_facts` turns one compiled kernel into the numbers that decide its fit: registers, local memory,
+shared memory, resident warps per SM and the SASS instruction mix.
+
+Triton's interpreter replaces its standard library (`tl.sum`, `tl.max`, ...) with interpreted versions
+when TRITON_INTERPRET=1 is set at import, which breaks code generation: compile in a process without it.
+"""
+import contextlib
+import io
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from .super_token_triton import INTERPRET, Launch, backward_plan, forward_plan
+
+__all__ = ['ARCHS', 'KernelFacts', 'compile_kernels', 'kernel_facts']
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """Per-SM resources of a compute capability (CUDA C Programming Guide, "Compute capabilities")."""
+    name: str
+    registers: int = 65536
+    max_warps: int = 64
+    max_blocks: int = 32
+    shared_bytes: int = 0  # shared memory an SM can give to resident blocks
+    reserved_shared_per_block: int = 1024  # what the system keeps per block (CUDA 11+)
+    hbm_bytes_per_s: float = 0.0  # the flagship part's memory bandwidth, for the report's time floors
+    l2_bytes: int = 0
+
+
+ARCHS: Dict[int, SMLimits] = {
+    80: SMLimits('sm_80 (A100 SXM4 80GB)', shared_bytes=164 * 1024, hbm_bytes_per_s=2.039e12, l2_bytes=40 << 20),
+    90: SMLimits('sm_90 (H100 SXM5 80GB)', shared_bytes=228 * 1024, hbm_bytes_per_s=3.35e12, l2_bytes=50 << 20),
+}
+
+_PTXAS_LOGS: Dict[str, str] = {}  # CompiledKernel.hash -> what ptxas -v said when it built the kernel
+
+
+def _compile(jit: JITFunction, args: Tuple, kwargs: Dict, arch: int) -> triton.compiler.CompiledKernel:
+    """Compile one launch for `arch` exactly as `jit[grid](*args, **kwargs)` would on that GPU."""
+    target = GPUTarget('cuda', arch, 32)
+    backend = CUDABackend(target)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers, stack, spills; printed to stdout
+        knobs.compilation.always_compile = True  # a cached kernel would come back without its log
+        kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
+    _PTXAS_LOGS[kernel.hash] = log.getvalue()
+    return kernel
+
+
+def _config_label(config: triton.Config) -> str:
+    return ','.join(f'{k}={v}' for k, v in config.all_kwargs().items())
+
+
+def _launch_variants(launch: Launch):
+    """(key, JIT function, kwargs) for each kernel a launch may run: every config an autotuner may pick."""
+    if isinstance(launch.kernel, Autotuner):
+        name = launch.label or launch.kernel.fn.__name__
+        for config in launch.kernel.configs:
+            yield f'{name}[{_config_label(config)}]', launch.kernel.fn, {**launch.constexprs, **config.all_kwargs()}
+    else:
+        yield launch.label or launch.kernel.__name__, launch.kernel, launch.constexprs
+
+
+def compile_kernels(
+        shape: Tuple[int, int, int, int],
+        dtype: torch.dtype,
+        *,
+        grid: int = 2,
+        iters: int = 3,
+        arch: int = 90,
+        memory_format: torch.memory_format = torch.contiguous_format,
+) -> Dict[str, triton.compiler.CompiledKernel]:
+    """Compile every kernel the fused forward and backward launch for a (B, C, H, W) input, for sm_`arch`.
+
+    Needs no GPU. Keys are the kernels' names; an autotuned kernel gives one entry per config, keyed
+    `name[config]`, and a kernel launched with other argument types (the last aggregation writes the
+    output) is keyed by its launch label.
+    """
+    if INTERPRET:
+        raise RuntimeError('compile_kernels needs Triton\'s compiler, but this process imported Triton with '
+                           'TRITON_INTERPRET=1 (its interpreted standard library breaks code generation); '
+                           'run it in a process without that variable')
+    if arch not in ARCHS:
+        raise ValueError(f'compile_kernels knows the SM limits of archs {sorted(ARCHS)}, got {arch}')
+    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
+    launches, (out, aff, norm) = forward_plan(x, grid, iters)
+    bwd_launches, _ = backward_plan(torch.empty_like(out), aff, norm, grid)
+    kernels = {}
+    for launch in launches + bwd_launches:
+        for key, jit, kwargs in _launch_variants(launch):
+            if key not in kernels:
+                kernels[key] = _compile(jit, launch.args, kwargs, arch)
+    return kernels
+
+
+@dataclass(frozen=True)
+class KernelFacts:
+    """What decides a compiled kernel's fit to an SM, read from ptxas and the SASS."""
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    local_instructions: int  # LDL/STL in the SASS: any use of local memory
+    shared_bytes: int
+    warps: int
+    resident_warps: int
+    occupancy_limiter: str
+    mma: int  # tensor-core instructions (HMMA/HGMMA/IMMA/...)
+    ffma: int
+    global_loads: Dict[int, int]  # access width in bits -> count of LDG
+    global_stores: Dict[int, int]
+
+    @property
+    def local_memory(self) -> bool:
+        return bool(self.stack_bytes or self.spill_store_bytes or self.spill_load_bytes or self.local_instructions)
+
+
+def _ptxas_numbers(log: str) -> Tuple[int, int, int, int]:
+    """(registers, stack, spill stores, spill loads) from a `ptxas -v` log."""
+    regs = re.search(r'Used (\d+) registers', log)
+    frame = re.search(r'(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads', log)
+    if regs is None or frame is None:
+        raise RuntimeError(f'could not read registers and spills from the ptxas log:\n{log}')
+    return int(regs.group(1)), int(frame.group(1)), int(frame.group(2)), int(frame.group(3))
+
+
+def _sass_opcodes(cubin: bytes) -> Counter:
+    """Opcode (with modifiers) counts of a cubin's SASS, disassembled by the cuobjdump in Triton's wheel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / 'kernel.cubin'
+        path.write_bytes(cubin)
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, '-sass', str(path)], check=True,
+                              capture_output=True, text=True).stdout
+    return Counter(re.findall(r'^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)', sass, re.M))
+
+
+def _access_bits(opcode: str) -> int:
+    """Width of an LDG/STG from its modifiers: .U8/.S8, .U16/.S16, .64, .128, else 32 bits."""
+    mods = opcode.split('.')[1:]
+    for bits in ('128', '64'):
+        if bits in mods:
+            return int(bits)
+    if any(m in ('U16', 'S16') for m in mods):
+        return 16
+    if any(m in ('U8', 'S8') for m in mods):
+        return 8
+    return 32
+
+
+def _resident_warps(registers: int, shared: int, warps: int, limits: SMLimits) -> Tuple[int, str]:
+    """Warps an SM keeps resident, and the resource that caps them (registers are allocated per warp in 256s)."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    caps = {
+        'registers': limits.registers // (regs_per_warp * warps),
+        'threads': limits.max_warps // warps,
+        'blocks': limits.max_blocks,
+        'shared memory': limits.shared_bytes // (shared + limits.reserved_shared_per_block),
+    }
+    limiter = min(caps, key=caps.get)
+    return caps[limiter] * warps, limiter
+
+
+def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int) -> KernelFacts:
+    """Registers, local memory, shared memory, occupancy and instruction mix of a kernel from `compile_kernels`."""
+    if kernel.hash not in _PTXAS_LOGS:
+        raise ValueError('kernel_facts reads the ptxas log that compile_kernels keeps: compile the kernel with it')
+    registers, stack, spill_stores, spill_loads = _ptxas_numbers(_PTXAS_LOGS[kernel.hash])
+    ops = _sass_opcodes(kernel.asm['cubin'])
+    warps, shared = kernel.metadata.num_warps, kernel.metadata.shared
+    resident, limiter = _resident_warps(registers, shared, warps, ARCHS[arch])
+    loads, stores = Counter(), Counter()
+    for op, count in ops.items():
+        if op.startswith('LDG'):
+            loads[_access_bits(op)] += count
+        elif op.startswith('STG'):
+            stores[_access_bits(op)] += count
+    return KernelFacts(
+        registers=registers, stack_bytes=stack, spill_store_bytes=spill_stores, spill_load_bytes=spill_loads,
+        local_instructions=sum(c for op, c in ops.items() if op.startswith(('LDL', 'STL'))),
+        shared_bytes=shared, warps=warps, resident_warps=resident, occupancy_limiter=limiter,
+        mma=sum(c for op, c in ops.items() if re.match(r'[HIDBQ]G?MMA', op)),
+        ffma=sum(c for op, c in ops.items() if op.split('.')[0] == 'FFMA'),
+        global_loads=dict(sorted(loads.items())), global_stores=dict(sorted(stores.items())),
+    )

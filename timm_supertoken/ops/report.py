@@ -1,0 +1,88 @@
+"""Facts of every fused kernel for a matrix of shapes, dtypes, layouts and GPUs, compiled with no GPU.
+
+    python -m timm_supertoken.ops.report [--shapes model operator] [--json facts.json]
+
+The data behind `benchmarks/kernel_report.py` (which renders it into docs/benchmarks.md) and behind
+tests/test_kernel_report.py (which holds the kernels to it in CI). Each (shape, arch, dtype, layout)
+is compiled in its own worker process, so the matrix takes a few minutes on 2 cores.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+__all__ = ['DTYPES', 'LAYOUTS', 'SHAPES', 'model_map_shape', 'collect']
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+LAYOUTS = {'NCHW': torch.contiguous_format, 'channels_last': torch.channels_last}
+
+
+def model_map_shape(batch: int = 128, model: str = 'vit_small_stconv', img_size: int = 224) -> Tuple[int, ...]:
+    """(B, C, H, W) of the map that the model's stem hands to super-token clustering, read off the model."""
+    import timm
+    with torch.device('meta'):
+        embed = timm.create_model(model, img_size=img_size).patch_embed
+        return tuple(embed.stem(torch.empty(batch, 3, img_size, img_size)).shape)
+
+
+SHAPES = {
+    'model': lambda: model_map_shape(),  # vit_small_stconv at 224², B=128: the model benchmark's batch
+    'operator': lambda: (256, 64, 56, 56),  # the operator benchmark's largest map
+}
+
+
+def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, str, int, int]) -> List[Dict]:
+    """Compile one (shape, arch, dtype, layout) and return one row of facts per kernel."""
+    from . import compile_kernels, kernel_facts
+    shape_name, shape, arch, dtype, layout, grid, iters = job
+    kernels = compile_kernels(shape, DTYPES[dtype], grid=grid, iters=iters, arch=arch, memory_format=LAYOUTS[layout])
+    rows = []
+    for key, kernel in kernels.items():
+        facts = dataclasses.asdict(kernel_facts(kernel, arch))
+        rows.append(dict(shape_name=shape_name, shape=list(shape), arch=arch, dtype=dtype, layout=layout,
+                         grid=grid, iters=iters, kernel=key, **facts))
+    return rows
+
+
+def collect(
+        shapes: Sequence[str] = ('model',),
+        archs: Sequence[int] = (80, 90),
+        dtypes: Sequence[str] = tuple(DTYPES),
+        layouts: Sequence[str] = tuple(LAYOUTS),
+        grid: int = 2,
+        iters: int = 3,
+        workers: int = 0,
+) -> List[Dict]:
+    """Kernel facts for every combination, one row per compiled kernel; compiled in parallel processes."""
+    jobs = [(name, SHAPES[name](), arch, dtype, layout, grid, iters)
+            for name in shapes for arch in archs for dtype in dtypes for layout in layouts]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        return [row for rows in pool.map(_facts_of, jobs) for row in rows]
+
+
+def main(argv: Sequence[str] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['model'])
+    parser.add_argument('--archs', nargs='+', type=int, default=[80, 90])
+    parser.add_argument('--json', help='write the rows here (default: stdout)')
+    parser.add_argument('--workers', type=int, default=0, help='compiler processes (default: one per core)')
+    args = parser.parse_args(argv)
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        parser.error('unset TRITON_INTERPRET: the kernels must be compiled, not interpreted')
+    rows = collect(args.shapes, args.archs, workers=args.workers)
+    text = json.dumps(rows, indent=1)
+    if args.json:
+        with open(args.json, 'w') as f:
+            f.write(text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
