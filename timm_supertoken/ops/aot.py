@@ -44,16 +44,19 @@ class SMLimits:
     max_blocks: int = 32
     shared_bytes: int = 0  # shared memory an SM can give to resident blocks
     reserved_shared_per_block: int = 1024  # what the system keeps per block (CUDA 11+)
-    hbm_bytes_per_s: float = 0.0  # the flagship part's memory bandwidth, for the report's time floors
-    l2_bytes: int = 0
+    hbm_bytes_per_s: float = 0.0  # the flagship part's datasheet figures, for the report's time floors
+    fp32_flops_per_s: float = 0.0
 
 
 ARCHS: Dict[int, SMLimits] = {
-    80: SMLimits('sm_80 (A100 SXM4 80GB)', shared_bytes=164 * 1024, hbm_bytes_per_s=2.039e12, l2_bytes=40 << 20),
-    90: SMLimits('sm_90 (H100 SXM5 80GB)', shared_bytes=228 * 1024, hbm_bytes_per_s=3.35e12, l2_bytes=50 << 20),
+    80: SMLimits('sm_80 (A100 SXM4 80GB)', shared_bytes=164 * 1024, hbm_bytes_per_s=2.039e12,
+                 fp32_flops_per_s=19.5e12),
+    90: SMLimits('sm_90 (H100 SXM5 80GB)', shared_bytes=228 * 1024, hbm_bytes_per_s=3.35e12,
+                 fp32_flops_per_s=66.9e12),
 }
 
 _PTXAS_LOGS: Dict[str, str] = {}  # CompiledKernel.hash -> what ptxas -v said when it built the kernel
+_COMPILED: Dict[Tuple, triton.compiler.CompiledKernel] = {}  # one compile per distinct specialisation
 
 
 def _compile(jit: JITFunction, args: Tuple, kwargs: Dict, arch: int) -> triton.compiler.CompiledKernel:
@@ -63,6 +66,9 @@ def _compile(jit: JITFunction, args: Tuple, kwargs: Dict, arch: int) -> triton.c
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+    key = (jit.fn, arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
+    if key in _COMPILED:
+        return _COMPILED[key]
     log = io.StringIO()
     with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
         knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers, stack, spills; printed to stdout
@@ -70,6 +76,7 @@ def _compile(jit: JITFunction, args: Tuple, kwargs: Dict, arch: int) -> triton.c
         kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
     _PTXAS_LOGS[kernel.hash] = log.getvalue()
+    _COMPILED[key] = kernel
     return kernel
 
 

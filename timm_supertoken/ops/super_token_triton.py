@@ -8,12 +8,25 @@ specification. For X of shape (B, C, H, W), grid g, h = ⌈H/g⌉, w = ⌈W/g⌉
     Z_j   = Σ_p A_pj + 1e-12,   s_j ← Σ_p A_pj x_p / Z_j                          `_aggregate_kernel`
     dX_p  = Σ_k A_pk / Z_k · dS_k                                                  `_backward_kernel`
 
-Traffic and FLOPs (n = B·H·W pixels, e = bytes per element of X, T = B·h·w tokens ≈ n/g²):
-- the operator must read X once and write S once: n·C·e + T·C·e bytes (the floor);
-- one iteration does 9·C multiply-adds per pixel for the logits and 9·C for the aggregation,
-  36·n·C FLOPs, against 2·C·e bytes of X read per pixel (affinity and aggregation launch each read X):
-  9 FLOPs per byte of X in bf16. An H100 sustains ~50 fp32 TFLOP/s of FFMA and 3.35 TB/s of HBM,
-  i.e. ~15 FLOPs per byte at the balance point, so FFMA keeps pace with the memory system.
+Traffic and FLOPs (n = B·H·W pixels, T = B·h·w ≈ n/g² tokens, e = bytes per element of X; `traffic_model`):
+- the op must read X once and write S once: (n + T)·C·e bytes, the floor of the whole forward;
+- each launch reads its inputs once and writes its outputs once (neighbours' re-reads hit L1/L2):
+  init (n·C·e + 4T·C), affinity (n·C·e + 4T·C + 36n, 18·n·C FLOPs), aggregation (n·C·e + 36n + 4T·C,
+  18·n·C FLOPs), backward (T·C·e + 36n + n·C·e, 18·n·C FLOPs): 3-6 FLOPs per byte, where an H100's
+  FP32 FFMA balances its HBM at 20 (66.9 TFLOP/s over 3.35 TB/s) and an A100's at 9.6. Every launch is
+  memory-bound on plain FFMA, so tensor cores could not shorten it.
+
+As compiled for sm_90 (`benchmarks/kernel_report.py`, docs/benchmarks.md), at the model's map (B=128,
+28×28×64, bf16, channels_last), first config of each kernel; the floor is the launch's bytes at 3.35 TB/s:
+
+    kernel               registers  resident warps/SM  local memory  MB per launch  floor
+    _cell_mean_kernel        69           28                0            19.3       5.8 µs
+    _affinity_kernel         71           28                0            22.9       6.8 µs  (×t)
+    _aggregate_kernel        48           40                0            23.0       6.9 µs  (×t)
+    _backward_kernel         48           40                0            19.8       5.9 µs
+
+Every config of every kernel, in fp32/bf16/fp16 and on sm_80 too, uses no local memory and keeps
+≥ 16 warps resident (fp32 is the tightest: ≤ 104 registers); tests/test_kernel_report.py holds that.
 
 Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads the compiled kernels):
 - Each pixel's 9 logits and softmax are computed exactly once per iteration (`_affinity_kernel`, one
@@ -23,8 +36,8 @@ Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads
   which need the tokens around those cells, i.e. other programs' results of the same iteration.
 - It is a 9-point stencil, not a matrix product: the 9 tokens differ for every cell, so tensor cores
   would need a dense [pixels × window] product that is ≥ 75% zeros (a 3×(TW+2)-token window per strip
-  of TW cells). The useful work is 36·C FLOPs per pixel per iteration, which FFMA already delivers at
-  memory speed (above); the kernels use no tensor cores, in every dtype, and the report checks it.
+  of TW cells), for launches that are memory-bound on FFMA already (above). The kernels use no tensor
+  cores, in any dtype, and the kernel report checks the SASS for it.
 - Half-precision inputs are read as they are and converted in registers; all arithmetic is fp32, and
   the running super tokens are fp32 (the reference's compute dtype).
 - Rows are pixels or tokens of one image (program axis 1 is the image), so per-row offsets are int32

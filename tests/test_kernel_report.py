@@ -1,0 +1,93 @@
+"""The fused kernels as an A100 and an H100 will run them, held to their design in CI with no GPU.
+
+The kernels of the model's map (vit_small_stconv at 224², B=128) are compiled for sm_80 and sm_90, in
+fp32/bf16/fp16, from NCHW and channels_last input, every autotune config, in a subprocess without
+TRITON_INTERPRET (Triton's interpreter breaks its code generator, and tests/conftest.py sets it).
+Each check names the kernel, the architecture and the number that broke it.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip('triton')
+from timm_supertoken import ops  # noqa: E402
+from timm_supertoken.ops.super_token_triton import traffic_model  # noqa: E402
+
+MIN_RESIDENT_WARPS = 16  # of 64 per SM: enough loads in flight to keep HBM busy (module docstring)
+
+
+@pytest.fixture(scope='module')
+def facts(tmp_path_factory):
+    out = tmp_path_factory.mktemp('kernel_report') / 'facts.json'
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    subprocess.run([sys.executable, '-m', 'timm_supertoken.ops.report', '--shapes', 'model', '--json', str(out)],
+                   env=env, check=True, timeout=1800)
+    return json.loads(out.read_text())
+
+
+def _where(row):
+    return f"{row['kernel']} on sm_{row['arch']} ({row['dtype']}, {row['layout']} input)"
+
+
+def test_every_kernel_of_the_matrix_is_compiled(facts):
+    combos = {(r['arch'], r['dtype'], r['layout']) for r in facts}
+    assert combos == {(a, d, l) for a in (80, 90) for d in ('fp32', 'bf16', 'fp16') for l in ('NCHW', 'channels_last')}
+    names = {r['kernel'].split('[')[0] for r in facts}
+    assert names == {'_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)',
+                     '_backward_kernel'}
+    autotuned = [r['kernel'] for r in facts if r['kernel'].startswith('_affinity_kernel[')]
+    assert len(set(autotuned)) == len(ops.super_token_triton._affinity_kernel.configs)
+
+
+def test_no_kernel_uses_local_memory(facts):
+    failures = [f"{_where(r)}: {r['spill_store_bytes']} B spill stores, {r['stack_bytes']} B stack, "
+                f"{r['local_instructions']} LDL/STL" for r in facts if
+                r['stack_bytes'] or r['spill_store_bytes'] or r['spill_load_bytes'] or r['local_instructions']]
+    assert not failures, '\n'.join(failures)
+
+
+def test_every_kernel_keeps_enough_warps_resident(facts):
+    failures = [f"{_where(r)}: {r['resident_warps']} resident warps per SM (limited by {r['occupancy_limiter']}, "
+                f"{r['registers']} registers, {r['shared_bytes']} B shared) < {MIN_RESIDENT_WARPS}"
+                for r in facts if r['resident_warps'] < MIN_RESIDENT_WARPS]
+    assert not failures, '\n'.join(failures)
+
+
+def test_instruction_mix_is_the_documented_one(facts):
+    """The module docstring: FFMA stencils, no tensor cores, vectorised tile loads (no 8/16-bit element loads)."""
+    failures = []
+    for r in facts:
+        if r['mma']:
+            failures.append(f"{_where(r)}: {r['mma']} tensor-core instructions, the docstring says none")
+        if not r['kernel'].startswith('_cell_mean_kernel') and not r['ffma']:
+            failures.append(f'{_where(r)}: no FFMA, the docstring says the stencils are FFMA')
+        narrow = {bits: n for bits, n in r['global_loads'].items() if int(bits) < 32}
+        if narrow or '128' not in r['global_loads']:
+            failures.append(f"{_where(r)}: global loads by width {r['global_loads']}, the docstring says "
+                            'tiles are read with 128-bit loads')
+    assert not failures, '\n'.join(failures)
+
+
+def test_compile_kernels_in_process():
+    """Where Triton runs interpreted (CI) compile_kernels says why it cannot; elsewhere it compiles in-process."""
+    if ops.INTERPRET:
+        with pytest.raises(RuntimeError, match='TRITON_INTERPRET=1'):
+            ops.compile_kernels((1, 8, 4, 4), torch.float32)
+    else:
+        kernels = ops.compile_kernels((1, 8, 4, 4), torch.float32, arch=90)
+        assert '_cell_mean_kernel' in kernels
+        assert ops.kernel_facts(kernels['_cell_mean_kernel'], 90).registers > 0
+
+
+def test_traffic_model_counts_every_launch():
+    costs = traffic_model(B=2, C=8, H=6, W=6, grid=2, iters=3, elem=2)
+    assert [c.kernel for c in costs] == ['_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel',
+                                         '_backward_kernel']
+    assert [c.launches for c in costs] == [1, 3, 3, 1]
+    pixels_x_channels = 2 * 6 * 6 * 8
+    assert costs[0].bytes == pixels_x_channels * 2 + 2 * 3 * 3 * 8 * 4  # read X (bf16), write S⁰ (fp32)
+    assert costs[1].flops == 2 * 9 * pixels_x_channels + 9 * 5 * 2 * 6 * 6
