@@ -1,188 +1,344 @@
-"""GPU benchmark of super-token clustering: reference vs fused Triton vs torch.compile(reference), and models.
+"""GPU benchmark of super-token clustering and of the models, against the targets, side by side in one run.
 
-    python benchmarks/bench_supertoken.py [--batch-sizes 32 128 256] [--iters 1 2 3 4] [--output docs/benchmarks.md]
+    python benchmarks/bench_supertoken.py [--output docs/benchmarks.md]     # on a CUDA GPU
+    python benchmarks/bench_supertoken.py --smoke                           # tiny CPU run of every code path
 
-Kernel level: forward and forward+backward of the operator on 28×28×64 and 56×56×64 maps (grid 2),
-timed with CUDA events after warm-up (median of `--repeats`), plus the achieved memory bandwidth of the
-fused forward: the bytes it must move between DRAM and the chip (X read by the init launch and by each
-iteration, super tokens read and written per iteration, A and Z saved by the last one) over its time.
-Model level: training (AdamW step) and inference throughput with bf16 autocast at batch 128 of
-vit_small_patch, vit_small_convembed and vit_small_stconv (reference and fused clustering) against
-timm's vit_small_patch16_224. Rewrites only the `## GPU: super-token clustering kernel` section of the
-output file. Needs a CUDA GPU: without one it exits with status 2 and produces no numbers.
+Operator: fused vs eager reference vs `torch.compile(reference)`, forward and forward+backward, with L2
+flushed before every timed call (CUDA events, median), and the fused forward's achieved bandwidth on the
+ideal bytes (read X + write S once) against this GPU's measured device-to-device copy bandwidth.
+Models at 224², bf16 autocast: inference and AdamW training steps of the three embeddings beside timm's
+vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleaved round-robin over
+repeats (median); `patch_embed` forward+backward of vit_small_stconv; training throughput against t
+(paper Table 8); and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
+Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
+and the versions. `--smoke` runs every path on CPU at toy sizes (no fused kernels, no file written),
+so a script error surfaces in CI rather than on a borrowed GPU.
 """
 import argparse
-import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch.autograd import DeviceType
 
-from timm_supertoken.benchmark import write_markdown_section
+from timm_supertoken.benchmark import cpu_name, write_markdown_section
 
-SECTION = '## GPU: super-token clustering kernel'
+SECTION = '## GPU: super-token clustering and models'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
-MODELS = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv', 'vit_small_patch16_224')
+BASELINE = 'vit_small_patch16_224'
+MODELS = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv', BASELINE)
+TARGETS = ('Targets: fused fwd+bwd ≥ 5× compile(reference) at B=256 56×56×64 bf16 and ≥ 10× the eager reference '
+           'at every shape; fused forward ≥ 10% of peak bandwidth on the ideal bytes at B=256 56×56×64 bf16; '
+           'vit_small_stconv ≥ 0.90× vit_small_patch16_224 in eager training and inference, ≥ 0.80× compiled; '
+           'patch_embed fwd+bwd ≤ 3 ms at B=128.')
 
 
 def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[32, 128, 256])
     parser.add_argument('--shapes', nargs='+', default=['28x28x64', '56x56x64'], help='HxWxC feature maps')
-    parser.add_argument('--iters', type=int, nargs='+', default=[1, 2, 3, 4], help='clustering iterations t')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[128, 256])
+    parser.add_argument('--dtypes', nargs='+', choices=['float32', 'bfloat16', 'float16'], default=['bfloat16', 'float32'])
     parser.add_argument('--grid', type=int, default=2)
-    parser.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default='float32')
-    parser.add_argument('--warmup', type=int, default=10)
-    parser.add_argument('--repeats', type=int, default=50)
+    parser.add_argument('--iters', type=int, default=3, help='clustering iterations t of the operator benchmark')
+    parser.add_argument('--repeats', type=int, default=25)
     parser.add_argument('--model-batch-size', type=int, default=128)
-    parser.add_argument('--model-repeats', type=int, default=20)
-    parser.add_argument('--skip-models', action='store_true', help='kernel benchmark only')
+    parser.add_argument('--model-repeats', type=int, default=5, help='round-robin rounds over the models')
+    parser.add_argument('--model-steps', type=int, default=10, help='timed steps per model per round')
+    parser.add_argument('--skip-compile', action='store_true', help='no torch.compile variants (saves minutes)')
+    parser.add_argument('--smoke', action='store_true',
+                        help='toy sizes on CPU (1-block models at 64²): checks the code paths, writes nothing')
     parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     args.shapes = [tuple(int(v) for v in s.lower().split('x')) for s in args.shapes]
     if any(len(s) != 3 for s in args.shapes):
         parser.error('--shapes take HxWxC, e.g. 28x28x64')
+    if args.smoke:
+        args.shapes, args.batch_sizes, args.dtypes = [(8, 8, 16)], [2], ['float32']
+        args.repeats, args.model_batch_size, args.model_repeats, args.model_steps = 2, 2, 1, 1
+    args.device = torch.device('cpu' if args.smoke else 'cuda')
+    args.img_size = 64 if args.smoke else 224
+    args.model_kwargs = dict(img_size=args.img_size, depth=1 if args.smoke else 12)
     return args
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median wall time of fn() in ms, each call bracketed by CUDA events after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
+class Timer:
+    """Median milliseconds of a callable: CUDA events on a GPU (L2 flushed first if asked), wall time on CPU."""
+
+    def __init__(self, device: torch.device, flush_l2: bool = True) -> None:
+        self.device = device
+        self.cuda = device.type == 'cuda'
+        # a buffer twice the L2 size: zeroing it evicts whatever the previous call left there
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size if self.cuda else 0
+        self.flush_buffer = torch.empty(2 * l2 // 4, device=device, dtype=torch.float32) if self.cuda and flush_l2 \
+            else None
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def once(self, fn: Callable[[], object]) -> float:
+        if self.flush_buffer is not None:
+            self.flush_buffer.zero_()
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return start.elapsed_time(end)
+
+    def median(self, fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        self.synchronize()
+        return statistics.median(self.once(fn) for _ in range(repeats))
 
 
-def fused_forward_bytes(B: int, C: int, H: int, W: int, grid: int, iters: int, elem: int) -> int:
-    """DRAM bytes the fused forward must move at best (every re-read of a neighbour's data hits L2).
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write): the practical peak the fused op is held to."""
+    if device.type != 'cuda':
+        return float('nan')
+    src = torch.empty(1 << 28, device=device, dtype=torch.uint8)  # 256 MiB, far beyond L2
+    dst = torch.empty_like(src)
+    ms = Timer(device, flush_l2=False).median(lambda: dst.copy_(src), repeats=20)
+    return 2 * src.numel() / (ms * 1e-3)
 
-    init: read X, write S⁰ (fp32). Each iteration: read X and S (fp32), write S (fp32; the last one
-    writes the output in the input dtype), and the last also writes A (B, H, W, 9) and Z (B, h, w) fp32.
-    """
-    h, w = -(-H // grid), -(-W // grid)
-    x, s = B * C * H * W * elem, B * C * h * w * 4
-    return x + s + iters * (x + s) + (iters - 1) * s + B * C * h * w * elem + B * H * W * 9 * 4 + B * h * w * 4
 
+def bench_operator(args: argparse.Namespace) -> List[Dict[str, object]]:
+    """Fused vs reference vs compile(reference) at every shape, batch and dtype, fwd and fwd+bwd."""
+    from timm_supertoken.functional import super_token_clustering
 
-def bench_kernels(args: argparse.Namespace) -> List[Dict[str, object]]:
-    from timm_supertoken.layers.super_token import super_token_clustering
-    from timm_supertoken.ops import super_token_clustering_triton
-
-    dtype = getattr(torch, args.dtype)
-    impls = {
-        'reference': super_token_clustering,
-        'fused': lambda x, g, t: super_token_clustering_triton(x, g, t, validate=False),
-        'compile(reference)': torch.compile(super_token_clustering, dynamic=False),
-    }
+    impls: Dict[str, Callable] = {'reference': super_token_clustering}
+    if not args.smoke:
+        from timm_supertoken.ops import super_token_clustering_triton
+        impls['fused'] = lambda x, g, t: super_token_clustering_triton(x, g, t, validate=False)
+        impls['compile(reference)'] = torch.compile(super_token_clustering, dynamic=False)
+    timer = Timer(args.device)
     rows = []
-    for (H, W, C) in args.shapes:
-        for B in args.batch_sizes:
-            for t in args.iters:
-                x = torch.randn(B, C, H, W, device='cuda', dtype=dtype)
-                xg = x.clone().requires_grad_(True)
-                dy = torch.randn(B, C, -(-H // args.grid), -(-W // args.grid), device='cuda', dtype=dtype)
-                row: Dict[str, object] = {'shape': f'{H}×{W}×{C}', 'batch': B, 't': t}
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for (H, W, C) in args.shapes:
+            for B in args.batch_sizes:
+                x = torch.randn(B, C, H, W, device=args.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                xg = x.detach().clone().requires_grad_(True)
+                h, w = -(-H // args.grid), -(-W // args.grid)
+                dy = torch.randn(B, C, h, w, device=args.device, dtype=dtype).contiguous(
+                    memory_format=torch.channels_last)
+                row: Dict[str, object] = {'map': f'{H}×{W}×{C}', 'batch': B, 'dtype': dtype_name}
                 for name, fn in impls.items():
                     with torch.no_grad():
-                        row[f'{name} fwd'] = cuda_time_ms(lambda: fn(x, args.grid, t), args.warmup, args.repeats)
-                    row[f'{name} fwd+bwd'] = cuda_time_ms(
-                        lambda: fn(xg, args.grid, t).backward(dy), args.warmup, args.repeats)
-                moved = fused_forward_bytes(B, C, H, W, args.grid, t, x.element_size())
-                row['fused fwd GB/s'] = moved / (row['fused fwd'] * 1e-3) / 1e9
+                        row[f'{name} fwd'] = timer.median(lambda: fn(x, args.grid, args.iters), args.repeats)
+                    row[f'{name} fwd+bwd'] = timer.median(
+                        lambda: torch.autograd.grad(fn(xg, args.grid, args.iters), xg, dy), args.repeats)
+                row['ideal bytes'] = (B * C * H * W + B * C * h * w) * x.element_size()
                 rows.append(row)
                 print(row, flush=True)
     return rows
 
 
-def _time_model(name: str, batch: int, args: argparse.Namespace) -> Tuple[float, float]:
-    """(inference img/s, training img/s) of one freshly built model; its memory is freed when this returns."""
+def _models(args: argparse.Namespace, variant: str) -> Dict[str, torch.nn.Module]:
+    """The four models for one variant: 'eager' (NCHW), 'channels_last' or 'compile'."""
     import timm
-
-    model = timm.create_model(name, num_classes=100).cuda()
-    x = torch.randn(batch, 3, 224, 224, device='cuda')
-    target = torch.randint(0, 100, (batch,), device='cuda')
-    model.eval()
-    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
-        infer_ms = cuda_time_ms(lambda: model(x), args.warmup, args.model_repeats)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        with torch.autocast('cuda', dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    train_ms = cuda_time_ms(step, args.warmup, args.model_repeats)
-    return batch / infer_ms * 1e3, batch / train_ms * 1e3
-
-
-def bench_models(args: argparse.Namespace) -> List[Tuple[str, float, float]]:
-    """(label, inference img/s, training img/s) with bf16 autocast at --model-batch-size, 224×224."""
     import timm_supertoken  # noqa: F401  registers the models
 
-    results = []
-    variants = [(m, None) for m in MODELS if m != 'vit_small_stconv']
-    variants[2:2] = [('vit_small_stconv', 'reference'), ('vit_small_stconv', 'triton')]
-    for name, backend in variants:
-        if backend is not None:
-            os.environ['TIMM_SUPERTOKEN_BACKEND'] = backend  # read by SuperTokenClustering(backend='auto')
-        infer, train = _time_model(name, args.model_batch_size, args)
-        label = name if backend is None else f'{name} ({backend} clustering)'
-        results.append((label, infer, train))
-        print(results[-1], flush=True)
-        os.environ.pop('TIMM_SUPERTOKEN_BACKEND', None)
-        torch.cuda.empty_cache()
-    return results
+    models = {}
+    for name in MODELS:
+        model = timm.create_model(name, num_classes=100, **args.model_kwargs).to(args.device)
+        if variant == 'channels_last':
+            model = model.to(memory_format=torch.channels_last)
+        if variant == 'compile':
+            model = torch.compile(model)
+        models[name] = model
+    return models
 
 
-def render_section(args: argparse.Namespace, kernels: List[Dict[str, object]], models) -> str:
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def bench_models(args: argparse.Namespace, variants: Sequence[str]) -> List[Dict[str, object]]:
+    """Images/s of every model per variant, timed round-robin (each round visits every model) and medianed."""
+    timer = Timer(args.device, flush_l2=False)
+    B = args.model_batch_size
+    rows = []
+    for variant in variants:
+        models = _models(args, variant)
+        fmt = torch.channels_last if variant == 'channels_last' else torch.contiguous_format
+        x = torch.randn(B, 3, args.img_size, args.img_size, device=args.device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 100, (B,), device=args.device)
+        optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
+
+        def infer(model: torch.nn.Module) -> None:
+            with torch.no_grad(), torch.autocast(args.device.type, dtype=torch.bfloat16):
+                model.eval()(x)
+
+        def train(name: str) -> None:
+            _train_step(models[name].train(), optimizers[name], x, y)
+
+        for name, model in models.items():  # warm-up, and compilation of both modes, outside the timing
+            for _ in range(2):
+                infer(model)
+                train(name)
+        times: Dict[Tuple[str, str], List[float]] = {(n, mode): [] for n in models for mode in ('infer', 'train')}
+        for _ in range(args.model_repeats):
+            for name, model in models.items():
+                times[name, 'infer'].append(timer.once(lambda: [infer(model) for _ in range(args.model_steps)]))
+                times[name, 'train'].append(timer.once(lambda: [train(name) for _ in range(args.model_steps)]))
+        for name in models:
+            row = {'variant': variant, 'model': name}
+            for mode in ('infer', 'train'):
+                row[mode] = B * args.model_steps / (statistics.median(times[name, mode]) * 1e-3)
+            rows.append(row)
+            print(row, flush=True)
+        del models, optimizers
+        if args.device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return rows
+
+
+def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
+    """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128), eager and compiled."""
+    import timm
+    import timm_supertoken  # noqa: F401
+
+    embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
+    x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
+    timer = Timer(args.device)
+    result = {}
+    for label, fn in (('eager', embed), ('compile', None if args.skip_compile or args.smoke else torch.compile(embed))):
+        if fn is None:
+            continue
+
+        def step() -> None:
+            with torch.autocast(args.device.type, dtype=torch.bfloat16):
+                out = fn(x)
+            out.float().sum().backward()
+
+        result[label] = timer.median(step, args.repeats)
+    print(result, flush=True)
+    return result
+
+
+def bench_iterations(args: argparse.Namespace) -> List[Tuple[int, float, float]]:
+    """(t, inference img/s, training img/s) of vit_small_stconv for t = 1..4: the paper's Table 8 on this GPU."""
+    import timm
+    import timm_supertoken  # noqa: F401
+
+    timer = Timer(args.device, flush_l2=False)
+    B = args.model_batch_size
+    x = torch.randn(B, 3, args.img_size, args.img_size, device=args.device)
+    y = torch.randint(0, 100, (B,), device=args.device)
+    rows = []
+    for t in range(1, 5):
+        model = timm.create_model('vit_small_stconv', num_classes=100, cluster_iters=t, **args.model_kwargs)
+        model = model.to(args.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        with torch.no_grad(), torch.autocast(args.device.type, dtype=torch.bfloat16):
+            infer_ms = timer.median(lambda: model.eval()(x), args.repeats)
+        train_ms = timer.median(lambda: _train_step(model.train(), optimizer, x, y), args.repeats)
+        rows.append((t, B / infer_ms * 1e3, B / train_ms * 1e3))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def profile_step(args: argparse.Namespace, top: int = 15) -> List[Tuple[str, float, int]]:
+    """(kernel, total ms, calls) of the most expensive device kernels in one vit_small_stconv training step."""
+    import timm
+    import timm_supertoken  # noqa: F401
+    from torch.profiler import ProfilerActivity, profile
+
+    model = timm.create_model('vit_small_stconv', num_classes=100, **args.model_kwargs).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
+    y = torch.randint(0, 100, (args.model_batch_size,), device=args.device)
+    for _ in range(3):
+        _train_step(model, optimizer, x, y)
+    cuda = args.device.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        _train_step(model, optimizer, x, y)
+        if cuda:
+            torch.cuda.synchronize()
+    # on a GPU the kernels themselves; on CPU (smoke runs) the operators
+    events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]
+    key = 'device_time_total' if cuda else 'self_cpu_time_total'
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [(e.key, getattr(e, key) / 1e3, e.count) for e in events[:top]]
+
+
+def render(args, copy_bw: float, operator, models, patch_embed, iterations, kernels) -> str:
+    import timm
     import triton
 
-    impls = ('reference', 'fused', 'compile(reference)')
+    impls = [i for i in ('fused', 'reference', 'compile(reference)') if f'{i} fwd' in operator[0]]
+    device = torch.cuda.get_device_name() if args.device.type == 'cuda' else cpu_name()
     lines = [
         SECTION, '',
-        f'GPU: {torch.cuda.get_device_name()}; PyTorch {torch.__version__}, Triton {triton.__version__}, '
-        f'CUDA {torch.version.cuda}. Produced by `benchmarks/bench_supertoken.py`.', '',
-        f'### Operator, grid {args.grid}, {args.dtype}: median ms over {args.repeats} runs (CUDA events)', '',
-        '| map | batch | t | ' + ' | '.join(f'{i} fwd' for i in impls) + ' | '
-        + ' | '.join(f'{i} fwd+bwd' for i in impls) + ' | fused fwd GB/s |',
-        '|---|---:|---:|' + '---:|' * (2 * len(impls) + 1),
+        f'GPU: **{device}**; PyTorch {torch.__version__}, Triton {triton.__version__}, '
+        f'timm {timm.__version__}, CUDA {torch.version.cuda}. Produced by `benchmarks/gpu_check.sh` '
+        f'(`benchmarks/bench_supertoken.py`). Device-to-device copy: {copy_bw / 1e12:.2f} TB/s.', '', TARGETS, '',
+        f'### Operator, grid {args.grid}, t = {args.iters}, channels_last input: median ms over {args.repeats} '
+        'calls, L2 flushed before each', '',
+        '| map | batch | dtype | ' + ' | '.join(f'{i} fwd' for i in impls) + ' | '
+        + ' | '.join(f'{i} fwd+bwd' for i in impls) + ' | fused fwd+bwd speed-up vs reference / compile | '
+        'fused fwd: ideal bytes at % of copy bandwidth |',
+        '|---|---:|---|' + '---:|' * (2 * len(impls) + 2),
     ]
-    for r in kernels:
+    fused = 'fused' if 'fused' in impls else impls[0]  # smoke runs have no fused op
+    for r in operator:
         cells = [f'{r[f"{i} fwd"]:.3f}' for i in impls] + [f'{r[f"{i} fwd+bwd"]:.3f}' for i in impls]
-        lines.append(f'| {r["shape"]} | {r["batch"]} | {r["t"]} | ' + ' | '.join(cells)
-                     + f' | {r["fused fwd GB/s"]:.0f} |')
-    lines += ['', 'GB/s: the bytes the fused forward must move at best (`fused_forward_bytes`) over its time.', '']
-    if models:
-        lines += [
-            f'### Models, 224×224, batch {args.model_batch_size}, bf16 autocast: images/s', '',
-            '| model | inference | training (AdamW step) |', '|---|---:|---:|',
-        ]
-        lines += [f'| {label} | {infer:.0f} | {train:.0f} |' for label, infer, train in models]
-        lines.append('')
+        speed = ' / '.join(f'{r[f"{i} fwd+bwd"] / r[f"{fused} fwd+bwd"]:.1f}×' for i in impls[1:]) or '—'
+        bandwidth = r['ideal bytes'] / (r[f'{fused} fwd'] * 1e-3) / copy_bw * 100
+        lines.append(f'| {r["map"]} | {r["batch"]} | {r["dtype"]} | ' + ' | '.join(cells)
+                     + f' | {speed} | {bandwidth:.1f}% |')
+    lines += ['', f'### Models, 224×224, batch {args.model_batch_size}, bf16 autocast: images/s, median of '
+              f'{args.model_repeats} round-robin rounds of {args.model_steps} steps', '',
+              '| variant | model | inference | training (AdamW step) | inference ratio | training ratio |',
+              '|---|---|---:|---:|---:|---:|']
+    base = {(r['variant']): r for r in models if r['model'] == BASELINE}
+    for r in models:
+        b = base[r['variant']]
+        lines.append(f'| {r["variant"]} | {r["model"]} | {r["infer"]:.0f} | {r["train"]:.0f} | '
+                     f'{r["infer"] / b["infer"]:.3f}× | {r["train"] / b["train"]:.3f}× |')
+    lines += ['', f'### vit_small_stconv `patch_embed` forward+backward, batch {args.model_batch_size}, bf16', '',
+              '| variant | ms |', '|---|---:|'] + [f'| {k} | {v:.2f} |' for k, v in patch_embed.items()]
+    lines += ['', f'### Throughput against t (paper Table 8: 766 → 718 img/s for t = 1 → 4), batch '
+              f'{args.model_batch_size}, bf16', '',
+              '| t | inference img/s | training img/s |', '|---:|---:|---:|']
+    lines += [f'| {t} | {i:.0f} | {tr:.0f} |' for t, i, tr in iterations]
+    lines += ['', '### Top CUDA kernels of one vit_small_stconv training step (eager, torch.profiler)', '',
+              '| kernel | ms | calls |', '|---|---:|---:|']
+    lines += [f'| `{name[:90]}` | {ms:.3f} | {calls} |' for name, ms, calls in kernels]
     return '\n'.join(lines) + '\n'
 
 
 def main(argv: Sequence[str] = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print('bench_supertoken.py needs a CUDA GPU (the fused kernels are GPU-only); none found, no numbers written',
-              file=sys.stderr)
+    if not args.smoke and not torch.cuda.is_available():
+        print('bench_supertoken.py needs a CUDA GPU (the fused kernels are GPU-only); none found, no numbers written. '
+              '--smoke runs the code paths on CPU', file=sys.stderr)
         return 2
-    kernels = bench_kernels(args)
-    models = [] if args.skip_models else bench_models(args)
-    section = render_section(args, kernels, models)
+    copy_bw = copy_bandwidth(args.device)
+    operator = bench_operator(args)
+    variants = ['eager', 'channels_last'] + ([] if args.skip_compile or args.smoke else ['compile'])
+    models = bench_models(args, variants)
+    patch_embed = bench_patch_embed(args)
+    iterations = bench_iterations(args)
+    kernels = profile_step(args)
+    section = render(args, copy_bw, operator, models, patch_embed, iterations, kernels)
+    if args.smoke:
+        print(f'{section}\nsmoke run: every path ran; nothing written')
+        return 0
     write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')
     return 0

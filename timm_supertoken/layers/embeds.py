@@ -219,12 +219,17 @@ class ConvStemEmbed(TokenEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_image(x)
-        x = self.proj(self.stem(x))
+        x = self.proj(self.stem(x.contiguous(memory_format=torch.channels_last)))
         return self.format_tokens(x.permute(0, 2, 3, 1))
 
 
 class ConvActNorm(nn.Sequential):
-    """The paper's convolution module, eq. 1: Conv3×3 -> GELU -> BatchNorm (in that order)."""
+    """The paper's convolution module, eq. 1: Conv3×3 -> GELU -> BatchNorm (in that order).
+
+    The BatchNorm cannot be folded away at inference: the GELU keeps it out of its own conv, the next
+    conv zero-pads the normalised map (folding would pad with the BN shift instead, wrong at every
+    border), and the super-token clustering after the last module is not affine in its input.
+    """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
         dd = {'device': device, 'dtype': dtype}
@@ -282,6 +287,9 @@ class SuperTokenConvEmbed(TokenEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_image(x)
-        x = self.cluster(self.stem(x))  # (B, C, ⌈H/16⌉, ⌈W/16⌉) super tokens
+        # channels_last end to end: NHWC convolutions and BatchNorm (no layout conversions in cuDNN or
+        # oneDNN), clustering reads NHWC in place and returns NHWC super tokens, so the permute below is
+        # a free view and the Linear reads contiguous rows
+        x = self.cluster(self.stem(x.contiguous(memory_format=torch.channels_last)))
         x = self.proj(x.permute(0, 2, 3, 1))
         return self.format_tokens(x)
