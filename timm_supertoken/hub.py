@@ -30,8 +30,9 @@ import timm
 from timm.models import clean_state_dict, parse_model_name, push_to_hf_hub, save_for_hf
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, download_from_hf, generate_readme
 
-from . import MODEL_NAMES
+from . import REGISTERED_MODEL_NAMES
 from .checkpoint import CheckpointError, load_checkpoint
+from .layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
 
 __all__ = [
     'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'CheckpointError', 'Checkpoint', 'DryRun', 'hub_org', 'default_repo_id',
@@ -43,11 +44,12 @@ DEFAULT_HUB_ORG = 'timm-supertoken'
 CONFIG_NAME = 'config.json'
 HUB_PREFIXES = ('hf-hub:', 'local-dir:')  # timm model names that point at exported weights
 
+# the model card's description of each embedding, by its class (the same at every model size)
 EMBEDDINGS = {
-    'vit_small_patch': 'LayerNorm patch embedding (16x16 patches -> LayerNorm -> Linear -> LayerNorm, paper Table 3)',
-    'vit_small_convembed': "EarlyConv convolutional stem (3x3 stride-2 convs, 48-96-192-384 channels, 1x1 conv)",
-    'vit_small_stconv': 'super-token convolutional embedding (Conv3x3-GELU-BatchNorm stem, super-token '
-                        'clustering, Linear; paper Table 5)',
+    PatchLayerNormEmbed: 'LayerNorm patch embedding (16x16 patches -> LayerNorm -> Linear -> LayerNorm, paper Table 3)',
+    ConvStemEmbed: 'EarlyConv convolutional stem (3x3 stride-2 convs with D/8, D/4, D/2, D channels, 1x1 conv)',
+    SuperTokenConvEmbed: 'super-token convolutional embedding (Conv3x3-GELU-BatchNorm stem, super-token '
+                         'clustering, Linear; paper Table 5)',
 }
 
 PAPER_TITLE = 'Super-token convolutional embedding for Vision Transformers'
@@ -142,10 +144,10 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = True, trust_pickle: 
 
 def _check_architecture(arch: Optional[str], source: str) -> str:
     """Only our models: anything else is not ours to export, push or vouch for."""
-    ours = ', '.join(MODEL_NAMES)
+    ours = ', '.join(REGISTERED_MODEL_NAMES)
     if not arch:
         raise CheckpointError(f'{source}: the file does not name its architecture; pass --model (one of {ours})')
-    if arch not in MODEL_NAMES:
+    if arch not in REGISTERED_MODEL_NAMES:
         raise CheckpointError(f'{source}: architecture {arch!r} is not a timm-supertoken model ({ours})')
     return arch
 
@@ -253,7 +255,8 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
     epoch = f' after epoch {training["epoch"]}' if 'epoch' in training else ''
     details: Dict[str, Any] = {
         'Model Type': 'Image classification / feature backbone',
-        'Architecture': f'`{arch}`: timm VisionTransformer (ViT-S/16 trunk) with the {EMBEDDINGS[arch]}',
+        'Architecture': f'`{arch}`: timm VisionTransformer ({len(model.blocks)} blocks, width {model.embed_dim}, '
+                        f'{model.blocks[0].attn.num_heads} heads) with the {EMBEDDINGS[type(model.patch_embed)]}',
         'Model Stats': {
             'Params (M)': f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}',
             'Embedding params': f'{sum(p.numel() for p in model.patch_embed.parameters()):,}',
