@@ -1,6 +1,7 @@
 """One checkpoint reader with one rule: weights_only plus data-only types, pickle only when trusted."""
 import argparse
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,10 @@ def test_deep_clustering_resume_refuses_pickled_objects(tmp_path):
     cfg = ClusterConfig(model_kwargs={'depth': 1, 'embed_dim': 32, 'num_heads': 2}, img_size=16, kmeans_restarts=1)
     with pytest.raises(CheckpointError, match=f'{tmp_path / CHECKPOINT_NAME}: refusing to unpickle.*Opaque'):
         run_deep_clustering(load_digits_set().subset(40, seed=0), cfg, str(tmp_path), resume=True, log=lambda s: None)
+
+
+def test_every_reader_goes_through_load_checkpoint():
+    """One rule only holds if nothing else in the package calls torch.load."""
+    package = Path(__file__).resolve().parents[1] / 'timm_supertoken'
+    callers = sorted(str(p.relative_to(package)) for p in package.rglob('*.py') if 'torch.load(' in p.read_text())
+    assert callers == ['checkpoint.py']
