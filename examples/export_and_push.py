@@ -39,7 +39,7 @@ def main() -> None:
     print(f'reloaded {model.pretrained_cfg["architecture"]}: logits {tuple(logits.shape)}')
 
     print('dry run of the push, nothing is uploaded:')
-    for name, size in push(out, args.repo_id, dry_run=True):
+    for name, size in push(out, args.repo_id, dry_run=True).files:
         print(f'  {name}  {size:,} bytes')
 
 

@@ -1,4 +1,4 @@
-"""A slow, obviously-correct loop implementation of super-token clustering (DESIGN.md §2), for tests only."""
+"""A slow, obviously-correct loop implementation of super-token clustering (docs/design.md §2), for tests only."""
 import math
 
 import torch

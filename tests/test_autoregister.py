@@ -2,8 +2,11 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import timm_supertoken
 
 OPT_OUT = 'TIMM_SUPERTOKEN_NO_AUTOREGISTER'
 
@@ -24,6 +27,22 @@ def test_create_model_without_importing_the_plugin(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ['SuperTokenConvEmbed', 'True']
+
+
+def test_every_size_is_registered_without_importing_the_plugin(tmp_path):
+    """The hook imports the package, whose import registers every model in its cfgs: tiny and base sizes too.
+
+    PYTHONPATH points at this checkout, so the hook registers the models of the code under test.
+    """
+    result = _python(
+        "import timm; print(timm.create_model('vit_tiny_stconv').num_features, "
+        "*timm.list_models(module='supertoken_vit'))",
+        tmp_path, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    assert result.returncode == 0, result.stderr
+    width, *names = result.stdout.split()
+    assert width == '192' and names == sorted(timm_supertoken.REGISTERED_MODEL_NAMES)
+    assert {'vit_tiny_patch', 'vit_base_convembed', 'vit_base_stconv'} <= set(names)
 
 
 def test_from_imports_used_by_timm_scripts(tmp_path):

@@ -142,6 +142,41 @@ def test_export_plain_weights_through_cli(suffix, tmp_path, capsys):
     assert loaded.blocks[0].mlp.fc1.out_features == 3 * 48
 
 
+def test_export_checkpoint_fine_tuned_from_local_dir(tmp_path):
+    """train.py --model local-dir:EXPORT records only that name: export reads the architecture and kwargs there."""
+    source = tiny_model('vit_small_patch', seed=5, mlp_ratio=3)
+    save_file(source.state_dict(), tmp_path / 'w.safetensors')
+    base = export(tmp_path / 'w.safetensors', tmp_path / 'base', model_name='vit_small_patch',
+                  model_args=dict(TINY, mlp_ratio=3, img_size=IMG))
+    name = f'local-dir:{base}'
+    tuned = timm.create_model(name, pretrained=True, num_classes=3)
+    args = argparse.Namespace(model=name, num_classes=3, model_kwargs={}, img_size=None, input_size=None)
+    checkpoint = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 4, 'arch': 'VisionTransformer', 'state_dict': tuned.state_dict(), 'args': args}, checkpoint)
+
+    assert main(['export', str(checkpoint), str(tmp_path / 'tuned')]) == 0
+    config = json.loads((tmp_path / 'tuned' / 'config.json').read_text())
+    assert config['architecture'] == 'vit_small_patch' and config['num_classes'] == 3
+    assert config['model_args']['mlp_ratio'] == 3
+    loaded = load_model(tmp_path / 'tuned')
+    assert torch.equal(outputs(loaded), outputs(tuned))
+
+    (base / 'config.json').unlink()
+    with pytest.raises(SystemExit, match=rf'^timm-supertoken export: error: {checkpoint}: trained from {name}, '
+                                         rf'whose config.json cannot be read \({base}/config.json: missing\); '
+                                         rf'pass --model and --model-kwargs instead$'):
+        main(['export', str(checkpoint), str(tmp_path / 'again')])
+
+
+def test_exported_files_share_the_umask_mode(trained, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = export(trained['path'], tmp_path / 'out')
+    finally:
+        os.umask(previous)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {name: '0o640' for name in FILES}
+
+
 def test_pretrained_cfg_overlay_file(trained, exported):
     model = timm.create_model(
         'vit_small_stconv', pretrained=True, num_classes=NUM_CLASSES, img_size=IMG, **TINY,
@@ -216,9 +251,16 @@ def test_push_dry_run_uploads_nothing(trained, exported, hub, capsys):
     assert sorted(sizes) == FILES
     assert sizes['model.safetensors'] == (exported / 'model.safetensors').stat().st_size
     # an exported folder re-stages to the very same files
-    staged = dict(push(exported, dry_run=True))
+    staged = dict(push(exported, dry_run=True).files)
     assert staged == {p.name: p.stat().st_size for p in exported.iterdir()}
     assert hub.requests == []
+
+
+def test_push_dry_run_names_the_repo_it_would_use(exported, monkeypatch, capsys):
+    monkeypatch.setenv(HUB_ORG_ENV, 'my-lab')
+    assert main(['push', str(exported), '--dry-run']) == 0
+    assert 'would upload to my-lab/vit_small_stconv (revision main;' in capsys.readouterr().out
+    assert push(exported, 'acme/named', dry_run=True).repo_id == 'acme/named'
 
 
 def test_push_cli_in_fresh_process_reads_hf_endpoint(exported, hub, tmp_path):
@@ -314,3 +356,15 @@ def test_pickle_needs_trust(tmp_path):
     garbage.write_bytes(b'not a checkpoint at all')
     with pytest.raises(CheckpointError, match=f'{garbage}: not a readable PyTorch checkpoint'):
         read_checkpoint(garbage)
+
+
+def test_empty_and_garbage_files_are_one_line_errors(tmp_path):
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    with pytest.raises(SystemExit, match=f'^timm-supertoken export: error: {empty}: the file is empty$'):
+        main(['export', str(empty), str(tmp_path / 'out'), '--model', 'vit_small_stconv'])
+    garbage = tmp_path / 'garbage.pth'
+    garbage.write_bytes(b'\x80\xd1 a pickle protocol that does not exist')
+    with pytest.raises(SystemExit, match=rf'^timm-supertoken export: error: {garbage}: not a readable PyTorch '
+                                         rf'checkpoint \(ValueError: unsupported pickle protocol: 209\)$'):
+        main(['export', str(garbage), str(tmp_path / 'out'), '--model', 'vit_small_stconv', '--trust-pickle'])

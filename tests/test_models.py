@@ -1,4 +1,8 @@
-"""The three registered ViT-S models: parameter counts, per-layer shapes (paper Tables 3-5), kwargs, sizes."""
+"""The registered models: the paper's three ViT-S (parameter counts, per-layer shapes of Tables 3-5, kwargs,
+sizes) and the same embeddings on ViT-Ti and ViT-B; documented parameter counts are the models' own."""
+import re
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -6,8 +10,15 @@ import torch
 import timm_supertoken
 from loop_reference import super_token_clustering_loop
 from timm_supertoken.models import checkpoint_filter_fn
+from timm_supertoken.models.parameters import TABLE_END, TABLE_START, count_parameters, parameter_markdown
 
+ROOT = Path(__file__).resolve().parents[1]
 NAMES = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv')
+EMBEDDINGS = ('patch', 'convembed', 'stconv')
+# timm's usual ViT widths and heads, and the timm model whose trunk each size shares
+SIZES = {'tiny': (192, 3, 'vit_tiny_patch16_224'), 'small': (384, 6, 'vit_small_patch16_224'),
+         'base': (768, 12, 'vit_base_patch16_224')}
+FAMILY = tuple(f'vit_{size}_{embedding}' for size in SIZES for embedding in EMBEDDINGS)
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -16,13 +27,60 @@ def _count(module: torch.nn.Module) -> int:
 
 def test_registered_in_timm():
     assert set(NAMES) == set(timm_supertoken.MODEL_NAMES)
+    assert set(FAMILY) == set(timm_supertoken.REGISTERED_MODEL_NAMES) == set(timm.list_models(module='supertoken_vit'))
     assert set(NAMES) <= set(timm.list_models('vit_small_*'))
-    assert not set(NAMES) & set(timm.list_pretrained()), 'no tag may point at weights that do not exist'
+    assert not set(FAMILY) & set(timm.list_pretrained()), 'no tag may point at weights that do not exist'
+
+
+@pytest.mark.parametrize('size', SIZES)
+@pytest.mark.parametrize('embedding', EMBEDDINGS)
+def test_family_width_heads_and_trunk(size, embedding):
+    """Each size is timm's ViT of that size with only the embedding swapped; embedding kwargs work at every size."""
+    width, heads, timm_vit = SIZES[size]
+    with torch.device('meta'):
+        model = timm.create_model(f'vit_{size}_{embedding}')
+        reference = timm.create_model(timm_vit)
+        if embedding == 'stconv':
+            ablation = timm.create_model(f'vit_{size}_stconv', conv_modules=4, cluster_iters=2)
+            assert ablation.patch_embed.cluster.grid == 4 and ablation.patch_embed.cluster.iters == 2
+            assert timm.create_model(f'vit_{size}_stconv', cluster_grid=4).patch_embed.grid_size == (7, 7)
+    assert (model.embed_dim, model.blocks[0].attn.num_heads, len(model.blocks)) == (width, heads, 12)
+    assert model.patch_embed.grid_size == (14, 14)
+    assert _count(model) - _count(model.patch_embed) == _count(reference) - _count(reference.patch_embed)
+
+
+@pytest.mark.parametrize('size', SIZES)
+def test_stem_channels_scale_as_the_designs_say(size):
+    """EarlyConv's stem is D/8, D/4, D/2, D wide; the super-token stem is fixed 16..64 channels + Linear(64, D)."""
+    width = SIZES[size][0]
+    with torch.device('meta'):
+        conv = timm.create_model(f'vit_{size}_convembed').patch_embed
+        stconv = timm.create_model(f'vit_{size}_stconv').patch_embed
+    assert [block.conv.out_channels for block in conv.stem] == [width // 8, width // 4, width // 2, width]
+    assert [module.conv.out_channels for module in stconv.stem] == [16, 32, 32, 64, 64, 64]
+    assert (stconv.proj.in_features, stconv.proj.out_features) == (64, width)
+
+
+def test_models_doc_table_is_generated_from_the_models():
+    text = (ROOT / 'docs' / 'models.md').read_text(encoding='utf-8')
+    table = text.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip()
+    assert table == parameter_markdown(), 'regenerate: python -m timm_supertoken.models.parameters docs/models.md'
+
+
+def test_readme_parameter_counts_are_the_models():
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    for name in NAMES:
+        embed, _ = count_parameters(name)
+        assert re.search(rf'^\| `{name}` \|.*\| {embed:,} \|', readme, re.MULTILINE), name
+    _, total = count_parameters('vit_small_stconv', mlp_ratio=3, num_classes=100)
+    stated = re.search(r"paper_size = timm.create_model\('vit_small_stconv', mlp_ratio=3, num_classes=100\) +"
+                       r"# ([\d.]+)M parameters", readme)
+    assert stated and stated.group(1) == f'{total / 1e6:.1f}'
 
 
 @pytest.mark.parametrize('name,expected', [
     ('vit_small_patch', 297_600),  # paper Table 1: 0.30M
-    ('vit_small_convembed', 1_021_488),  # paper Table 1: 1.00M (EarlyConv stem, DESIGN.md §1)
+    ('vit_small_convembed', 1_021_488),  # paper Table 1: 1.00M (EarlyConv stem, docs/design.md §1)
     ('vit_small_stconv', 132_192),  # paper Table 5 (six conv modules + Linear); Table 1 says 0.09M
 ])
 def test_embedding_parameter_counts(name, expected):

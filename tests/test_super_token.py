@@ -1,4 +1,4 @@
-"""The reference super-token clustering path against an independent loop implementation of DESIGN.md §2."""
+"""The reference super-token clustering path against an independent loop implementation of docs/design.md §2."""
 import random
 
 import pytest

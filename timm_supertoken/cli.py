@@ -28,7 +28,7 @@ from .training.cli import add_training_commands
 
 __all__ = ['main', 'build_parser', 'parameter_rows', 'parameter_markdown', 'plot_super_tokens']
 
-# Paper 000: Table 1 (embedding parameters) and Tables 6-7 (whole-model totals, ImageNet-100, 100 classes)
+# The paper's Table 1 (embedding parameters) and Tables 6-7 (whole-model totals, ImageNet-100, 100 classes)
 PAPER_EMBED_PARAMS = {'vit_small_patch': '0.30M', 'vit_small_convembed': '1.00M', 'vit_small_stconv': '0.09M'}
 PAPER_TOTAL_PARAMS = {'vit_small_patch': '18M', 'vit_small_convembed': '20M', 'vit_small_stconv': '17M / 17.9M'}
 PAPER_NUM_CLASSES = 100

@@ -17,7 +17,6 @@ The default Hub organisation is `timm-supertoken`; set `TIMM_SUPERTOKEN_HUB_ORG`
 import argparse
 import json
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,22 +30,26 @@ import timm
 from timm.models import clean_state_dict, parse_model_name, push_to_hf_hub, save_for_hf
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, download_from_hf, generate_readme
 
-from . import MODEL_NAMES
+from . import REGISTERED_MODEL_NAMES
+from .checkpoint import CheckpointError, load_checkpoint
+from .layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
 
 __all__ = [
-    'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'CheckpointError', 'Checkpoint', 'hub_org', 'default_repo_id',
+    'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'CheckpointError', 'Checkpoint', 'DryRun', 'hub_org', 'default_repo_id',
     'read_checkpoint', 'model_from_checkpoint', 'model_card', 'export', 'push', 'load_model',
 ]
 
 HUB_ORG_ENV = 'TIMM_SUPERTOKEN_HUB_ORG'
 DEFAULT_HUB_ORG = 'timm-supertoken'
 CONFIG_NAME = 'config.json'
+HUB_PREFIXES = ('hf-hub:', 'local-dir:')  # timm model names that point at exported weights
 
+# the model card's description of each embedding, by its class (the same at every model size)
 EMBEDDINGS = {
-    'vit_small_patch': 'LayerNorm patch embedding (16x16 patches -> LayerNorm -> Linear -> LayerNorm, paper Table 3)',
-    'vit_small_convembed': "EarlyConv convolutional stem (3x3 stride-2 convs, 48-96-192-384 channels, 1x1 conv)",
-    'vit_small_stconv': 'super-token convolutional embedding (Conv3x3-GELU-BatchNorm stem, super-token '
-                        'clustering, Linear; paper Table 5)',
+    PatchLayerNormEmbed: 'LayerNorm patch embedding (16x16 patches -> LayerNorm -> Linear -> LayerNorm, paper Table 3)',
+    ConvStemEmbed: 'EarlyConv convolutional stem (3x3 stride-2 convs with D/8, D/4, D/2, D channels, 1x1 conv)',
+    SuperTokenConvEmbed: 'super-token convolutional embedding (Conv3x3-GELU-BatchNorm stem, super-token '
+                         'clustering, Linear; paper Table 5)',
 }
 
 PAPER_TITLE = 'Super-token convolutional embedding for Vision Transformers'
@@ -81,10 +84,6 @@ RECIPE_ARGS = (
 DATA_ARGS = ('input_size', 'img_size', 'mean', 'std', 'crop_pct', 'interpolation', 'crop_mode')
 
 
-class CheckpointError(ValueError):
-    """A weights file, config or Hub repo that cannot be used; the message names the file and the problem."""
-
-
 @dataclass
 class Checkpoint:
     """A state dict and what its file says about how it was trained."""
@@ -107,45 +106,16 @@ def default_repo_id(model_name: str) -> str:
     return f'{hub_org()}/{model_name}'
 
 
-def _unsafe_globals(path: Path) -> List[str]:
-    """The pickle globals weights_only refuses, to tell a needs-trust file from a damaged one (empty then)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except (ValueError, RuntimeError, pickle.UnpicklingError):
-        return []
-
-
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """torch.load that unpickles arbitrary objects only when the caller vouches for the file."""
-    try:
-        # timm train.py checkpoints store their arguments as an argparse.Namespace: allow that one class
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        unsafe = [] if trust_pickle else _unsafe_globals(path)
-        if unsafe:
-            raise CheckpointError(
-                f'{path}: refusing to unpickle it: torch.load(weights_only=True) cannot load it because it '
-                f'references Python objects beyond tensors and plain containers ({", ".join(unsafe)}). '
-                f'Prefer a .safetensors file; if you trust this file, pass --trust-pickle (trust_pickle=True).'
-            ) from e
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})') from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})') from e
-
-
 def read_checkpoint(path: Union[str, Path], use_ema: bool = True, trust_pickle: bool = False) -> Checkpoint:
     """Read a train.py checkpoint, a plain state dict or a safetensors file, never unpickling untrusted objects."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'{path}: no such file')
-    if path.suffix == '.safetensors':
+    if path.suffix == '.safetensors' and path.is_file():
         try:
             return Checkpoint(load_file(path, device='cpu'), path)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from e
 
-    obj = _torch_load(path, trust_pickle)
+    obj = load_checkpoint(path, trust_pickle=trust_pickle)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{path}: holds a {type(obj).__name__}, not a state dict or a train.py checkpoint')
     weights = 'file'
@@ -174,10 +144,10 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = True, trust_pickle: 
 
 def _check_architecture(arch: Optional[str], source: str) -> str:
     """Only our models: anything else is not ours to export, push or vouch for."""
-    ours = ', '.join(MODEL_NAMES)
+    ours = ', '.join(REGISTERED_MODEL_NAMES)
     if not arch:
         raise CheckpointError(f'{source}: the file does not name its architecture; pass --model (one of {ours})')
-    if arch not in MODEL_NAMES:
+    if arch not in REGISTERED_MODEL_NAMES:
         raise CheckpointError(f'{source}: architecture {arch!r} is not a timm-supertoken model ({ours})')
     return arch
 
@@ -210,6 +180,23 @@ def _num_classes(checkpoint: Checkpoint) -> int:
     return int(head.shape[0]) if head is not None else 0
 
 
+def _exported_architecture(name: str, checkpoint_path: Path) -> Tuple[str, Dict[str, Any]]:
+    """Architecture and model kwargs of the `local-dir:`/`hf-hub:` export a checkpoint was fine-tuned from.
+
+    train.py records only the name it was given (`--model local-dir:EXPORT`); the architecture and kwargs such
+    as mlp_ratio=3 are in that export's config.json, so reading them spares the user from repeating them. The
+    class count is left out: a fine-tuned head is sized by the checkpoint itself.
+    """
+    source, model_id = parse_model_name(name)
+    try:
+        config = _read_config(source, model_id)
+    except CheckpointError as e:
+        raise CheckpointError(f'{checkpoint_path}: trained from {name}, whose {CONFIG_NAME} cannot be read ({e}); '
+                              f'pass --model and --model-kwargs instead') from e
+    model_args = {k: v for k, v in (config.get('model_args') or {}).items() if k != 'num_classes'}
+    return config.get('architecture'), model_args
+
+
 def model_from_checkpoint(
         checkpoint: Checkpoint,
         model_name: Optional[str] = None,
@@ -217,9 +204,13 @@ def model_from_checkpoint(
         model_args: Optional[Dict[str, Any]] = None,
 ) -> torch.nn.Module:
     """Build the architecture the checkpoint was trained as and load its weights strictly."""
-    arch = _check_architecture(model_name or checkpoint.arch, str(checkpoint.path))
+    arch = model_name or checkpoint.arch
+    args: Dict[str, Any] = {}
+    if arch and arch.startswith(HUB_PREFIXES):
+        arch, args = _exported_architecture(arch, checkpoint.path)
+    arch = _check_architecture(arch, str(checkpoint.path))
     num_classes = _num_classes(checkpoint) if num_classes is None else num_classes
-    args = dict(checkpoint.args.get('model_kwargs') or {})
+    args.update(checkpoint.args.get('model_kwargs') or {})
     # train.py passes its --input-size / --img-size to fixed-size models as img_size
     if checkpoint.args.get('input_size'):
         args['img_size'] = tuple(checkpoint.args['input_size'][1:])
@@ -264,7 +255,8 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
     epoch = f' after epoch {training["epoch"]}' if 'epoch' in training else ''
     details: Dict[str, Any] = {
         'Model Type': 'Image classification / feature backbone',
-        'Architecture': f'`{arch}`: timm VisionTransformer (ViT-S/16 trunk) with the {EMBEDDINGS[arch]}',
+        'Architecture': f'`{arch}`: timm VisionTransformer ({len(model.blocks)} blocks, width {model.embed_dim}, '
+                        f'{model.blocks[0].attn.num_heads} heads) with the {EMBEDDINGS[type(model.patch_embed)]}',
         'Model Stats': {
             'Params (M)': f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}',
             'Embedding params': f'{sum(p.numel() for p in model.patch_embed.parameters()):,}',
@@ -320,6 +312,13 @@ def _read_label_names(path: Union[str, Path], num_classes: int) -> List[str]:
 
 
 @dataclass
+class DryRun:
+    """What `push(..., dry_run=True)` would upload: the repo it resolved and each file's (name, size in bytes)."""
+    repo_id: str
+    files: List[Tuple[str, int]]
+
+
+@dataclass
 class _Staged:
     """Everything timm's save_for_hf / push_to_hf_hub need for one model."""
     model: torch.nn.Module
@@ -369,6 +368,9 @@ def _save(staged: _Staged, out_dir: Path) -> Path:
                 safe_serialization=True)
     readme = generate_readme(staged.card, staged.repo_id.split('/')[-1])
     (out_dir / 'README.md').write_text(readme, encoding='utf-8')
+    # safetensors writes through a private (0600) temporary file: give the weights the umask-derived mode
+    # that config.json and README.md got, so an export folder is as readable as any other
+    (out_dir / HF_SAFE_WEIGHTS_NAME).chmod((out_dir / CONFIG_NAME).stat().st_mode & 0o777)
     return out_dir
 
 
@@ -387,19 +389,19 @@ def push(
         commit_message: str = 'Add model',
         dry_run: bool = False,
         **options: Any,
-) -> Union[str, List[Tuple[str, int]]]:
+) -> Union[str, DryRun]:
     """Publish a checkpoint or an exported folder through timm's push_to_hf_hub, safetensors only.
 
     The token is huggingface_hub's (HF_TOKEN or a cached login), the endpoint HF_ENDPOINT's. `dry_run`
-    stages the files and returns their (name, size) without contacting the Hub; otherwise returns the commit
-    URL. timm adds README.md only when the repo does not have one yet.
+    stages the files and returns a `DryRun` (the repo id and each file's size) without contacting the Hub;
+    otherwise returns the commit URL. timm adds README.md only when the repo does not have one yet.
     """
     source = Path(source)
     staged = _stage_folder(source, repo_id) if source.is_dir() else _stage_checkpoint(source, repo_id, **options)
     if dry_run:
         with tempfile.TemporaryDirectory() as tmp:
             _save(staged, Path(tmp))
-            return [(p.name, p.stat().st_size) for p in sorted(Path(tmp).iterdir())]
+            return DryRun(staged.repo_id, [(p.name, p.stat().st_size) for p in sorted(Path(tmp).iterdir())])
     commit = push_to_hf_hub(
         staged.model,
         staged.repo_id,
@@ -428,6 +430,15 @@ def _fetch(source: str, model_id: str, filename: str) -> Path:
         raise CheckpointError(f'hf-hub:{model_id}/{filename}: cannot download it ({str(e).splitlines()[0]})') from e
 
 
+def _read_config(source: str, model_id: str) -> Dict[str, Any]:
+    """config.json of a local-dir: folder or an hf-hub: repo, parsed, or an error naming it."""
+    config_file = _fetch(source, model_id, CONFIG_NAME)
+    try:
+        return json.loads(config_file.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{source}:{model_id}/{CONFIG_NAME}: not valid JSON ({e})') from e
+
+
 def load_model(name: Union[str, Path], pretrained: bool = True, **kwargs: Any) -> torch.nn.Module:
     """timm.create_model for `hf-hub:`/`local-dir:` weights, after checking config and weights agree.
 
@@ -439,11 +450,7 @@ def load_model(name: Union[str, Path], pretrained: bool = True, **kwargs: Any) -
     if source not in ('hf-hub', 'local-dir'):
         raise CheckpointError(f'{name}: expected hf-hub:ORG/NAME, local-dir:PATH or a folder')
     where = f'{source}:{model_id}'
-    config_file = _fetch(source, model_id, CONFIG_NAME)
-    try:
-        config = json.loads(config_file.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f'{where}/{CONFIG_NAME}: not valid JSON ({e})') from e
+    config = _read_config(source, model_id)
     arch = _check_architecture(config.get('architecture'), f'{where}/{CONFIG_NAME}')
     model_args = dict(config.get('model_args') or {}, num_classes=config.get('num_classes', 1000))
     try:

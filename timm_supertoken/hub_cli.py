@@ -51,9 +51,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         raise SystemExit(f'timm-supertoken push: error: {e}')
     if args.dry_run:
-        print(f'dry run: nothing uploaded; would upload to {args.repo_id or f"{hub_org()}/<architecture>"} '
+        print(f'dry run: nothing uploaded; would upload to {result.repo_id} '
               f'(revision {args.revision or "main"}; README.md only if the repo has none):')
-        for name, size in result:
+        for name, size in result.files:
             print(f'  {name}  {size:,} bytes')
     else:
         print(f'pushed: {result}')

@@ -1,4 +1,7 @@
-"""ViT deep clustering (paper 003) for any timm model: library API, k-means, metrics, figures, CLI."""
+"""ViT deep clustering ("ViT-based deep clustering for images") for any timm model.
+
+Library API, k-means, metrics, figures, CLI.
+"""
 from .deep_clustering import ClusterConfig, create_cluster_model, embed, run_deep_clustering, train_round
 from .kmeans import KMeansResult, kmeans, kmeans_predict
 from .metrics import ari, cluster_acc, cluster_metrics, match_clusters, nmi

@@ -22,7 +22,7 @@ _DEFAULTS = ClusterConfig()
 def add_cluster_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the `cluster` subcommand on the main parser's subparsers."""
     p = subparsers.add_parser(
-        'cluster', help='ViT deep clustering (paper 003) of digits, Fashion-MNIST or an image folder',
+        'cluster', help='"ViT-based deep clustering for images" on digits, Fashion-MNIST or an image folder',
         description='Train, embed, k-means, retrain with L = L_ViT + gamma * L_clustering; repeat while the loss '
                     'drops by at least eps. Defaults: scikit-learn digits on CPU in a few minutes.')
     p.add_argument('--dataset', default='digits',

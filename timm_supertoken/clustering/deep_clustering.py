@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoint import load_checkpoint
 from ..data import ImageSet
 from ..runtime import create_model_at_size, rng_state, save_atomic, seed_everything, set_rng_state, setup_distributed, shard_range
 from .batches import prepare_batch
@@ -220,7 +221,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
         saved = {key: ckpt['config'][key] for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed')}
         mine = {key: asdict(cfg)[key] for key in saved}
         mine['k'] = k

@@ -1,6 +1,6 @@
 """ImageNet-100 as a folder of symlinks over ImageNet-1k, for timm's train.py (`--data-dir DST --num-classes 100`).
 
-Paper 000 trains on ImageNet-100, "100 classes randomly sampled from ImageNet-1k" (~130k train / 5,000 val images),
+The paper trains on ImageNet-100, "100 classes randomly sampled from ImageNet-1k" (~130k train / 5,000 val images),
 but does not list its classes. We choose the standard list of CMC (Tian et al. 2019, "Contrastive Multiview Coding",
 github.com/HobbitLong/CMC issue 21), which most published ImageNet-100 results use, so our numbers compare with
 theirs; it is a choice, not the paper's own (unknown) sample. `build_imagenet100` links one folder per class into

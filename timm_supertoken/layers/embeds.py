@@ -1,4 +1,5 @@
-"""The three token embeddings compared in paper 000, as drop-in `embed_layer`s for timm's VisionTransformer.
+"""The three token embeddings compared in "Super-token convolutional embedding for Vision Transformers", as
+drop-in `embed_layer`s for timm's VisionTransformer.
 
 Each one maps a (B, C, H, W) image to a grid of ⌈H/16⌉×⌈W/16⌉ tokens (196 at 224×224) and follows the
 contract of `timm.layers.PatchEmbed` (img_size / grid_size / num_patches, feat_ratio, dynamic_feat_size,
@@ -187,7 +188,7 @@ class ConvStemEmbed(TokenEmbed):
 
     Four 3×3 stride-2 Conv-BN-ReLU with D/8, D/4, D/2, D channels (48, 96, 192, 384 at D=384), then a
     1×1 conv to D. 1,021,488 parameters at D=384 (paper Table 1: 1.00M; its Table 4's 96-384 channel
-    stem would be 3.5M and contradicts Table 1, see DESIGN.md §1).
+    stem would be 3.5M and contradicts Table 1, see docs/design.md §1).
     """
 
     def __init__(

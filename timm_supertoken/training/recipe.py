@@ -1,7 +1,7 @@
 """The paper's training recipe (Table 2 + DeiT augmentation), built from timm's own pieces.
 
 A `Recipe`'s fields carry timm train.py's argument names, so one YAML file drives both train.py
-(`--config`) and `timm-supertoken compare --config`. Paper 000 §4-1 trains every embedding with
+(`--config`) and `timm-supertoken compare --config`. The paper (§4-1) trains every embedding with
 Table 2 (AdamW, lr 1e-3, weight decay 0.05, batch 128, mixup 1.0, cutmix 0.8) and "the data
 augmentation of DeiT". It deviates from DeiT (Touvron et al. 2021, ViT-S recipe) in:
 

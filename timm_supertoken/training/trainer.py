@@ -9,7 +9,6 @@ start and per sample in the data (see `training.data`), so `resume=True` after a
 ends with the same weights as an uninterrupted run.
 """
 import dataclasses
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
+from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import ImageSet
 from ..runtime import create_model_at_size, save_atomic, seed_everything, setup_distributed
 from .data import AugmentedImageSet, GlobalBatchSampler
@@ -126,10 +126,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
 def _load_checkpoint(path: Path, device: torch.device) -> Dict[str, Any]:
     """Our own checkpoint, tensors and plain containers only; a damaged file is named, not dumped as a traceback."""
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
-        raise ValueError(f'{path}: cannot resume from it, the file is damaged ({str(e).splitlines()[0]}); '
-                         f'delete it to restart that model, or use another output folder') from e
+        ckpt = load_checkpoint(path, map_location=device)
+    except CheckpointError as e:
+        raise ValueError(f'{e}; cannot resume from it: delete it to restart that model, or use another output folder') from e
     missing = {'epoch', 'state_dict', 'optimizer', 'args', 'history'} - set(ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise ValueError(f'{path}: not a checkpoint written by compare (missing {sorted(missing)}); '
