@@ -9,7 +9,8 @@ ideal bytes (read X + write S once) against this GPU's measured device-to-device
 Models at 224², bf16 autocast: inference and AdamW training steps of the three embeddings beside timm's
 vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleaved round-robin over
 repeats (median); `patch_embed` forward+backward of vit_small_stconv; training throughput against t
-(paper Table 8); and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
+(paper Table 8); whether its training step runs under CUDA graphs (`torch.compile(mode='reduce-overhead')`);
+and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
 Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
 and the versions. `--smoke` runs every path on CPU at toy sizes (no fused kernels, no file written),
 so a script error surfaces in CI rather than on a borrowed GPU.
@@ -252,6 +253,25 @@ def bench_iterations(args: argparse.Namespace) -> List[Tuple[int, float, float]]
     return rows
 
 
+def check_cuda_graphs(args: argparse.Namespace) -> str:
+    """Whether a vit_small_stconv training step runs under torch.compile(mode='reduce-overhead') (CUDA graphs)."""
+    import timm
+    import timm_supertoken  # noqa: F401
+
+    model = timm.create_model('vit_small_stconv', num_classes=100, **args.model_kwargs).to(args.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    compiled = torch.compile(model, mode='reduce-overhead')
+    x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
+    y = torch.randint(0, 100, (args.model_batch_size,), device=args.device)
+    try:
+        for _ in range(4):
+            _train_step(compiled, optimizer, x, y)
+        torch.cuda.synchronize()
+    except Exception as error:  # the report says what broke instead of losing the other measurements
+        return f'fails: {type(error).__name__}: {str(error).splitlines()[0][:200]}'
+    return 'works (4 training steps)'
+
+
 def profile_step(args: argparse.Namespace, top: int = 15) -> List[Tuple[str, float, int]]:
     """(kernel, total ms, calls) of the most expensive device kernels in one vit_small_stconv training step."""
     import timm
@@ -276,7 +296,7 @@ def profile_step(args: argparse.Namespace, top: int = 15) -> List[Tuple[str, flo
     return [(e.key, getattr(e, key) / 1e3, e.count) for e in events[:top]]
 
 
-def render(args, copy_bw: float, operator, models, patch_embed, iterations, kernels) -> str:
+def render(args, copy_bw: float, operator, models, patch_embed, iterations, kernels, cuda_graphs: str) -> str:
     import timm
     import triton
 
@@ -316,6 +336,8 @@ def render(args, copy_bw: float, operator, models, patch_embed, iterations, kern
               f'{args.model_batch_size}, bf16', '',
               '| t | inference img/s | training img/s |', '|---:|---:|---:|']
     lines += [f'| {t} | {i:.0f} | {tr:.0f} |' for t, i, tr in iterations]
+    lines += ['', f'vit_small_stconv training step under `torch.compile(mode="reduce-overhead")` (CUDA graphs): '
+              f'{cuda_graphs}.']
     lines += ['', '### Top CUDA kernels of one vit_small_stconv training step (eager, torch.profiler)', '',
               '| kernel | ms | calls |', '|---|---:|---:|']
     lines += [f'| `{name[:90]}` | {ms:.3f} | {calls} |' for name, ms, calls in kernels]
@@ -335,7 +357,8 @@ def main(argv: Sequence[str] = None) -> int:
     patch_embed = bench_patch_embed(args)
     iterations = bench_iterations(args)
     kernels = profile_step(args)
-    section = render(args, copy_bw, operator, models, patch_embed, iterations, kernels)
+    cuda_graphs = 'not tried (CPU smoke run)' if args.smoke else check_cuda_graphs(args)
+    section = render(args, copy_bw, operator, models, patch_embed, iterations, kernels, cuda_graphs)
     if args.smoke:
         print(f'{section}\nsmoke run: every path ran; nothing written')
         return 0

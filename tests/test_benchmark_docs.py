@@ -1,4 +1,10 @@
-"""Benchmarks share docs/benchmarks.md: each rewrites only its own section."""
+"""Benchmarks share docs/benchmarks.md, each rewriting only its own section, and run their code paths in CI."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
 from timm_supertoken.benchmark import write_markdown_section
 
 
@@ -8,3 +14,14 @@ def test_sections_are_replaced_in_place_and_others_survive(tmp_path):
     write_markdown_section(page, '## GPU', '## GPU\n\ngpu\n')
     write_markdown_section(page, '## CPU', '## CPU\n\nnew cpu\n')
     assert page.read_text() == '# Benchmarks\n\n## CPU\n\nnew cpu\n\n## GPU\n\ngpu\n'
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_every_path_on_cpu():
+    """bench_supertoken.py --smoke: a script error shows up here, not on a borrowed GPU (about a minute)."""
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_supertoken.py'
+    run = subprocess.run([sys.executable, str(script), '--smoke'], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for heading in ('### Operator', '### Models', '`patch_embed`', 'Table 8', 'reduce-overhead', '### Top CUDA kernels'):
+        assert heading in run.stdout
+    assert 'smoke run: every path ran; nothing written' in run.stdout
