@@ -162,6 +162,23 @@ def test_device_erasing_is_seeded_per_image_not_per_batch():
         assert kept.float().mean() > 0.5 and batch[~kept].std() == pytest.approx(1.0, abs=0.1)
 
 
+def test_persistent_workers_give_the_batches_of_the_main_process_every_epoch():
+    train, _ = small_digits()
+    data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32), seed=1)
+
+    def epochs(workers):
+        sampler = GlobalBatchSampler(len(data), 32, seed=1)
+        loader = create_device_loader(data, sampler, torch.device('cpu'), (0.5,) * 3, (0.5,) * 3, workers,
+                                      **PAPER_RECIPE.erasing)
+        for epoch in range(2):
+            sampler.set_epoch(epoch)  # in the main process only: persistent workers never see this call
+            yield [torch.cat([x.flatten(), y.float()]) for x, y in loader]
+
+    (first, second), (first_w, second_w) = list(epochs(0)), list(epochs(1))
+    assert all(map(torch.equal, first + second, first_w + second_w))
+    assert not torch.equal(first_w[0], second_w[0])  # the workers drew new augmentations in the new epoch
+
+
 def test_global_batches_split_across_ranks():
     one = list(GlobalBatchSampler(100, 16, seed=1))
     halves = [list(GlobalBatchSampler(100, 16, rank=r, world=2, seed=1)) for r in range(2)]
