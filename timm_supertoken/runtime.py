@@ -4,7 +4,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Tuple, TypeVar
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import numpy as np
 import torch
@@ -16,8 +16,6 @@ import timm
 
 __all__ = ['create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state', 'set_rng_state', 'seed_everything', 'save_atomic',
            'progress']
-
-T = TypeVar('T')
 
 
 def create_model_at_size(name: str, img_size: int, **kwargs: Any) -> nn.Module:
@@ -92,10 +90,10 @@ def save_atomic(obj: Any, path: Path) -> None:
 class _LineProgress:
     """A loop's progress as one line when it ends: for logs and pipes, where a bar's carriage returns pile up."""
 
-    def __init__(self, iterable: Iterable[T], desc: str):
+    def __init__(self, iterable: Iterable[Any], desc: str):
         self.iterable, self.desc, self.postfix = iterable, desc, {}
 
-    def __iter__(self) -> Iterator[T]:
+    def __iter__(self) -> Iterator[Any]:
         start, steps = time.perf_counter(), 0
         for steps, item in enumerate(self.iterable, 1):
             yield item
@@ -109,7 +107,7 @@ class _LineProgress:
         self.postfix = values
 
 
-def progress(iterable: Iterable[T], desc: str, enabled: bool = True, summary: bool = True) -> Iterable[T]:
+def progress(iterable: Iterable[Any], desc: str, enabled: bool = True, summary: bool = True) -> Iterable[Any]:
     """A tqdm bar on a terminal; off one (a log file, CI), one line when the loop ends, or none without summary.
 
     Callers that log their own line per epoch pass summary=False. Either way the result takes set_postfix.
