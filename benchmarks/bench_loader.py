@@ -1,6 +1,6 @@
 """CPU benchmark of the training data pipeline: images/s per worker process, ours against timm's create_loader.
 
-    python benchmarks/bench_loader.py [--images 384] [--workers 1] [--repeats 7] [--output docs/benchmarks.md]
+    python benchmarks/bench_loader.py [--images 512] [--workers 1] [--repeats 15] [--output docs/benchmarks.md]
 
 All loaders get the same in-memory Fashion-MNIST images (28×28 grey, the `fashion_mnist` recipe at its
 224×224) and the same augmentation: the recipe's crop, flip, RandAugment and random erasing, with
@@ -152,11 +152,11 @@ def render_section(results: Dict[str, Dict[str, float]], args: argparse.Namespac
 def main(argv: Optional[List[str]] = None) -> None:
     """Measure the three loaders and rewrite the data-loader section of docs/benchmarks.md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--images', type=int, default=384, help='training images per pass')
+    parser.add_argument('--images', type=int, default=512, help='training images per pass')
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=None, help=f'default: the {RECIPE} recipe\'s')
     parser.add_argument('--workers', type=int, default=1, help='worker processes per loader')
-    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads of the main process, which normalises and erases the batches')
     parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
