@@ -129,8 +129,8 @@ def render(t6: Dict[str, Any], t7: Dict[str, Any], t8: Dict[str, Any], args: arg
 `{command}`, {datetime.date.today()}: {train_min:.0f} min of training in all. Hardware: {tp['device']};
 torch {hw['torch']}, timm {hw['timm']}. Dataset `{cfg.dataset}` at {cfg.img_size}×{cfg.img_size}; model kwargs
 for every model: {cfg.model_kwargs or 'none'}. Table 6: seeds {', '.join(map(str, args.seeds))}, mean ± std of
-the last epoch's top-1; Tables 7-8: seed {', '.join(map(str, args.ablation_seeds))}. Throughput: inference,
-batch {tp['batch']}, the models of one table timed side by side after training (median over seeds); the
+the last epoch's top-1; Tables 7-8: seed {', '.join(map(str, args.ablation_seeds))}. Throughput: inference in
+{tp['precision']}, batch {tp['batch']}, the models of one table timed side by side after training (median over seeds); the
 ratio is to the table's first row.
 
 Recipe `{args.config}` as run:

@@ -2,11 +2,13 @@
 import csv
 import dataclasses
 import json
+import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
 
 import timm
 from timm.data.auto_augment import AugmentOp
@@ -15,7 +17,7 @@ from timm_supertoken.data import ImageSet, load_digits_set, stratified_split
 from timm_supertoken.training import PAPER_RECIPE, CompareConfig, Recipe, load_recipe, parse_model_spec, run_compare
 from timm_supertoken.training.cli import QUICK_RECIPE, recipe_names, recipe_path
 from timm_supertoken.training.compare import FIGURE_NAME, RESULTS_CSV, RESULTS_JSON, results_markdown
-from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler
+from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler, create_device_loader
 from timm_supertoken.training.recipe import recipe_to_yaml
 
 TINY_KWARGS = dict(depth=1, embed_dim=32, num_heads=2)
@@ -98,9 +100,11 @@ def test_recipe_builds_timm_pieces():
     assert opt.param_groups[0]['lr'] == pytest.approx(PAPER_RECIPE.warmup_lr)
     sched.step(PAPER_RECIPE.warmup_epochs)
     assert opt.param_groups[0]['lr'] == pytest.approx(1e-3, rel=1e-3)
-    names = [type(t).__name__ for t in PAPER_RECIPE.train_transform(32, (0.5,) * 3, (0.5,) * 3).transforms]
-    assert names[:3] == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment']
-    assert names[-1] == 'RandomErasing'
+    transform = PAPER_RECIPE.train_transform(32)
+    names = [type(t).__name__ for stage in (transform.spatial, *transform.rest.transforms) for t in stage.transforms]
+    # the worker half of timm's prefetching pipeline: normalisation and erasing run on the device
+    assert names == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybePILToTensor']
+    assert PAPER_RECIPE.erasing == dict(re_prob=0.25, re_mode='pixel', re_count=1)
 
 
 def test_deit_randaugment_survives_full_magnitude():
@@ -114,16 +118,65 @@ def test_deit_randaugment_survives_full_magnitude():
 
 def test_augmentation_is_seeded_per_sample_and_leaves_global_rngs_alone():
     train, _ = small_digits()
-    data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32, (0.5,) * 3, (0.5,) * 3), seed=3)
+    data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32), seed=3)
     torch.manual_seed(123)
     before = torch.get_rng_state(), np.random.get_state()[1].copy()
-    a = data[5][0]
+    a, label, erase_seed = data[(0, 5)]
     assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
-    _ = data[7]
-    assert torch.equal(data[5][0], a)  # independent of what was drawn before
-    data.set_epoch(1)
-    assert not torch.equal(data[5][0], a)  # a new epoch draws new augmentations
-    assert data[5][0].shape == (3, 32, 32) and data[5][1] == int(train.labels[5])
+    _ = data[(0, 7)]
+    assert torch.equal(data.__getitems__([(0, 7), (0, 5)])[1][0], a)  # independent of what was drawn before
+    assert not torch.equal(data[(1, 5)][0], a)  # a new epoch draws new augmentations
+    assert a.dtype == torch.uint8 and a.shape == (3, 32, 32) and label == int(train.labels[5])
+    assert erase_seed != data[(1, 5)][2] and erase_seed == data[(0, 5)][2]
+
+
+def test_grey_images_are_resized_before_turning_rgb_bit_for_bit():
+    train, _ = small_digits()
+    transform = PAPER_RECIPE.train_transform(48)
+    whole = transforms.Compose([transform.spatial, transform.rest])  # timm's pipeline on the RGB image
+    for i in range(20):
+        random.seed(i), np.random.seed(i), torch.manual_seed(i)
+        ours = transform(train.pil(i))
+        random.seed(i), np.random.seed(i), torch.manual_seed(i)
+        assert torch.equal(ours, whole(train.pil(i).convert('RGB')))
+
+
+def test_device_erasing_is_seeded_per_image_not_per_batch():
+    train, _ = small_digits()
+    data = AugmentedImageSet(train, PAPER_RECIPE.replace(reprob=1.0).train_transform(32), seed=0)
+    sampler = GlobalBatchSampler(len(data), 16, seed=0)
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    torch.manual_seed(0), random.seed(0)
+    whole = [x for x, _ in create_device_loader(data, sampler, torch.device('cpu'), mean, std, workers=0, re_prob=1.0)]
+    drawn_after = torch.rand(3).tolist(), random.random()
+    torch.manual_seed(0), random.seed(0)
+    assert drawn_after == (torch.rand(3).tolist(), random.random())  # training's own random streams are untouched
+    halves = [[x for x, _ in create_device_loader(data, GlobalBatchSampler(len(data), 16, rank=r, world=2, seed=0),
+                                                  torch.device('cpu'), mean, std, workers=0, re_prob=1.0)]
+              for r in range(2)]
+    plain = [x for x, _ in create_device_loader(data, sampler, torch.device('cpu'), mean, std, workers=0)]
+    for batch, a, b, clean in zip(whole, *halves, plain):
+        assert torch.equal(batch, torch.cat([a, b]))  # each rank erases its images as one process does
+        assert not torch.equal(batch, clean) and batch.dtype == torch.float32
+        kept = batch == clean  # erasing leaves pixels untouched or replaces them with N(0, 1) noise
+        assert kept.float().mean() > 0.5 and batch[~kept].std() == pytest.approx(1.0, abs=0.1)
+
+
+def test_persistent_workers_give_the_batches_of_the_main_process_every_epoch():
+    train, _ = small_digits()
+    data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32), seed=1)
+
+    def epochs(workers):
+        sampler = GlobalBatchSampler(len(data), 32, seed=1)
+        loader = create_device_loader(data, sampler, torch.device('cpu'), (0.5,) * 3, (0.5,) * 3, workers,
+                                      **PAPER_RECIPE.erasing)
+        for epoch in range(2):
+            sampler.set_epoch(epoch)  # in the main process only: persistent workers never see this call
+            yield [torch.cat([x.flatten(), y.float()]) for x, y in loader]
+
+    (first, second), (first_w, second_w) = list(epochs(0)), list(epochs(1))
+    assert all(map(torch.equal, first + second, first_w + second_w))
+    assert not torch.equal(first_w[0], second_w[0])  # the workers drew new augmentations in the new epoch
 
 
 def test_global_batches_split_across_ranks():
@@ -135,7 +188,7 @@ def test_global_batches_split_across_ranks():
     sampler.set_epoch(1)
     assert list(sampler) != one
     shards = [list(GlobalBatchSampler(101, 15, rank=r, world=3, shuffle=False, drop_last=False)) for r in range(3)]
-    seen = sorted(i for shard in shards for batch in shard for i in batch)
+    seen = sorted(i for shard in shards for batch in shard for _, i in batch)
     assert seen == list(range(101))  # evaluation covers every image exactly once
     with pytest.raises(ValueError, match='multiple of the 3 processes'):
         GlobalBatchSampler(100, 16, world=3)
@@ -180,6 +233,7 @@ def test_compare_trains_and_writes_table_6(tmp_path):
     assert Image.open(tmp_path / FIGURE_NAME).size[0] > 500
     table = results_markdown(results)
     assert table.count('\n| vit_small_') == 2 and 'top-1 (last)' in table and 'Throughput: ' in table
+    assert '| img/s (inference, fp32, batch 64) |' in table  # timed in the precision training used on this device
 
 
 def test_compare_takes_any_timm_model(tmp_path):
@@ -225,9 +279,12 @@ def test_compare_command_prints_settings_and_table(tmp_path, capsys):
             '--img-size', '32', '--epochs', '1', '--batch-size', '64', '--aa', 'none', '--mixup', '0', '--cutmix', '0',
             '--device', 'cpu', '--out', str(tmp_path)]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "aa: ''" in out and 'mixup: 0.0' in out and 'lr: 0.001' in out  # the recipe as run, overrides applied
     assert 'scaled down from the paper' in out  # the default recipe says what it changed
+    assert 'digits at 32×32' in out and '48×48' not in out  # ... naming the data and size actually used
+    assert 'warm-up scaled from 1 to 0 epoch(s)' in out  # --epochs 1 with the recipe's 1 warm-up epoch
+    assert '\r' not in err  # not a terminal: no progress bar redrawn into the log
     assert '| vit_small_stconv | ' in out and 'results.csv' in out
     saved = json.loads((tmp_path / RESULTS_JSON).read_text())
     assert saved['config']['recipe']['epochs'] == 1 and saved['config']['model_kwargs']['depth'] == 1
@@ -241,6 +298,40 @@ def test_build_compare_config_applies_only_given_overrides():
     assert list(default.models) == ['vit_small_patch', 'vit_small_convembed', 'vit_small_stconv']
     changed = build_compare_config(epochs=3, aa='None', lr=None)
     assert changed.recipe == recipe.replace(epochs=3, aa='')  # 'none' turns RandAugment off; None changes nothing
+
+
+def test_short_runs_scale_the_warm_up_and_say_so():
+    from timm_supertoken.training.cli import build_compare_config
+    notes = []
+    cfg = build_compare_config('fashion_mnist', epochs=3, log=notes.append)
+    assert (cfg.recipe.epochs, cfg.recipe.warmup_epochs) == (3, 0)  # 5 of 100 epochs: 5% of 3, rounded down
+    assert notes == ["warm-up scaled from 5 to 0 epoch(s): 3 epoch(s) are no longer than the recipe's warm-up "
+                     "(5 of 100 epochs), which would never end; --warmup-epochs sets it explicitly"]
+    assert build_compare_config('fashion_mnist', epochs=40, log=notes.append).recipe.warmup_epochs == 5
+    explicit = build_compare_config('fashion_mnist', epochs=3, warmup_epochs=2, log=notes.append).recipe
+    assert (explicit.epochs, explicit.warmup_epochs) == (3, 2) and len(notes) == 1
+    assert PAPER_RECIPE.with_epochs(250) == (PAPER_RECIPE.replace(epochs=250), None)
+
+
+def test_unknown_model_kwarg_is_a_one_line_error(tmp_path):
+    from timm_supertoken.cli import main
+    with pytest.raises(SystemExit, match=r"^timm-supertoken compare: error: unknown keyword argument 'nonsense_kw' "
+                                         r"for model vit_small_stconv$"):
+        main(['compare', '--models', 'vit_small_patch', 'vit_small_stconv:nonsense_kw=3', '--device', 'cpu',
+              '--out', str(tmp_path)])
+    assert not (tmp_path / 'vit_small_patch').exists()  # checked before the first model trains
+
+
+def test_progress_off_a_terminal_is_one_line_per_loop(capsys):
+    from timm_supertoken.runtime import progress
+    bar = progress(range(4), 'round 0 ep 1/2')
+    for step in bar:
+        bar.set_postfix(loss=f'{step:.3f}')
+    err = capsys.readouterr().err
+    assert err.startswith('round 0 ep 1/2: 4 steps in ') and err.endswith(', loss 3.000\n')
+    assert err.count('\n') == 1 and '\r' not in err  # one line per loop, no redrawn bar
+    assert list(progress(range(3), 'epoch', summary=False)) == [0, 1, 2]  # the caller logs its own line
+    assert capsys.readouterr().err == ''
 
 
 def test_recipe_command(capsys):

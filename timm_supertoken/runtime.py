@@ -1,27 +1,37 @@
-"""Model-creation, process-group, RNG and checkpoint plumbing shared by the training and deep-clustering loops."""
+"""Model-creation, process-group, RNG, checkpoint and progress plumbing shared by the training and deep-clustering loops."""
 import os
 import random
+import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterable, Iterator, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 import timm
 
-__all__ = ['create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state', 'set_rng_state', 'seed_everything', 'save_atomic']
+__all__ = ['create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state', 'set_rng_state', 'seed_everything', 'save_atomic',
+           'progress']
 
 
 def create_model_at_size(name: str, img_size: int, **kwargs: Any) -> nn.Module:
     """timm.create_model at img_size for models that take one (ViTs); CNNs, which take any size, get no img_size."""
     try:
-        return timm.create_model(name, img_size=img_size, **kwargs)
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if 'img_size' not in str(e):
+                raise
+            return timm.create_model(name, **kwargs)
     except TypeError as e:
-        if 'img_size' not in str(e):
+        if 'unexpected keyword argument' not in str(e):
             raise
-        return timm.create_model(name, **kwargs)
+        # a misspelt or foreign kwarg: name it and the model, instead of a traceback through timm's builders
+        raise ValueError(f'unknown keyword argument {str(e).rpartition("argument ")[2]} for model {name}') from e
 
 
 def setup_distributed(device: str = 'auto') -> Tuple[int, int, torch.device]:
@@ -75,3 +85,35 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_suffix('.tmp')
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+class _LineProgress:
+    """A loop's progress as one line when it ends: for logs and pipes, where a bar's carriage returns pile up."""
+
+    def __init__(self, iterable: Iterable[Any], desc: str):
+        self.iterable, self.desc, self.postfix = iterable, desc, {}
+
+    def __iter__(self) -> Iterator[Any]:
+        start, steps = time.perf_counter(), 0
+        for steps, item in enumerate(self.iterable, 1):
+            yield item
+        seconds = time.perf_counter() - start
+        extra = ''.join(f', {k} {v}' for k, v in self.postfix.items())
+        print(f'{self.desc}: {steps} steps in {seconds:.1f} s ({steps / max(seconds, 1e-9):.2f} steps/s){extra}',
+              file=sys.stderr, flush=True)
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        """Remembered for the closing line (tqdm's signature)."""
+        self.postfix = values
+
+
+def progress(iterable: Iterable[Any], desc: str, enabled: bool = True, summary: bool = True) -> Iterable[Any]:
+    """A tqdm bar on a terminal; off one (a log file, CI), one line when the loop ends, or none without summary.
+
+    Callers that log their own line per epoch pass summary=False. Either way the result takes set_postfix.
+    """
+    if not enabled or (not summary and not sys.stderr.isatty()):
+        return tqdm(iterable, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+    return _LineProgress(iterable, desc)

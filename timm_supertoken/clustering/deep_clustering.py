@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..data import ImageSet
-from ..runtime import create_model_at_size, rng_state, save_atomic, seed_everything, set_rng_state, setup_distributed, shard_range
+from ..runtime import (create_model_at_size, progress, rng_state, save_atomic, seed_everything, set_rng_state,
+                       setup_distributed, shard_range)
 from .batches import prepare_batch
 from .kmeans import check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
@@ -85,7 +86,7 @@ def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: in
     per = -(-n // world)
     start, stop = shard_range(n, rank, world)
     feats = []
-    for i in tqdm(range(start, stop, 2 * cfg.batch_size), desc=desc, leave=False, disable=rank != 0):
+    for i in progress(range(start, stop, 2 * cfg.batch_size), desc, enabled=rank == 0):
         x = prepare_batch(images[i:min(i + 2 * cfg.batch_size, stop)], cfg.img_size, in_chans, device)
         feats.append(net(x)[0].float())
     z = torch.cat(feats) if feats else torch.empty(0, device=device)
@@ -130,7 +131,7 @@ def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         # drop the ragged last batch so every rank gets an equal, non-empty slice
         steps = max(n // cfg.batch_size, 1)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        bar = tqdm(range(steps), desc=f'{desc} ep {epoch + 1}/{cfg.epochs}', leave=False, disable=rank != 0)
+        bar = progress(range(steps), f'{desc} ep {epoch + 1}/{cfg.epochs}', enabled=rank == 0)
         for step in bar:
             idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
             x = prepare_batch(images[idx], cfg.img_size, in_chans, device, None if aug is None else aug[idx])

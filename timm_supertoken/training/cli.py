@@ -4,7 +4,7 @@ import os
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from timm.utils import ParseKwargs
@@ -15,7 +15,8 @@ from ..data import DATASETS, FASHION_MNIST_DIR
 from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, results_markdown, run_compare
 from .recipe import PAPER_RECIPE, load_recipe, recipe_to_yaml
 
-__all__ = ['add_training_commands', 'build_compare_config', 'recipe_path', 'recipe_names', 'QUICK_RECIPE']
+__all__ = ['add_training_commands', 'build_compare_config', 'quick_recipe_note', 'recipe_path', 'recipe_names',
+           'QUICK_RECIPE']
 
 QUICK_RECIPE = 'quick_digits'  # the embedded default: scaled down to finish in minutes on 2 CPU cores
 # recipe options that the command line can override, by train.py name
@@ -42,16 +43,25 @@ def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[s
                          model_kwargs: Optional[Dict[str, Any]] = None, dataset: str = 'digits',
                          data_dir: Optional[str] = None, img_size: Optional[int] = None, seed: Optional[int] = None,
                          device: str = 'auto', workers: Optional[int] = None, out: str = './timm-supertoken-compare',
-                         resume: bool = False, **recipe_overrides: Any) -> CompareConfig:
+                         resume: bool = False, log: Callable[[str], None] = print,
+                         **recipe_overrides: Any) -> CompareConfig:
     """The recipe file first, explicit values over it; the file's run keys (model, img_size, ...) fill the rest.
 
     recipe_overrides are Recipe fields (train.py names); None values are ignored, and aa='none' turns
-    RandAugment off.
+    RandAugment off. An `epochs` no longer than the recipe's warm-up scales the warm-up down unless
+    `warmup_epochs` is given too (`Recipe.with_epochs`); log receives the note saying so.
     """
     recipe, run = load_recipe(recipe_path(config), base=PAPER_RECIPE)
     aa = recipe_overrides.get('aa')
     if isinstance(aa, str) and aa.lower() == 'none':
         recipe_overrides['aa'] = ''
+    epochs = recipe_overrides.pop('epochs', None)
+    if epochs is not None and recipe_overrides.get('warmup_epochs') is None:
+        recipe, note = recipe.with_epochs(epochs)
+        if note:
+            log(note)
+    else:
+        recipe_overrides['epochs'] = epochs
     return CompareConfig(
         models=list(models or ([run['model']] if run.get('model') else MODEL_NAMES)),
         model_kwargs=dict(model_kwargs if model_kwargs is not None else run.get('model_kwargs') or {}),
@@ -61,10 +71,18 @@ def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[s
         recipe=recipe.replace(**recipe_overrides),
         seed=seed if seed is not None else run.get('seed', 0),
         device=device,
-        workers=workers if workers is not None else 0,
+        workers=workers,
         out=out,
         resume=resume,
     )
+
+
+def quick_recipe_note(cfg: CompareConfig) -> str:
+    """What the embedded default recipe changes from the paper, naming the run's actual data and trunk."""
+    trunk = ', '.join(f'{k}={v}' for k, v in cfg.model_kwargs.items()) or 'full size'
+    return (f'scaled down from the paper so the default run fits 2 CPU cores in minutes: trunk {trunk}; '
+            f'{cfg.dataset} at {cfg.img_size}×{cfg.img_size}; fewer epochs and milder augmentation than Table 2. '
+            'The paper-scale recipes are `timm-supertoken recipe` (imagenet100_*, fashion_mnist).')
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -72,22 +90,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    rank = int(os.environ.get('RANK', '0'))
+    notes: List[str] = []
     cfg = build_compare_config(
         args.config, args.models, args.model_kwargs, args.dataset, args.data_dir, args.img_size, args.seed, args.device,
-        args.workers, args.out, args.resume, model_ema=args.model_ema or None,
+        args.workers, args.out, args.resume, log=notes.append, model_ema=args.model_ema or None,
         **{name: getattr(args, name) for name, _ in _RECIPE_OPTIONS})
-    rank = int(os.environ.get('RANK', '0'))
     if rank == 0:
         print(', '.join(f'{k}: {v}' for k, v in hardware_info().items()))
         print(f'recipe {args.config} ({recipe_path(args.config)}), after command-line options:')
         print('  ' + recipe_to_yaml(cfg.recipe).strip().replace('\n', '\n  '))
+        for note in notes:
+            print(note)
         print(f'models: {", ".join(cfg.models)}; model kwargs for all: {cfg.model_kwargs or "none"}; '
               f'dataset {cfg.dataset}, {cfg.img_size}×{cfg.img_size}, seed {cfg.seed}, world size '
               f'{os.environ.get("WORLD_SIZE", "1")}')
         if args.config == QUICK_RECIPE:
-            print('scaled down from the paper so the default run fits 2 CPU cores in minutes: ViT-S trunk cut to '
-                  'depth 4, width 192, 3 heads; 48×48 digits; fewer epochs and milder augmentation than Table 2. '
-                  'The paper-scale recipes are `timm-supertoken recipe` (imagenet100_*, fashion_mnist).')
+            print(quick_recipe_note(cfg))
     results = run_compare(cfg)
     if rank == 0:
         out = Path(cfg.out)
@@ -135,7 +154,8 @@ def add_training_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights and evaluate it too')
     p.add_argument('--seed', type=int, default=None)
     p.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', ...")
-    p.add_argument('--workers', type=int, default=None, help='data-loader processes per rank (default 0)')
+    p.add_argument('--workers', type=int, default=None,
+                   help='data-loader processes per rank (default: on a GPU, the cores per rank minus one; on CPU 0)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads per process')
     p.add_argument('--out', default='./timm-supertoken-compare', help='output folder')
     p.add_argument('--resume', action='store_true', help='continue from the checkpoints in --out')

@@ -26,7 +26,7 @@ from ..benchmark import cpu_name, hardware_info, time_models
 from ..data import ImageSet, load_splits
 from ..runtime import setup_distributed
 from .recipe import Recipe
-from .trainer import TrainConfig, fit
+from .trainer import TrainConfig, autocast, create_training_model, fit, precision_name
 
 __all__ = ['CompareConfig', 'parse_model_spec', 'run_compare', 'results_markdown', 'RESULTS_CSV', 'RESULTS_JSON',
            'FIGURE_NAME']
@@ -66,7 +66,7 @@ class CompareConfig:
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
     device: str = 'auto'
-    workers: int = 0
+    workers: Optional[int] = None  # None: training.data.default_workers(device)
     out: str = './timm-supertoken-compare'
     resume: bool = False
 
@@ -97,14 +97,18 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
         log(f'data: {cfg.dataset}, train {len(train_set):,} / val {len(val_set):,} images of '
             f'{tuple(train_set.images.shape[1:])}, {num_classes} classes, resized to {cfg.img_size}×{cfg.img_size}')
 
+    train_cfgs = [TrainConfig(model=name, recipe=cfg.recipe, model_kwargs={**cfg.model_kwargs, **kwargs},
+                              img_size=cfg.img_size, num_classes=num_classes, seed=cfg.seed, device=cfg.device,
+                              workers=cfg.workers) for _, name, kwargs in specs]
+    with torch.device('meta'):  # every model's kwargs are checked before the first one trains, without allocating
+        for train_cfg in train_cfgs:
+            create_training_model(train_cfg)
+
     results: Dict[str, Any] = {'config': asdict(cfg), 'world_size': world,
                                'device': str(device), 'hardware': hardware_info(), 'models': {}}
     trained = {}
-    for spec, name, kwargs in specs:
+    for (spec, name, _), train_cfg in zip(specs, train_cfgs):
         t0 = time.perf_counter()
-        train_cfg = TrainConfig(model=name, recipe=cfg.recipe, model_kwargs={**cfg.model_kwargs, **kwargs},
-                                img_size=cfg.img_size, num_classes=num_classes, seed=cfg.seed, device=cfg.device,
-                                workers=cfg.workers)
         run = fit(train_cfg, train_set, val_set, str(out / _folder_name(spec)), resume=cfg.resume,
                   dataset_name=cfg.dataset, log=log)
         history = run['history']
@@ -121,11 +125,13 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
     if rank == 0:
         gen = torch.Generator().manual_seed(cfg.seed)
         x = torch.randn(THROUGHPUT_BATCH, 3, cfg.img_size, cfg.img_size, generator=gen).to(device)
-        timing = time_models(trained, x, repeats=THROUGHPUT_REPEATS)
+        with autocast(device):  # in the precision the models trained in
+            timing = time_models(trained, x, repeats=THROUGHPUT_REPEATS)
         for spec, stats in timing.items():
             results['models'][spec].update(img_per_s=stats['img_per_s'], throughput_ratio=stats['ratio'])
         results['throughput'] = {'batch': THROUGHPUT_BATCH, 'img_size': cfg.img_size, 'device': _device_name(device),
-                                 'repeats': THROUGHPUT_REPEATS, 'baseline': specs[0][0]}
+                                 'precision': precision_name(device), 'repeats': THROUGHPUT_REPEATS,
+                                 'baseline': specs[0][0]}
         _write_outputs(out, results)
     if world > 1:
         dist.barrier()
@@ -140,9 +146,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def results_markdown(results: Dict[str, Any]) -> str:
-    """The comparison as a Markdown table in the layout of paper Table 6, plus throughput."""
+    """The comparison as a Markdown table in the layout of paper Table 6, plus throughput (its precision and batch named)."""
     tp = results.get('throughput')
-    lines = ['| model | params | embedding params | ' + (f'img/s (inference, batch {tp["batch"]}) | ratio | ' if tp else '')
+    speed_column = f'img/s (inference, {tp["precision"]}, batch {tp["batch"]}) | ratio | ' if tp else ''
+    lines = ['| model | params | embedding params | ' + speed_column
              + 'top-1 (last) | top-1 (best) | epochs |',
              '|---|---:|---:|' + ('---:|---:|' if tp else '') + '---:|---:|---:|']
     for spec, r in results['models'].items():
@@ -151,8 +158,8 @@ def results_markdown(results: Dict[str, Any]) -> str:
         lines.append(f'| {spec} | {r["params"] / 1e6:.2f}M | {r["embed_params"]:,} | {speed}'
                      f'{r["top1"]:.2f} | {r["best_top1"]:.2f} | {r["epochs"]} |')
     if tp:
-        lines.append(f'\nThroughput: {tp["device"]}, fp32, {tp["img_size"]}×{tp["img_size"]}, median of {tp["repeats"]} '
-                     f'interleaved repeats; ratio to {tp["baseline"]}.')
+        lines.append(f'\nThroughput: {tp["device"]}, {tp["precision"]}, batch {tp["batch"]}, {tp["img_size"]}×{tp["img_size"]}, '
+                     f'median of {tp["repeats"]} interleaved repeats; ratio to {tp["baseline"]}.')
     return '\n'.join(lines)
 
 

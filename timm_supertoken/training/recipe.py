@@ -19,11 +19,14 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torchvision import transforms
 
-from timm.data import Mixup, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+
+from .data import SampleTransform
 
 __all__ = ['Recipe', 'PAPER_RECIPE', 'TRAIN_PY_RUN_KEYS', 'load_recipe', 'recipe_to_yaml']
 
@@ -83,22 +86,48 @@ class Recipe:
         """A copy with some fields changed (None values are ignored, so CLI options can be passed straight in)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def with_epochs(self, epochs: int) -> Tuple['Recipe', Optional[str]]:
+        """This recipe for `epochs` epochs, and a note when its warm-up had to be scaled (else None).
+
+        A warm-up as long as the run never ends: the learning rate would stay below its peak and never
+        decay (`--epochs 3` with the paper's 5 warm-up epochs). Such a warm-up keeps its share of the
+        recipe's schedule instead, rounded down to whole epochs as timm's per-epoch scheduler steps.
+        """
+        if self.warmup_epochs < epochs:
+            return self.replace(epochs=epochs), None
+        warmup = self.warmup_epochs * epochs // self.epochs
+        note = (f'warm-up scaled from {self.warmup_epochs} to {warmup} epoch(s): {epochs} epoch(s) are no longer than '
+                f'the recipe\'s warm-up ({self.warmup_epochs} of {self.epochs} epochs), which would never end; '
+                f'--warmup-epochs sets it explicitly')
+        return self.replace(epochs=epochs, warmup_epochs=warmup), note
+
     @property
     def mixes(self) -> bool:
         """Whether batches are mixed, which turns the targets into soft labels."""
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
 
-    def train_transform(self, img_size: int, mean: Tuple[float, ...], std: Tuple[float, ...]) -> Any:
-        """timm's training transform: random-resized crop, flip, RandAugment, colour jitter, random erasing."""
-        return create_transform(
-            img_size, is_training=True, scale=self.scale, hflip=self.hflip, color_jitter=self.color_jitter,
-            auto_augment=self.aa or None, interpolation=self.train_interpolation, mean=mean, std=std,
-            re_prob=self.reprob, re_mode=self.remode, re_count=self.recount)
+    def train_transform(self, img_size: int, mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN) -> SampleTransform:
+        """timm's training transform for a prefetching loader: random-resized crop, flip, RandAugment, colour
+        jitter, to a uint8 tensor. Normalisation and random erasing (`erasing`) run on the device.
 
-    def eval_transform(self, img_size: int, mean: Tuple[float, ...], std: Tuple[float, ...]) -> Any:
-        """timm's evaluation transform: resize by crop_pct, centre crop, normalise."""
-        return create_transform(img_size, is_training=False, interpolation='bicubic', mean=mean, std=std,
-                                crop_pct=self.crop_pct)
+        mean is RandAugment's fill colour for rotated and sheared corners, as in train.py.
+        """
+        spatial, augment, to_tensor = create_transform(
+            img_size, is_training=True, scale=self.scale, hflip=self.hflip, color_jitter=self.color_jitter,
+            auto_augment=self.aa or None, interpolation=self.train_interpolation, mean=mean, use_prefetcher=True,
+            separate=True)
+        return SampleTransform(spatial, transforms.Compose([augment, to_tensor]))
+
+    def eval_transform(self, img_size: int) -> SampleTransform:
+        """timm's evaluation transform for a prefetching loader: resize by crop_pct, centre crop, to a uint8 tensor."""
+        steps = create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=self.crop_pct,
+                                 use_prefetcher=True).transforms
+        return SampleTransform(transforms.Compose(steps[:-1]), steps[-1])
+
+    @property
+    def erasing(self) -> Dict[str, Any]:
+        """Random erasing as PrefetchLoader's keyword arguments."""
+        return dict(re_prob=self.reprob, re_mode=self.remode, re_count=self.recount)
 
     def mixup_fn(self, num_classes: int) -> Optional[Mixup]:
         """timm's Mixup/CutMix, which also applies label smoothing to the mixed targets; None without mixing."""

@@ -1,8 +1,9 @@
 """Train one timm model on an image set with a `Recipe`: one process or DDP under torchrun, checkpoint every epoch, resume.
 
-The loop is train.py's, cut down to what the paper's experiment needs: timm's transforms, Mixup,
-loss, optimiser and scheduler from the recipe, optional EMA (timm's ModelEmaV3), bfloat16 autocast
-on CUDA, top-1 on the validation split after every epoch. Checkpoints use train.py's keys
+The loop is train.py's, cut down to what the paper's experiment needs: timm's transforms with its
+prefetching loader (uint8 batches from the workers, normalisation and random erasing on the device),
+Mixup, loss, optimiser and scheduler from the recipe, optional EMA (timm's ModelEmaV3), bfloat16
+autocast on CUDA, top-1 on the validation split after every epoch. Checkpoints use train.py's keys
 (`state_dict`, `state_dict_ema`, `optimizer`, `epoch`, `args`, `metric`), so `timm-supertoken
 export` turns them into Hub files. Randomness is re-seeded from (seed, epoch) at every epoch
 start and per sample in the data (see `training.data`), so `resume=True` after a kill at any point
@@ -12,12 +13,11 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -25,11 +25,12 @@ from timm.utils import ModelEmaV3
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data import ImageSet
-from ..runtime import create_model_at_size, save_atomic, seed_everything, setup_distributed
-from .data import AugmentedImageSet, GlobalBatchSampler
+from ..runtime import create_model_at_size, progress, save_atomic, seed_everything, setup_distributed
+from .data import AugmentedImageSet, GlobalBatchSampler, create_device_loader, default_workers
 from .recipe import Recipe
 
-__all__ = ['TrainConfig', 'create_training_model', 'train_one_epoch', 'evaluate', 'fit', 'CHECKPOINT_NAME']
+__all__ = ['TrainConfig', 'create_training_model', 'autocast', 'precision_name', 'train_one_epoch', 'evaluate', 'fit',
+           'CHECKPOINT_NAME']
 
 CHECKPOINT_NAME = 'last.pth.tar'  # train.py's name for its latest checkpoint
 EVAL_BATCH_MULTIPLIER = 2  # no activations kept for backward, so twice the batch fits
@@ -45,7 +46,7 @@ class TrainConfig:
     num_classes: int = 10
     seed: int = 0
     device: str = 'auto'
-    workers: int = 0
+    workers: Optional[int] = None  # data-loader processes per rank; None: default_workers(device)
     sync_bn: bool = True  # SyncBatchNorm across GPUs under torchrun (gloo on CPU has none: BN stays per rank)
     mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN
     std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
@@ -65,24 +66,29 @@ def create_training_model(cfg: TrainConfig) -> nn.Module:
     return create_model_at_size(cfg.model, cfg.img_size, num_classes=cfg.num_classes, **kwargs)
 
 
-def _autocast(device: torch.device) -> Any:
+def autocast(device: torch.device) -> Any:
     """bfloat16 autocast on CUDA (no loss scaler needed); full precision on CPU, where bf16 matmuls are slower."""
     return torch.autocast('cuda', dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+def precision_name(device: torch.device) -> str:
+    """What `autocast` computes in on device, for tables of timings."""
+    return 'bf16 autocast' if device.type == 'cuda' else 'fp32'
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                     device: torch.device, mixup_fn: Optional[Callable] = None, ema: Optional[ModelEmaV3] = None,
                     clip_grad: Optional[float] = None, world: int = 1, desc: str = 'train',
                     show_progress: bool = True) -> float:
-    """One pass over the loader; returns the mean training loss over all ranks."""
+    """One pass over a loader of batches already on device; returns the mean training loss over all ranks."""
     model.train()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    bar = tqdm(loader, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True)
+    # off a terminal no bar: fit logs one line per epoch
+    bar = progress(loader, desc, enabled=show_progress, summary=False)
     for x, y in bar:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
-        with _autocast(device):
+        with autocast(device):
             loss = loss_fn(model(x), y)
         if not torch.isfinite(loss):
             raise FloatingPointError(f'training loss became {loss.item()} ({desc}); lower the learning rate')
@@ -102,13 +108,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, world: int = 1) -> Dict[str, float]:
-    """Top-1 accuracy (%) and cross-entropy over the whole validation set, summed across ranks."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, world: int = 1) -> Dict[str, float]:
+    """Top-1 accuracy (%) and cross-entropy over the whole validation set (batches on device), summed across ranks."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device):
+        with autocast(device):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y, reduction='sum')
         sums += torch.stack([(logits.argmax(1) == y).sum().double(), loss.double(),
@@ -174,15 +179,15 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
         if world > 1 else model
     ema = ModelEmaV3(model, decay=recipe.model_ema_decay) if recipe.model_ema else None
 
-    train_data = AugmentedImageSet(train_set, recipe.train_transform(cfg.img_size, cfg.mean, cfg.std), cfg.seed)
-    val_data = AugmentedImageSet(val_set, recipe.eval_transform(cfg.img_size, cfg.mean, cfg.std), cfg.seed)
+    train_data = AugmentedImageSet(train_set, recipe.train_transform(cfg.img_size, cfg.mean), cfg.seed)
+    val_data = AugmentedImageSet(val_set, recipe.eval_transform(cfg.img_size), cfg.seed)
     train_sampler = GlobalBatchSampler(len(train_data), recipe.batch_size, rank, world, cfg.seed)
     val_sampler = GlobalBatchSampler(len(val_data), recipe.batch_size * EVAL_BATCH_MULTIPLIER, rank, world,
                                      shuffle=False, drop_last=False)
-    pin = device.type == 'cuda'
-    train_loader = DataLoader(train_data, batch_sampler=train_sampler, num_workers=cfg.workers, pin_memory=pin,
-                              persistent_workers=cfg.workers > 0)
-    val_loader = DataLoader(val_data, batch_sampler=val_sampler, num_workers=cfg.workers, pin_memory=pin)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device)
+    train_loader = create_device_loader(train_data, train_sampler, device, cfg.mean, cfg.std, workers,
+                                        **recipe.erasing)
+    val_loader = create_device_loader(val_data, val_sampler, device, cfg.mean, cfg.std, workers)
 
     optimizer = recipe.optimizer(model)
     scheduler = recipe.scheduler(optimizer, len(train_sampler))
@@ -208,7 +213,6 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
         seed_everything(_epoch_seed(cfg.seed, epoch, rank))
-        train_data.set_epoch(epoch)
         train_sampler.set_epoch(epoch)
         scheduler.step(epoch)
         lr = optimizer.param_groups[0]['lr']
