@@ -12,11 +12,12 @@ from timm_supertoken.clustering import ClusterConfig, create_cluster_model, run_
 from timm_supertoken.data import ImageSet, load_digits_set
 from timm_supertoken.clustering.deep_clustering import CHECKPOINT_NAME, EmbedNet
 
-# vit_small_stconv with 1 block of width 32 on 16×16 inputs: seconds per round on 2 CPU cores
+# vit_small_stconv with 1 block of width 32 on 16×16 inputs, one contrastive epoch: seconds per round on 2 CPU cores
 TINY = dict(model='vit_small_stconv', model_kwargs={'depth': 1, 'embed_dim': 32, 'num_heads': 2}, img_size=16,
-            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3)
+            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3, pretrain_epochs=1, pretrain_batch_size=32)
 TINY_ARGS = ['--subset', '160', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2', '--img-size', '16',
-             '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1']
+             '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1',
+             '--pretrain-epochs', '1', '--pretrain-batch-size', '32']
 
 
 @pytest.fixture(scope='module')
@@ -27,9 +28,11 @@ def digits160():
 def test_cli_end_to_end(tmp_path, capsys):
     assert main(['cluster', *TINY_ARGS, '--max-rounds', '2', '--eps=-1e9', '--out', str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert '| kmeans pixels |' in printed and '| round 2 |' in printed
+    assert '| kmeans pixels |' in printed and '| kmeans contrastive embedding |' in printed and '| round 2 |' in printed
+    assert 'round 0 trains on k-means of the contrastive embedding' in printed and 'hflip=False' in printed
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
     assert metrics['n'] == 160 and metrics['k'] == 10 and metrics['config']['targets'] == 'pseudo'
+    assert metrics['pretrain']['method'] == 'simclr' and metrics['pretrain']['loss_contrastive'] > 0
     assert [r['round'] for r in metrics['rounds']] == [0, 1, 2]
     assert metrics['stop_reason'].startswith('max_rounds')
     assert metrics['rounds'][0]['loss_clustering'] == 0.0 and metrics['rounds'][1]['loss_clustering'] > 0
@@ -84,6 +87,7 @@ def test_true_labels_mode_and_a_timm_model(tmp_path, digits160):
                         img_size=16, epochs=1, batch_size=32, kmeans_restarts=1, targets='true', max_rounds=1)
     result = run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
     assert [r['round'] for r in result['rounds']] == [0, 1]
+    assert result['pretrain'] is None and 'kmeans_contrastive_embedding' not in result['baselines']  # labels: no stage
     assert result['rounds'][1]['loss_vit'] < result['rounds'][0]['loss_vit']  # it learns the labels
     head = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['model']['model.head.weight']
     assert head.shape == (10, 32)  # one output per ground-truth class
@@ -104,6 +108,8 @@ def test_cnn_without_img_size():
     ('true_few', dict(k=12, targets='true'), '10 classes, fewer than k=12'),
     ('nolabels', dict(), 'no labels, so k cannot default'),
     ('batch', dict(batch_size=0), 'batch_size=0'),
+    ('pretrain', dict(pretrain='byol'), "pretrain must be one of .*'byol'"),
+    ('pretrain_batch', dict(pretrain_batch_size=1), 'pretrain_batch_size >= 2'),
 ])
 def test_bad_input_is_rejected_before_training(tmp_path, digits160, kind, cfg_kw, match):
     data = digits160
