@@ -80,6 +80,25 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, digits160):
                             resume=True, log=lambda s: None)
 
 
+def test_resume_after_the_representation_stage_skips_it(tmp_path, digits160, monkeypatch):
+    from timm_supertoken.clustering import deep_clustering
+
+    cfg = ClusterConfig(**TINY, max_rounds=0)
+    stages = []
+    pretrain = deep_clustering._pretrain
+    monkeypatch.setattr(deep_clustering, '_pretrain', lambda *a, **kw: stages.append(1) or pretrain(*a, **kw))
+    monkeypatch.setattr(deep_clustering, 'train_round', lambda *a, **kw: (_ for _ in ()).throw(Killed))
+    with pytest.raises(Killed):  # killed in round 0, after the stage's checkpoint
+        run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
+    first = json.loads(json.dumps(torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['state']['pretrain']))
+    monkeypatch.undo()
+    monkeypatch.setattr(deep_clustering, '_pretrain', lambda *a, **kw: stages.append(2) or pretrain(*a, **kw))
+    logged = []
+    result = run_deep_clustering(digits160, cfg, str(tmp_path), resume=True, log=logged.append)
+    assert stages == [1] and result['pretrain'] == first and [r['round'] for r in result['rounds']] == [0]
+    assert 'resumed from' in logged[0] and 'after the representation stage' in logged[0]
+
+
 def test_true_labels_mode_and_a_timm_model(tmp_path, digits160):
     # the paper as written (ground-truth targets), on timm's own ViT
     cfg = ClusterConfig(model='vit_tiny_patch16_224', model_kwargs={'depth': 1, 'patch_size': 4, 'embed_dim': 32,

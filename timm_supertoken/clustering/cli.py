@@ -2,16 +2,16 @@
 import argparse
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 from timm.utils import ParseKwargs
 
 from ..benchmark import hardware_info
-from ..data import FASHION_MNIST_DIR, load_dataset
+from ..data import FASHION_MNIST_DIR, ImageSet, load_dataset
 from .deep_clustering import PRETRAIN_METHODS, ClusterConfig, pretrain_method, run_deep_clustering
 
-__all__ = ['add_cluster_command', 'cmd_cluster', 'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS']
+__all__ = ['add_cluster_command', 'cmd_cluster', 'data_and_config', 'results_markdown', 'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS']
 
 # the embedded default must finish on 2 CPU cores in minutes: ViT-S width, 4 of its 12 blocks, 32×32 input
 DEFAULT_MODEL = 'vit_small_stconv'
@@ -80,19 +80,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     rank = int(os.environ.get('RANK', '0'))
     start = time.perf_counter()
-    model_kwargs = args.model_kwargs if args.model_kwargs is not None else (
-        dict(DEFAULT_MODEL_KWARGS) if args.model == DEFAULT_MODEL else {})
-    data = load_dataset(args.dataset, args.data_dir, args.img_size)
-    if args.subset:
-        data = data.subset(args.subset, args.seed)
-    cfg = ClusterConfig(
-        model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, in_chans=args.in_chans, k=args.k,
-        targets=args.targets, gamma=args.gamma, eps=args.eps, max_rounds=args.max_rounds, epochs=args.epochs,
-        augment=args.augment, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        kmeans_restarts=args.kmeans_restarts, match_ids=args.match_ids, pretrain=args.pretrain,
-        pretrain_epochs=args.pretrain_epochs, pretrain_batch_size=args.pretrain_batch_size, pretrain_lr=args.pretrain_lr,
-        temperature=args.temperature, hflip=args.hflip if args.hflip is not None else args.dataset != 'digits',
-        seed=args.seed, device=args.device)
+    data, cfg = data_and_config(args)
+    model_kwargs = cfg.model_kwargs
     if rank == 0:
         print(', '.join(f'{k}: {v}' for k, v in hardware_info().items()))
         print(f'data: {data.name}, {len(data)} images {tuple(data.images.shape[1:])}, {data.num_classes} classes')
@@ -115,12 +104,32 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_and_config(args: argparse.Namespace) -> Tuple[ImageSet, ClusterConfig]:
+    """The dataset and run settings the `cluster` options describe (shared with benchmarks/bench_cluster.py)."""
+    model_kwargs = args.model_kwargs if args.model_kwargs is not None else (
+        dict(DEFAULT_MODEL_KWARGS) if args.model == DEFAULT_MODEL else {})
+    data = load_dataset(args.dataset, args.data_dir, args.img_size)
+    if args.subset:
+        data = data.subset(args.subset, args.seed)
+    cfg = ClusterConfig(
+        model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, in_chans=args.in_chans, k=args.k,
+        targets=args.targets, gamma=args.gamma, eps=args.eps, max_rounds=args.max_rounds, epochs=args.epochs,
+        augment=args.augment, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        kmeans_restarts=args.kmeans_restarts, match_ids=args.match_ids, pretrain=args.pretrain,
+        pretrain_epochs=args.pretrain_epochs, pretrain_batch_size=args.pretrain_batch_size, pretrain_lr=args.pretrain_lr,
+        temperature=args.temperature, hflip=args.hflip if args.hflip is not None else args.dataset != 'digits',
+        seed=args.seed, device=args.device)
+    return data, cfg
+
+
 def results_markdown(result: Dict[str, Any]) -> str:
     """Baselines and rounds as one Markdown table (NMI/ARI/ACC, losses, time)."""
     lines = ['| | NMI | ARI | ACC | loss (eq. 8) | L_ViT | L_clust | time (s) |', '|---|---:|---:|---:|---:|---:|---:|---:|']
     for name, m in result['baselines'].items():
         if m:
-            lines.append(f'| {name.replace("_", " ")} | {m["nmi"]:.4f} | {m["ari"]:.4f} | {m["acc"]:.4f} | | | | |')
+            # the contrastive baseline's time is the representation stage's
+            stage_s = f'{result["pretrain"]["time_s"]:.1f}' if name == 'kmeans_contrastive_embedding' else ''
+            lines.append(f'| {name.replace("_", " ")} | {m["nmi"]:.4f} | {m["ari"]:.4f} | {m["acc"]:.4f} | | | | {stage_s} |')
     for r in result['rounds']:
         scores = ' | '.join(f'{r[key]:.4f}' if key in r else '-' for key in ('nmi', 'ari', 'acc'))
         lines.append(f'| round {r["round"]} | {scores} | {r["loss"]:.4f} | {r["loss_vit"]:.4f} '

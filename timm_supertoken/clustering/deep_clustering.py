@@ -257,7 +257,8 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         optimizer.load_state_dict(ckpt['optimizer'])
         state = ckpt['state']
         set_rng_state(ckpt['rng'])
-        log(f'resumed from {ckpt_path} after round {state["history"][-1]["round"]}')
+        log(f'resumed from {ckpt_path} after ' + (f'round {state["history"][-1]["round"]}' if state['history']
+                                                  else 'the representation stage'))
     else:
         if resume and rank == 0:
             log(f'no checkpoint at {ckpt_path}: starting from scratch')
