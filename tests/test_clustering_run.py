@@ -1,4 +1,5 @@
 """End-to-end deep clustering on a digits subset with a tiny model: outputs, resume after a kill, bad input."""
+import argparse
 import csv
 import json
 
@@ -17,7 +18,7 @@ TINY = dict(model='vit_small_stconv', model_kwargs={'depth': 1, 'embed_dim': 32,
             epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3, pretrain_epochs=1, pretrain_batch_size=32)
 TINY_ARGS = ['--subset', '160', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2', '--img-size', '16',
              '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1',
-             '--pretrain-epochs', '1', '--pretrain-batch-size', '32']
+             '--pretrain', 'simclr', '--pretrain-epochs', '1', '--pretrain-batch-size', '32']
 
 
 @pytest.fixture(scope='module')
@@ -49,6 +50,22 @@ def test_cli_end_to_end(tmp_path, capsys):
     ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
     assert {'model', 'optimizer', 'state', 'rng', 'config'} <= ckpt.keys()
     assert ckpt['state']['centroids'].shape == (10, 32) and ckpt['state']['assignments'].shape == (160,)
+
+
+def test_cli_defaults_choose_the_stage_per_dataset_and_targets():
+    from timm_supertoken.clustering.cli import add_cluster_command, data_and_config
+    from timm_supertoken.clustering.deep_clustering import pretrain_method
+
+    parser = argparse.ArgumentParser()
+    add_cluster_command(parser.add_subparsers())
+
+    def config(*argv):
+        return data_and_config(parser.parse_args(['cluster', '--subset', '20', *argv]))[1]
+    digits = config()
+    assert pretrain_method(digits) == 'none' and not digits.hflip  # 8×8 glyphs: no crops, no mirror images
+    chosen = config('--pretrain', 'simclr', '--hflip')
+    assert pretrain_method(chosen) == 'simclr' and chosen.hflip
+    assert pretrain_method(ClusterConfig()) == 'simclr' and pretrain_method(ClusterConfig(targets='true')) == 'none'
 
 
 class Killed(Exception):
