@@ -28,8 +28,8 @@ from .contrastive import ContrastiveNet, pretrain_contrastive
 from .kmeans import check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
 
-__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'pretrain_method', 'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering',
-           'CHECKPOINT_NAME', 'METRICS_NAME']
+__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'pretrain_method', 'create_cluster_model', 'embed',
+           'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.json'
