@@ -12,6 +12,7 @@ from typing import Dict
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed.nn.functional
 import torch.nn.functional as F
 from timm.layers import Mlp
 from tqdm.auto import tqdm
@@ -54,7 +55,7 @@ def pretrain_contrastive(train_net: nn.Module, optimizer: torch.optim.Optimizer,
 
     The learning rate follows one cosine cycle peaking at lr, with a 10% warm-up (OneCycleLR) over all steps. Batch
     order and view parameters come from a generator seeded by `seed` and drawn for the global batch, each
-    rank taking its slice (so DDP sees the one-process samples; negatives are those of the rank's slice).
+    rank taking its slice; the projections are all-gathered, so DDP computes the one-process loss.
     """
     train_net.train()
     n = images.shape[0]
@@ -73,6 +74,10 @@ def pretrain_contrastive(train_net: nn.Module, optimizer: torch.optim.Optimizer,
             idx = perm[step * batch_size:(step + 1) * batch_size][rank * local:(rank + 1) * local]
             x1, x2 = (augmented_view(images[idx], img_size, in_chans, device, v[idx]) for v in views)
             p1, p2 = train_net(torch.cat([x1, x2])).chunk(2)
+            if world > 1:
+                # every rank scores the whole global batch, so the negatives are those of a one-process run;
+                # all_gather's backward sums the ranks' gradients and DDP averages them: the global loss's gradient
+                p1, p2 = (torch.cat(torch.distributed.nn.functional.all_gather(p)) for p in (p1, p2))
             loss = nt_xent(p1, p2, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
