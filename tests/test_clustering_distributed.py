@@ -17,7 +17,8 @@ import pytest
 NMI_TOLERANCE = 0.05
 ARGS = ['--subset', '160', '--model', 'vit_tiny_patch16_224', '--model-kwargs', 'depth=1', 'embed_dim=32',
         'num_heads=2', 'patch_size=4', '--img-size', '16', '--epochs', '1', '--batch-size', '32',
-        '--kmeans-restarts', '2', '--threads', '1', '--max-rounds', '1', '--eps=-1e9', '--device', 'cpu']
+        '--kmeans-restarts', '2', '--threads', '1', '--pretrain', 'simclr', '--pretrain-epochs', '1',
+        '--pretrain-batch-size', '32', '--max-rounds', '1', '--eps=-1e9', '--device', 'cpu']
 
 
 def _run(tmp_path, name, nproc):
@@ -37,9 +38,13 @@ def test_two_processes_match_one(tmp_path):
     two, stdout = _run(tmp_path, 'two', 2)
     assert two['world_size'] == 2 and one['world_size'] == 1
     assert stdout.count('| round 1 |') == 1  # only rank 0 reports
-    # the baselines involve no training, so they are identical: every rank clusters the same gathered data
-    for name, scores in one['baselines'].items():
-        assert two['baselines'][name] == pytest.approx(scores)
+    # the pixel and untrained baselines involve no training, so they are identical: every rank clusters the
+    # same gathered data; the contrastive stage all-gathers its projections, so it trains on the same loss
+    for name in ('kmeans_pixels', 'kmeans_untrained_embedding'):
+        assert two['baselines'][name] == pytest.approx(one['baselines'][name])
+    assert abs(two['baselines']['kmeans_contrastive_embedding']['nmi']
+               - one['baselines']['kmeans_contrastive_embedding']['nmi']) < NMI_TOLERANCE
+    assert two['pretrain']['loss_contrastive'] == pytest.approx(one['pretrain']['loss_contrastive'], rel=1e-3)
     assert [r['round'] for r in two['rounds']] == [0, 1]
     for a, b in zip(one['rounds'], two['rounds']):
         assert abs(a['nmi'] - b['nmi']) < NMI_TOLERANCE

@@ -1,4 +1,5 @@
 """End-to-end deep clustering on a digits subset with a tiny model: outputs, resume after a kill, bad input."""
+import argparse
 import csv
 import json
 
@@ -12,11 +13,12 @@ from timm_supertoken.clustering import ClusterConfig, create_cluster_model, run_
 from timm_supertoken.data import ImageSet, load_digits_set
 from timm_supertoken.clustering.deep_clustering import CHECKPOINT_NAME, EmbedNet
 
-# vit_small_stconv with 1 block of width 32 on 16×16 inputs: seconds per round on 2 CPU cores
+# vit_small_stconv with 1 block of width 32 on 16×16 inputs, one contrastive epoch: seconds per round on 2 CPU cores
 TINY = dict(model='vit_small_stconv', model_kwargs={'depth': 1, 'embed_dim': 32, 'num_heads': 2}, img_size=16,
-            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3)
+            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3, pretrain_epochs=1, pretrain_batch_size=32)
 TINY_ARGS = ['--subset', '160', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2', '--img-size', '16',
-             '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1']
+             '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1',
+             '--pretrain', 'simclr', '--pretrain-epochs', '1', '--pretrain-batch-size', '32']
 
 
 @pytest.fixture(scope='module')
@@ -27,9 +29,11 @@ def digits160():
 def test_cli_end_to_end(tmp_path, capsys):
     assert main(['cluster', *TINY_ARGS, '--max-rounds', '2', '--eps=-1e9', '--out', str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert '| kmeans pixels |' in printed and '| round 2 |' in printed
+    assert '| kmeans pixels |' in printed and '| kmeans contrastive embedding |' in printed and '| round 2 |' in printed
+    assert 'round 0 trains on k-means of the contrastive embedding' in printed and 'hflip=False' in printed
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
     assert metrics['n'] == 160 and metrics['k'] == 10 and metrics['config']['targets'] == 'pseudo'
+    assert metrics['pretrain']['method'] == 'simclr' and metrics['pretrain']['loss_contrastive'] > 0
     assert [r['round'] for r in metrics['rounds']] == [0, 1, 2]
     assert metrics['stop_reason'].startswith('max_rounds')
     assert metrics['rounds'][0]['loss_clustering'] == 0.0 and metrics['rounds'][1]['loss_clustering'] > 0
@@ -46,6 +50,22 @@ def test_cli_end_to_end(tmp_path, capsys):
     ckpt = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
     assert {'model', 'optimizer', 'state', 'rng', 'config'} <= ckpt.keys()
     assert ckpt['state']['centroids'].shape == (10, 32) and ckpt['state']['assignments'].shape == (160,)
+
+
+def test_cli_defaults_choose_the_stage_per_dataset_and_targets():
+    from timm_supertoken.clustering.cli import add_cluster_command, data_and_config
+    from timm_supertoken.clustering.deep_clustering import pretrain_method
+
+    parser = argparse.ArgumentParser()
+    add_cluster_command(parser.add_subparsers())
+
+    def config(*argv):
+        return data_and_config(parser.parse_args(['cluster', '--subset', '20', *argv]))[1]
+    digits = config()
+    assert pretrain_method(digits) == 'none' and not digits.hflip  # 8×8 glyphs: no crops, no mirror images
+    chosen = config('--pretrain', 'simclr', '--hflip')
+    assert pretrain_method(chosen) == 'simclr' and chosen.hflip
+    assert pretrain_method(ClusterConfig()) == 'simclr' and pretrain_method(ClusterConfig(targets='true')) == 'none'
 
 
 class Killed(Exception):
@@ -77,6 +97,25 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, digits160):
                             resume=True, log=lambda s: None)
 
 
+def test_resume_after_the_representation_stage_skips_it(tmp_path, digits160, monkeypatch):
+    from timm_supertoken.clustering import deep_clustering
+
+    cfg = ClusterConfig(**TINY, max_rounds=0)
+    stages = []
+    pretrain = deep_clustering._pretrain
+    monkeypatch.setattr(deep_clustering, '_pretrain', lambda *a, **kw: stages.append(1) or pretrain(*a, **kw))
+    monkeypatch.setattr(deep_clustering, 'train_round', lambda *a, **kw: (_ for _ in ()).throw(Killed))
+    with pytest.raises(Killed):  # killed in round 0, after the stage's checkpoint
+        run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
+    first = json.loads(json.dumps(torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['state']['pretrain']))
+    monkeypatch.undo()
+    monkeypatch.setattr(deep_clustering, '_pretrain', lambda *a, **kw: stages.append(2) or pretrain(*a, **kw))
+    logged = []
+    result = run_deep_clustering(digits160, cfg, str(tmp_path), resume=True, log=logged.append)
+    assert stages == [1] and result['pretrain'] == first and [r['round'] for r in result['rounds']] == [0]
+    assert 'resumed from' in logged[0] and 'after the representation stage' in logged[0]
+
+
 def test_true_labels_mode_and_a_timm_model(tmp_path, digits160):
     # the paper as written (ground-truth targets), on timm's own ViT
     cfg = ClusterConfig(model='vit_tiny_patch16_224', model_kwargs={'depth': 1, 'patch_size': 4, 'embed_dim': 32,
@@ -84,6 +123,7 @@ def test_true_labels_mode_and_a_timm_model(tmp_path, digits160):
                         img_size=16, epochs=1, batch_size=32, kmeans_restarts=1, targets='true', max_rounds=1)
     result = run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
     assert [r['round'] for r in result['rounds']] == [0, 1]
+    assert result['pretrain'] is None and 'kmeans_contrastive_embedding' not in result['baselines']  # labels: no stage
     assert result['rounds'][1]['loss_vit'] < result['rounds'][0]['loss_vit']  # it learns the labels
     head = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['model']['model.head.weight']
     assert head.shape == (10, 32)  # one output per ground-truth class
@@ -104,6 +144,8 @@ def test_cnn_without_img_size():
     ('true_few', dict(k=12, targets='true'), '10 classes, fewer than k=12'),
     ('nolabels', dict(), 'no labels, so k cannot default'),
     ('batch', dict(batch_size=0), 'batch_size=0'),
+    ('pretrain', dict(pretrain='byol'), "pretrain must be one of .*'byol'"),
+    ('pretrain_batch', dict(pretrain_batch_size=1), 'pretrain_batch_size >= 2'),
 ])
 def test_bad_input_is_rejected_before_training(tmp_path, digits160, kind, cfg_kw, match):
     data = digits160
@@ -121,3 +163,22 @@ def test_diverged_model_reports_nan(tmp_path, digits160):
     cfg = ClusterConfig(**dict(TINY, lr=1e30))
     with pytest.raises((FloatingPointError, ValueError), match='NaN|Inf|nan|inf'):
         run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
+
+
+def test_cluster_benchmark_writes_its_docs_section(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_cluster.py'
+    spec = importlib.util.spec_from_file_location('bench_cluster', script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    page = tmp_path / 'clustering.md'
+    page.write_text('# Deep clustering\n\n## Options\n\nkept\n')
+    bench.main(['--dataset', 'digits', *TINY_ARGS, '--max-rounds', '0', '--output', str(page)])
+    text = page.read_text()
+    assert text.startswith('# Deep clustering\n\n## Options\n\nkept\n') and bench.SECTION in text
+    assert 'Generated by `python benchmarks/bench_cluster.py --dataset digits --subset 160' in text
+    assert str(page) not in text  # the command shown reproduces the numbers, wherever they were written
+    assert '| kmeans pixels |' in text and '| kmeans contrastive embedding |' in text and '| round 0 |' in text
+    assert 'vs k-means on the same pixels' in text and 'Wall time' in text and 'CPU time' in text

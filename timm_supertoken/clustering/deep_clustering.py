@@ -1,4 +1,8 @@
-"""ViT deep clustering (paper 003, §3): train, embed, k-means, retrain with L = L_ViT + γ·L_clustering, repeat.
+"""ViT deep clustering (*ViT-based deep clustering for images*, §3): train, embed, k-means, retrain with
+L = L_ViT + γ·L_clustering, repeat.
+
+In pseudo-label mode a contrastive representation stage (SimCLR, `contrastive.py`) runs first, and
+k-means on its embedding gives round 0 its targets; `pretrain='none'` starts from k-means on pixels.
 
 Works for any timm model: the embedding of an image is its pre-logits feature,
 `model.forward_head(model.forward_features(x), pre_logits=True)`, and the logits are the model's
@@ -23,17 +27,19 @@ from ..data import ImageSet
 from ..runtime import (create_model_at_size, progress, rng_state, save_atomic, seed_everything, set_rng_state,
                        setup_distributed, shard_range)
 from .batches import prepare_batch
+from .contrastive import ContrastiveNet, pretrain_contrastive
 from .kmeans import check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
 
-__all__ = ['ClusterConfig', 'EmbedNet', 'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering',
-           'CHECKPOINT_NAME', 'METRICS_NAME']
+__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'pretrain_method', 'create_cluster_model', 'embed',
+           'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.json'
 # augmentation ranges: isotropic rescale and translation (fraction of the half-width, affine_grid units)
 AUG_SCALE = (0.85, 1.15)
 AUG_SHIFT = 0.15
+PRETRAIN_METHODS = ('simclr', 'none')
 
 
 @dataclass
@@ -55,6 +61,12 @@ class ClusterConfig:
     weight_decay: float = 0.05
     kmeans_restarts: int = 4
     match_ids: bool = True  # re-number each round's clusters to overlap the previous ids (stable pseudo-labels)
+    pretrain: Optional[str] = None  # 'simclr' | 'none'; None: 'simclr' with pseudo targets, 'none' with true ones
+    pretrain_epochs: int = 20
+    pretrain_batch_size: int = 256  # NT-Xent's negatives are the other 2B - 2 views of the batch
+    pretrain_lr: float = 2e-3  # peak of the one-cycle cosine schedule
+    temperature: float = 0.5  # NT-Xent temperature (SimCLR's choice for small images)
+    hflip: bool = False  # mirror contrastive views: right for clothes and photos, wrong for digits
     seed: int = 0
     device: str = 'auto'
 
@@ -69,6 +81,13 @@ class EmbedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         z = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         return z, self.model.get_classifier()(z)
+
+
+def pretrain_method(cfg: ClusterConfig) -> str:
+    """The representation stage a run uses: the configured one, or SimCLR exactly when no labels are used."""
+    if cfg.pretrain is not None:
+        return cfg.pretrain
+    return 'simclr' if cfg.targets == 'pseudo' else 'none'
 
 
 def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) -> nn.Module:
@@ -181,6 +200,11 @@ def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
                              f'{data.num_classes} classes, fewer than k={k}; lower k or use targets=\'pseudo\'')
     if cfg.batch_size < world or cfg.batch_size % world:
         raise ValueError(f'batch_size={cfg.batch_size} must be a positive multiple of the {world} processes')
+    if cfg.pretrain not in (None,) + PRETRAIN_METHODS:
+        raise ValueError(f'pretrain must be one of {PRETRAIN_METHODS}, got {cfg.pretrain!r}')
+    if pretrain_method(cfg) != 'none' and (cfg.pretrain_epochs < 1 or cfg.pretrain_batch_size < 2 * world):
+        raise ValueError(f'pretrain_epochs must be >= 1 and pretrain_batch_size >= 2 per process, got '
+                         f'{cfg.pretrain_epochs} and {cfg.pretrain_batch_size}')
     if cfg.epochs < 1 or cfg.max_rounds < 0:
         raise ValueError(f'epochs must be >= 1 and max_rounds >= 0, got {cfg.epochs} and {cfg.max_rounds}')
     return k
@@ -196,8 +220,10 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
                         log: Callable[[str], None] = tqdm.write) -> Dict[str, Any]:
     """The paper's loop (Fig. 3) with baselines, per-round metrics, checkpoints and output files; returns metrics.json's dict.
 
-    Round 0 trains with L_ViT only (pseudo mode: on k-means-on-pixels assignments, as there are no
-    clusters yet), embeds and clusters. Each later round retrains with eq. 8 against the previous
+    In pseudo mode with `pretrain='simclr'` (the default there), the model first learns from augmented
+    views (NT-Xent) and k-means on that embedding gives the initial clusters; otherwise they are
+    k-means on pixels. Round 0 trains with L_ViT only (pseudo mode: on those initial clusters), embeds
+    and clusters. Each later round retrains with eq. 8 against the previous
     round's centroids, re-embeds and re-clusters; the loop stops once l_current - l_new < eps or
     after max_rounds. The last round's clustering of the final model's embeddings is the result.
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
@@ -213,6 +239,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         out.mkdir(parents=True, exist_ok=True)
     labels = data.labels
     n = len(data)
+    run_config = dict(asdict(cfg), k=k, pretrain=pretrain_method(cfg))  # as checkpointed: defaults resolved
 
     seed_everything(cfg.seed)
     num_out = k if cfg.targets == 'pseudo' else int(labels.max()) + 1
@@ -223,9 +250,9 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
 
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        saved = {key: ckpt['config'][key] for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed')}
-        mine = {key: asdict(cfg)[key] for key in saved}
-        mine['k'] = k
+        saved = {key: ckpt['config'].get(key) for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed',
+                                                          'pretrain', 'pretrain_epochs')}
+        mine = {key: run_config[key] for key in saved}
         if saved != mine or ckpt['n'] != n:
             raise ValueError(f'{ckpt_path} was written by a different run ({saved}, {ckpt["n"]} images); '
                              f'this one is {mine}, {n} images. Use another --out or drop --resume')
@@ -233,7 +260,8 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         optimizer.load_state_dict(ckpt['optimizer'])
         state = ckpt['state']
         set_rng_state(ckpt['rng'])
-        log(f'resumed from {ckpt_path} after round {state["history"][-1]["round"]}')
+        log(f'resumed from {ckpt_path} after ' + (f'round {state["history"][-1]["round"]}' if state['history']
+                                                  else 'the representation stage'))
     else:
         if resume and rank == 0:
             log(f'no checkpoint at {ckpt_path}: starting from scratch')
@@ -247,19 +275,34 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
                 'kmeans_pixels': _evaluate(labels, pix.labels.cpu().numpy()),
                 'kmeans_untrained_embedding': _evaluate(labels, untrained.labels.cpu().numpy()),
             },
-            'pixel_assignments': pix.labels.cpu(),
+            'initial_assignments': pix.labels.cpu(), 'pretrain': None,
             'assignments': None, 'centroids': None, 'history': [], 'stop_reason': None,
-            'elapsed_s': time.perf_counter() - t0,
         }
+        if pretrain_method(cfg) == 'simclr':
+            state['pretrain'] = _pretrain(net, data.images, cfg, in_chans, device, rank, world)
+            z = embed(net, data.images, cfg, in_chans, device, rank, world, desc='embed contrastive')
+            check_embeddings(z, k)
+            km = kmeans(z, k, n_init=cfg.kmeans_restarts, seed=cfg.seed)
+            state['initial_assignments'] = km.labels.cpu()
+            state['baselines']['kmeans_contrastive_embedding'] = _evaluate(labels, km.labels.cpu().numpy())
+        state['elapsed_s'] = time.perf_counter() - t0
         if rank == 0:
             for name, m in state['baselines'].items():
                 log(f'baseline {name:28s} ' + ' '.join(f'{key.upper()} {v:.4f}' for key, v in m.items()))
+            if state['pretrain'] is not None:
+                log(f'contrastive stage: {state["pretrain"]["time_s"]:.1f} s, '
+                    f'NT-Xent {state["pretrain"]["loss_contrastive"]:.4f}')
+                # a resume after this point starts at round 0 instead of repeating the stage
+                save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
+                             'rng': rng_state(), 'config': run_config, 'n': n}, ckpt_path)
+        if world > 1:
+            dist.barrier()
 
     z = None  # the latest embeddings; the loop leaves the final model's here
     while state['stop_reason'] is None:
         r = len(state['history'])
         t0 = time.perf_counter()
-        prev = state['assignments'] if r > 0 else state['pixel_assignments']
+        prev = state['assignments'] if r > 0 else state['initial_assignments']
         if cfg.targets == 'pseudo':
             targets = prev
         else:
@@ -294,7 +337,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
                     f' {key.upper()} {record[key]:.4f}' for key in ('nmi', 'ari', 'acc') if key in record)
                 + f' | {record["time_s"]:.1f} s' + (f' | stop: {state["stop_reason"]}' if state['stop_reason'] else ''))
             save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
-                          'rng': rng_state(), 'config': dict(asdict(cfg), k=k), 'n': n}, ckpt_path)
+                          'rng': rng_state(), 'config': run_config, 'n': n}, ckpt_path)
             _write_metrics(out, data, cfg, k, world, state)
             plot_nmi_curve(state['history'], state['baselines'], out / 'nmi_per_round.png')
         if world > 1:
@@ -311,10 +354,28 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     return _metrics_dict(data, cfg, k, world, state)
 
 
+def _pretrain(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans: int, device: torch.device,
+              rank: int, world: int) -> Dict[str, float]:
+    """The contrastive stage: NT-Xent through a projection head on net's embedding, with its own AdamW.
+
+    The head and optimizer are dropped afterwards; the loop's optimizer starts fresh on the trained
+    weights. DDP needs find_unused_parameters because the classifier head takes no part in this loss.
+    """
+    t0 = time.perf_counter()
+    contrastive = ContrastiveNet(net.model, _embed_dim(net, cfg, in_chans, device)).to(device)
+    train_net = (nn.parallel.DistributedDataParallel(contrastive, find_unused_parameters=True) if world > 1
+                 else contrastive)
+    optimizer = torch.optim.AdamW(contrastive.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
+    losses = pretrain_contrastive(train_net, optimizer, images, cfg.pretrain_epochs, cfg.pretrain_batch_size,
+                                  cfg.pretrain_lr, cfg.temperature, cfg.hflip, cfg.img_size, in_chans, device, seed=cfg.seed * 100003 - 1,
+                                  rank=rank, world=world)
+    return {'method': 'simclr', **losses, 'time_s': time.perf_counter() - t0}
+
+
 def _metrics_dict(data: ImageSet, cfg: ClusterConfig, k: int, world: int, state: Dict[str, Any]) -> Dict[str, Any]:
     """The JSON-able summary of a run: settings, baselines, per-round records, stop reason."""
     return {'dataset': data.name, 'n': len(data), 'k': k, 'world_size': world, 'config': asdict(cfg),
-            'baselines': state['baselines'], 'rounds': state['history'], 'stop_reason': state['stop_reason'],
+            'baselines': state['baselines'], 'pretrain': state['pretrain'], 'rounds': state['history'], 'stop_reason': state['stop_reason'],
             'elapsed_s': state['elapsed_s']}
 
 
