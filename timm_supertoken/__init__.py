@@ -11,10 +11,6 @@ from .layers import (
     SuperTokenConvEmbed,
     super_token_clustering,
 )
-from .models import default_cfgs
+from .models import MODEL_NAMES, REGISTERED_MODEL_NAMES
 
 __version__ = '0.1.0'
-
-REGISTERED_MODEL_NAMES = tuple(default_cfgs)  # every size: what export, push and load accept
-# the paper's three ViT-S models: what compare, info and the benchmarks run by default
-MODEL_NAMES = tuple(name for name in REGISTERED_MODEL_NAMES if name.startswith('vit_small_'))

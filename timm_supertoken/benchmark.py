@@ -17,7 +17,7 @@ from torch import nn
 
 import timm
 
-from . import MODEL_NAMES
+from .models import MODEL_NAMES
 
 __all__ = ['BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'time_models', 'throughput_markdown']
 

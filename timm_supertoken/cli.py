@@ -17,7 +17,8 @@ import torch
 
 import timm
 
-from . import MODEL_NAMES, __version__
+from . import __version__
+from .models import MODEL_NAMES
 from .benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
 from .clustering.cli import add_cluster_command
 from .data.export import add_dataset_command

@@ -30,7 +30,7 @@ import timm
 from timm.models import clean_state_dict, parse_model_name, push_to_hf_hub, save_for_hf
 from timm.models._hub import HF_SAFE_WEIGHTS_NAME, download_from_hf, generate_readme
 
-from . import REGISTERED_MODEL_NAMES
+from .models import REGISTERED_MODEL_NAMES
 from .checkpoint import CheckpointError, load_checkpoint
 from .layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from timm.layers import ConvNormAct, Format, to_2tuple
+from timm.layers import ConvNormAct, Format, nhwc_to, to_2tuple
 from timm.layers.trace_utils import _assert
 
 from .super_token import SuperTokenClustering
@@ -105,13 +105,7 @@ class TokenEmbed(nn.Module):
         """NHWC tokens -> the layout VisionTransformer asked for (flattened NLC by default)."""
         if self.flatten:
             return x.flatten(1, 2)
-        if self.output_fmt == Format.NCHW:
-            return x.permute(0, 3, 1, 2)
-        if self.output_fmt == Format.NLC:
-            return x.flatten(1, 2)
-        if self.output_fmt == Format.NCL:
-            return x.flatten(1, 2).transpose(1, 2)
-        return x
+        return nhwc_to(x, self.output_fmt)
 
 
 class Patchify(nn.Module):

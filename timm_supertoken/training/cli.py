@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from timm.utils import ParseKwargs
 
-from .. import MODEL_NAMES
+from ..models import MODEL_NAMES
 from ..benchmark import hardware_info
 from ..data import DATASETS, FASHION_MNIST_DIR
 from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, results_markdown, run_compare

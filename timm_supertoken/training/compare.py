@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 import timm
 
-from .. import MODEL_NAMES
+from ..models import MODEL_NAMES
 from ..benchmark import cpu_name, hardware_info, time_models
 from ..data import ImageSet, load_splits
 from ..runtime import setup_distributed
