@@ -25,6 +25,7 @@ from .data.export import add_dataset_command
 from .data.imagenet100 import add_imagenet100_command
 from .hub_cli import add_hub_commands
 from .layers import super_token_affinities, super_token_aggregate
+from .runtime import headless_pyplot
 from .training.cli import add_training_commands
 
 __all__ = ['main', 'build_parser', 'parameter_rows', 'parameter_markdown', 'plot_super_tokens']
@@ -99,11 +100,9 @@ def plot_super_tokens(out_dir: Path, img_size: int = 224, patch: int = 16, iters
     Clustering runs on ImageNet-normalised RGB pixels, so the picture needs no trained weights; the
     model does the same on 28×28 learned stem features with a 2×2 grid.
     """
-    import matplotlib
-    matplotlib.use('Agg')  # headless: the command only writes files
-    import matplotlib.pyplot as plt
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+    plt = headless_pyplot()
     photo = _load_photo(img_size)
     x = torch.from_numpy((photo - np.array(IMAGENET_DEFAULT_MEAN, dtype=np.float32))
                          / np.array(IMAGENET_DEFAULT_STD, dtype=np.float32))

@@ -18,6 +18,14 @@ __all__ = ['create_model_at_size', 'setup_distributed', 'shard_range', 'rng_stat
            'progress']
 
 
+def headless_pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend: the commands only write image files, and need no display."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def create_model_at_size(name: str, img_size: int, **kwargs: Any) -> nn.Module:
     """timm.create_model at img_size for models that take one (ViTs); CNNs, which take any size, get no img_size."""
     try:

@@ -5,6 +5,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from ..runtime import headless_pyplot
+
 __all__ = ['plot_nmi_curve', 'plot_cluster_grid']
 
 # clusters.png layout in inches: a square tile per image, a line of title text above each row
@@ -13,17 +15,9 @@ ROW_TITLE_IN = 0.2
 SUPTITLE_IN = 0.3
 
 
-def _pyplot():
-    """matplotlib with the headless backend: the command only writes files."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_nmi_curve(history: List[Dict[str, Any]], baselines: Dict[str, Dict[str, float]], path: Path) -> Path:
     """NMI, ARI and ACC per round, with the NMI of each k-means baseline as a horizontal line."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100, layout='constrained')
     rounds = [h['round'] for h in history]
     for key, style in (('nmi', 'o-'), ('ari', 's--'), ('acc', '^:')):
@@ -46,7 +40,7 @@ def plot_nmi_curve(history: List[Dict[str, Any]], baselines: Dict[str, Dict[str,
 def plot_cluster_grid(images: torch.Tensor, assignments: torch.Tensor, embeddings: torch.Tensor,
                       centroids: torch.Tensor, labels: Optional[np.ndarray], path: Path, per_cluster: int = 12) -> Path:
     """One row per cluster: its members nearest the centroid, titled with size and majority class (Fig. 5)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     k = centroids.shape[0]
     dist = (embeddings.float() - centroids.float()[assignments]).pow(2).sum(1)
     # sized to the tiles themselves: a fixed figure size leaves most of it blank once imshow keeps tiles square

@@ -95,17 +95,29 @@ _AUTOTUNE = dict(key=['C', 'H', 'W'], prune_configs_by={'early_config_prune': _i
 
 
 @triton.jit
+def _token_rows(h, w, BLOCK_N: tl.constexpr):
+    """This program's tokens of image program_id(1): (image, token index n, n in range, cell row, cell column)."""
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b, n, n < h * w, n // w, n % w
+
+
+@triton.jit
+def _pixel_rows(H, W, GRID: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's pixels of image program_id(1): (image, pixel index m, m in range, its cell's row, column)."""
+    b = tl.program_id(1).to(tl.int64)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return b, m, m < H * W, (m // W) // GRID, (m % W) // GRID
+
+
+@triton.jit
 def _cell_mean_kernel(
         x_ptr, tok_ptr,
         C, H, W, h, w,
         GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """S⁰_j = mean of the real pixels of cell j, into the fp32 tokens. Rows: tokens of image program_id(1)."""
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = n < h * w
-    i = n // w
-    j = n % w
+    b, n, row_ok, i, j = _token_rows(h, w, BLOCK_N)
     # border cells of a map that the grid does not divide hold fewer pixels
     count = tl.minimum(H - i * GRID, GRID) * tl.minimum(W - j * GRID, GRID)
     count = tl.where(row_ok, count, 1).to(tl.float32)
@@ -136,13 +148,7 @@ def _affinity_kernel(
     Rows: pixels of image program_id(1). Slot k = (dy + 1)·3 + (dx + 1) for the token at cell offset
     (dy, dx); slots off the grid get A = 0. The 9 logits live in one [BLOCK_M, 16] tile.
     """
-    b = tl.program_id(1).to(tl.int64)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = m < H * W
-    y = m // W
-    x = m % W
-    i = y // GRID
-    j = x // GRID
+    b, m, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
     k = tl.arange(0, 16)
     slot_ok = (k[None, :] < 9) & row_ok[:, None] & (i[:, None] + k[None, :] // 3 >= 1) \
         & (i[:, None] + k[None, :] // 3 <= h) & (j[:, None] + k[None, :] % 3 >= 1) & (j[:, None] + k[None, :] % 3 <= w)
@@ -182,11 +188,7 @@ def _aggregate_kernel(
     Rows: tokens of image program_id(1). The pixel in cell j + (dy, dx) saw token j in its slot 8 - k,
     where k is that cell's slot seen from j. Writes s to out (fp32 tokens, or the output's dtype) and Z to norm.
     """
-    b = tl.program_id(1).to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = n < h * w
-    i = n // w
-    j = n % w
+    b, n, row_ok, i, j = _token_rows(h, w, BLOCK_N)
     x_base = x_ptr + b * H * W * C
     a_base = aff_ptr + b * 9 * H * W
     norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -223,13 +225,7 @@ def _backward_kernel(
         GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dX_p = Σ_k A_pk / Z_k · dS_k over the 3×3 tokens k around p's cell. Rows: pixels of image program_id(1)."""
-    b = tl.program_id(1).to(tl.int64)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = m < H * W
-    y = m // W
-    x = m % W
-    i = y // GRID
-    j = x // GRID
+    b, m, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
     g_base = grad_ptr + b * h * w * C
     a_base = aff_ptr + b * 9 * H * W
     n_base = norm_ptr + b * h * w

@@ -24,7 +24,7 @@ import timm
 from ..models import MODEL_NAMES
 from ..benchmark import cpu_name, hardware_info, time_models
 from ..data import ImageSet, load_splits
-from ..runtime import setup_distributed
+from ..runtime import headless_pyplot, setup_distributed
 from .recipe import Recipe
 from .trainer import TrainConfig, autocast, create_training_model, fit, precision_name
 
@@ -178,10 +178,7 @@ def _write_outputs(out: Path, results: Dict[str, Any]) -> None:
 
 def plot_accuracy_curves(results: Dict[str, Any], path: Path) -> None:
     """Paper Fig. 3: validation top-1 (a) and training loss (b) per epoch, one line per embedding."""
-    import matplotlib
-    matplotlib.use('Agg')  # headless: the command only writes files
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, layout='constrained')
     for spec, r in results['models'].items():
         epochs = [h['epoch'] for h in r['history']]
