@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import timm
 
 from timm_supertoken.benchmark import (
-    BASELINE, benchmark_cpu, hardware_info, throughput_markdown, write_markdown_section)
+    BASELINE, benchmark_cpu, hardware_info, target_verdict, throughput_markdown, write_markdown_section)
 
 SECTION = '## CPU inference'
 TARGET_RATIO = 0.95  # the issue's goal: vit_small_stconv at >= 0.95x the throughput of vit_small_patch16_224
@@ -94,12 +94,7 @@ def render_section(
     """The `## CPU inference` section of docs/benchmarks.md."""
     hw = hardware_info()
     ratio, best = results['vit_small_stconv']['ratio'], results['vit_small_stconv']['best_ratio']
-    if min(ratio, best) >= TARGET_RATIO:
-        verdict = 'met'
-    elif max(ratio, best) < TARGET_RATIO:
-        verdict = 'NOT met'
-    else:
-        verdict = 'inconclusive: the median and the fastest repeat disagree, the machine was too noisy'
+    verdict = target_verdict(ratio, best, TARGET_RATIO)
     lines = [
         SECTION,
         '',

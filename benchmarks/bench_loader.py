@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
 
-from timm_supertoken.benchmark import hardware_info, write_markdown_section
+from timm_supertoken.benchmark import hardware_info, target_verdict, write_markdown_section
 from timm_supertoken.data import ImageSet, load_fashion_mnist
 from timm_supertoken.training.cli import recipe_path
 from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler, create_device_loader
@@ -108,12 +108,7 @@ def render_section(results: Dict[str, Dict[str, float]], args: argparse.Namespac
     """The `## Data loader (CPU)` section of docs/benchmarks.md."""
     hw = hardware_info()
     ratio, best = results[OURS]['ratio'], results[OURS]['best_ratio']
-    if min(ratio, best) >= TARGET_RATIO:
-        verdict = 'met'
-    elif max(ratio, best) < TARGET_RATIO:
-        verdict = 'NOT met'
-    else:
-        verdict = 'inconclusive: the median and the fastest repeat disagree, the machine was too noisy'
+    verdict = target_verdict(ratio, best, TARGET_RATIO)
     per_worker = 'per worker process' if args.workers else 'in the main process (no workers)'
     lines = [
         SECTION,

@@ -25,3 +25,9 @@ def test_gpu_benchmark_runs_every_path_on_cpu():
     for heading in ('### Operator', '### Models', '`patch_embed`', 'Table 8', 'reduce-overhead', '### Top CUDA kernels'):
         assert heading in run.stdout
     assert 'smoke run: every path ran; nothing written' in run.stdout
+
+
+@pytest.mark.parametrize('ratio,best,verdict', [(0.97, 0.96, 'met'), (0.90, 0.94, 'NOT met'), (0.967, 0.919, 'inconclusive')])
+def test_target_verdict_needs_median_and_fastest_repeat_to_agree(ratio, best, verdict):
+    from timm_supertoken.benchmark import target_verdict
+    assert target_verdict(ratio, best, 0.95).startswith(verdict)

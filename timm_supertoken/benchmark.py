@@ -19,7 +19,10 @@ import timm
 
 from .models import MODEL_NAMES
 
-__all__ = ['BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'time_models', 'throughput_markdown']
+__all__ = [
+    'BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'time_models', 'throughput_markdown',
+    'target_verdict', 'write_markdown_section',
+]
 
 BASELINE = 'vit_small_patch16_224'
 BENCH_MODELS = (BASELINE,) + MODEL_NAMES
@@ -150,6 +153,15 @@ def throughput_markdown(results: Dict[str, Dict[str, float]], baseline: str = BA
             f"| {name} | {s['img_per_s']:.2f} | {s['ms_per_batch']:.1f} | {s['ratio']:.3f}× "
             f"| {s['embed_ms']:.1f} | {s['embed_share']:.1%} | {s['best_ms_per_batch']:.1f} | {s['best_ratio']:.3f}× |")
     return '\n'.join(lines)
+
+
+def target_verdict(ratio: float, best_ratio: float, target: float) -> str:
+    """Met, not met, or inconclusive when the median and the fastest repeat fall on either side of the target."""
+    if min(ratio, best_ratio) >= target:
+        return 'met'
+    if max(ratio, best_ratio) < target:
+        return 'NOT met'
+    return 'inconclusive: the median and the fastest repeat disagree, the machine was too noisy'
 
 
 def write_markdown_section(path: Path, heading: str, section: str) -> None:
