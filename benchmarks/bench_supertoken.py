@@ -202,7 +202,8 @@ def bench_models(args: argparse.Namespace, variants: Sequence[str]) -> List[Dict
                 row[mode] = B * args.model_steps / (statistics.median(times[name, mode]) * 1e-3)
             rows.append(row)
             print(row, flush=True)
-        del models, optimizers
+        models.clear()  # free this variant's models before the next variant builds its own
+        optimizers.clear()
         if args.device.type == 'cuda':
             torch.cuda.empty_cache()
     return rows

@@ -6,7 +6,6 @@ this module picks the implementation: CUDA tensors go to the fused Triton kernel
 """
 import importlib.util
 import os
-from typing import Optional
 
 import torch
 from torch import nn
