@@ -93,3 +93,11 @@ def test_hardware_info_names_the_machine():
     info = hardware_info()
     assert info['cpu'] and info['torch'] and info['timm']
     assert int(info['threads']) >= 1
+
+
+def test_super_token_figure_says_which_sizes_are_pixels_and_which_tokens():
+    from timm_supertoken.cli import super_token_panel_titles
+
+    cells, _, painted = super_token_panel_titles(224, 16, 3, (14, 14))
+    assert '16×16-px cell' in cells and '224×224 px' in cells
+    assert '14×14 tokens' in painted

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -94,6 +94,13 @@ def _token_labels(affinity: torch.Tensor, grid: int) -> np.ndarray:
     return labels.numpy()
 
 
+def super_token_panel_titles(img_size: int, patch: int, iters: int, grid: Tuple[int, int]) -> Tuple[str, ...]:
+    """Titles of the three panels, saying which sizes count pixels and which count super tokens."""
+    return (f'input {img_size}×{img_size} px, S⁰ = mean of each {patch}×{patch}-px cell',
+            f'arg-max super token of each pixel after t={iters}',
+            f'each pixel painted with its super token ({grid[0]}×{grid[1]} tokens)')
+
+
 def plot_super_tokens(out_dir: Path, img_size: int = 224, patch: int = 16, iters: int = 3) -> Path:
     """Paper Fig. 2 on a real photo: super tokens of the image's own pixels, one per 16×16 cell (14×14 at 224).
 
@@ -125,11 +132,11 @@ def plot_super_tokens(out_dir: Path, img_size: int = 224, patch: int = 16, iters
     for t in range(patch, img_size, patch):
         axes[0].axhline(t - 0.5, color='w', lw=0.6)
         axes[0].axvline(t - 0.5, color='w', lw=0.6)
-    axes[0].set_title(f'input {img_size}×{img_size}, initial {patch}×{patch} cells (S⁰)')
+    titles = super_token_panel_titles(img_size, patch, iters, tokens.shape[:2])
     axes[1].imshow(outlined)
-    axes[1].set_title(f'arg-max super token per pixel after t={iters}')
     axes[2].imshow(painted, interpolation='nearest')
-    axes[2].set_title(f'pixels painted with their super token ({tokens.shape[0]}×{tokens.shape[1]})')
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle('Super-token clustering (paper Fig. 2) on the photo\'s own RGB pixels, no trained weights '
