@@ -17,7 +17,7 @@ from timm_supertoken.data import (
     load_splits,
     per_class_subset,
 )
-from timm_supertoken.data.export import class_folder_names
+from timm_supertoken.data.image_folder import class_folder_names
 
 
 def test_real_fashion_mnist_is_installed_and_parsed():

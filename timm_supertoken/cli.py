@@ -21,7 +21,7 @@ from . import __version__
 from .models import MODEL_NAMES
 from .benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
 from .clustering.cli import add_cluster_command
-from .data.export import add_dataset_command
+from .data.image_folder import add_dataset_command
 from .data.imagenet100 import add_imagenet100_command
 from .hub_cli import add_hub_commands
 from .layers import super_token_affinities, super_token_aggregate

@@ -13,5 +13,5 @@ from .image_sets import (
     read_idx,
     stratified_split,
 )
-from .export import FASHION_MNIST_CLASSES, export_image_folder, per_class_subset
+from .image_folder import FASHION_MNIST_CLASSES, export_image_folder, per_class_subset
 from .imagenet100 import CMC_IMAGENET100, build_imagenet100
