@@ -24,7 +24,7 @@ from .clustering.cli import add_cluster_command
 from .data.image_folder import add_dataset_command
 from .data.imagenet100 import add_imagenet100_command
 from .hub_cli import add_hub_commands
-from .layers import super_token_affinities, super_token_aggregate
+from .functional import super_token_affinities, super_token_aggregate
 from .runtime import headless_pyplot
 from .training.cli import add_training_commands
 

@@ -1,8 +1,4 @@
 from .embeds import ConvActNorm, ConvStemEmbed, PatchLayerNormEmbed, Patchify, SuperTokenConvEmbed, TokenEmbed
-from .super_token import (
-    SuperTokenClustering,
-    check_super_token_input,
-    super_token_affinities,
-    super_token_aggregate,
-    super_token_clustering,
-)
+from .super_token import SuperTokenClustering
+# the operator's functions, defined in timm_supertoken.functional, kept importable from here
+from ..functional import check_super_token_input, super_token_affinities, super_token_aggregate, super_token_clustering

@@ -13,19 +13,9 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from ..functional.super_token import (
-    FUSED_DTYPES,
-    MAX_FUSED_GRID,
-    check_finite,
-    check_super_token_input,
-    super_token_affinities,
-    super_token_aggregate,
-    super_token_clustering,
-)
+    FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_super_token_input, super_token_clustering)
 
-__all__ = [
-    'SuperTokenClustering', 'super_token_clustering', 'super_token_affinities', 'super_token_aggregate',
-    'check_super_token_input', 'check_finite',
-]
+__all__ = ['SuperTokenClustering']
 
 BACKENDS = ('auto', 'reference', 'triton')
 BACKEND_ENV = 'TIMM_SUPERTOKEN_BACKEND'

@@ -32,7 +32,7 @@ def model_map_shape(batch: int = 128, model: str = 'vit_small_stconv', img_size:
 
 
 SHAPES = {
-    'model': lambda: model_map_shape(),  # vit_small_stconv at 224², B=128: the model benchmark's batch
+    'model': model_map_shape,  # vit_small_stconv at 224², B=128: the model benchmark's batch
     'operator': lambda: (256, 64, 56, 56),  # the operator benchmark's largest map
 }
 
