@@ -1,5 +1,5 @@
-"""Scaled replication of Tables 6-8 of "Super-token convolutional embedding for Vision Transformers" with
-`timm-supertoken compare`, written to docs/reproduction.md.
+"""Scaled replication of Tables 6-8 of *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering*
+with `timm-supertoken compare`, written to docs/reproduction.md.
 
     python benchmarks/reproduce.py                       # quick_digits on CPU, 3 seeds: ~15 min on 2 cores
     python benchmarks/reproduce.py --config fashion_mnist --dataset fashion-mnist --seeds 0 --epochs 100  # GPU

@@ -20,9 +20,10 @@ from timm.layers import resample_abs_pos_embed
 
 from timm_supertoken.cli import main
 from timm_supertoken.hub import (
-    DEFAULT_HUB_ORG, HUB_ORG_ENV, PAPER_DOI, CheckpointError, default_repo_id, export, load_model, push,
+    DEFAULT_HUB_ORG, HUB_ORG_ENV, CheckpointError, default_repo_id, export, load_model, push,
     read_checkpoint,
 )
+from timm_supertoken.references import SUPER_TOKEN_PAPER
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_server import LocalHub  # noqa: E402
@@ -114,7 +115,7 @@ def test_export_train_checkpoint_round_trip_uses_ema(trained, exported):
     front_matter = readme.split('---\n')[1]
     for line in ('library_name: timm', 'license: apache-2.0', '- timm-supertoken', '- imagenet-100'):
         assert line in front_matter
-    for text in (PAPER_DOI, '@misc{rw2019timm', 'top1: 81.250', 'epoch 299', 'lr: 0.001', 'cutmix: 0.8',
+    for text in (SUPER_TOKEN_PAPER.doi, '@misc{rw2019timm', 'top1: 81.250', 'epoch 299', 'lr: 0.001', 'cutmix: 0.8',
                  'Embedding params: 110,352', f"hf-hub:{DEFAULT_HUB_ORG}/vit_small_stconv"):
         assert text in readme
 
@@ -368,3 +369,14 @@ def test_empty_and_garbage_files_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match=rf'^timm-supertoken export: error: {garbage}: not a readable PyTorch '
                                          rf'checkpoint \(ValueError: unsupported pickle protocol: 209\)$'):
         main(['export', str(garbage), str(tmp_path / 'out'), '--model', 'vit_small_stconv', '--trust-pickle'])
+
+
+def test_model_card_cites_the_published_paper():
+    """The card, the timm cfg and the BibTeX name the paper as printed: J. DCS 25(2):485-494, 2024."""
+    assert SUPER_TOKEN_PAPER.doi == '10.9728/dcs.2024.25.2.485'
+    cfg = timm.create_model('vit_small_stconv', pretrained=False, **TINY).pretrained_cfg
+    assert cfg['paper_ids'] == 'DOI:10.9728/dcs.2024.25.2.485' and cfg['paper_name'] == SUPER_TOKEN_PAPER.title
+    bib = SUPER_TOKEN_PAPER.bibtex('key')
+    for text in ('author = {Jin Lee and Ju-Hwan Lee and Jin-Young Kim}', 'volume = {25}', 'number = {2}',
+                 'pages = {485--494}', 'doi = {10.9728/dcs.2024.25.2.485}'):
+        assert text in bib

@@ -33,6 +33,7 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME, download_from_hf, generate_re
 from .models import REGISTERED_MODEL_NAMES
 from .checkpoint import CheckpointError, load_checkpoint
 from .layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
+from .references import SUPER_TOKEN_PAPER, TIMM_CITATION
 
 __all__ = [
     'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'CheckpointError', 'Checkpoint', 'DryRun', 'hub_org', 'default_repo_id',
@@ -51,29 +52,6 @@ EMBEDDINGS = {
     SuperTokenConvEmbed: 'super-token convolutional embedding (Conv3x3-GELU-BatchNorm stem, super-token '
                          'clustering, Linear; paper Table 5)',
 }
-
-PAPER_TITLE = 'Super-token convolutional embedding for Vision Transformers'
-PAPER_DOI = '10.9728/dcs.2024.25.4.1007'
-# the authors' names are not in the text this project was built from: cite by title, journal and DOI
-PAPER_CITATION = f"""@article{{supertoken_convembed_2024,
-  title = {{{PAPER_TITLE}}},
-  journal = {{Journal of Digital Contents Society}},
-  volume = {{25}},
-  number = {{4}},
-  pages = {{1007}},
-  year = {{2024}},
-  doi = {{{PAPER_DOI}}},
-  note = {{In Korean}}
-}}"""
-TIMM_CITATION = """@misc{rw2019timm,
-  author = {Ross Wightman},
-  title = {PyTorch Image Models},
-  year = {2019},
-  publisher = {GitHub},
-  journal = {GitHub repository},
-  doi = {10.5281/zenodo.4414861},
-  howpublished = {\\url{https://github.com/huggingface/pytorch-image-models}}
-}"""
 
 # train.py arguments worth reporting as the training recipe, in the order shown on the model card
 RECIPE_ARGS = (
@@ -263,7 +241,7 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
             'Image size': f'{size[0]} x {size[1]}',
             'Classes': model.num_classes,
         },
-        'Papers': {PAPER_TITLE: f'https://doi.org/{PAPER_DOI}'},
+        'Papers': {SUPER_TOKEN_PAPER.title: SUPER_TOKEN_PAPER.url},
     }
     # the kwargs that change the architecture; size, classes, channels and pooling are shown elsewhere
     arch_args = {k: v for k, v in getattr(model, '_model_args', {}).items()
@@ -290,11 +268,11 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
         'tags': ['image-classification', 'timm', 'timm-supertoken', 'vision-transformer', 'super-token'],
         'library_name': 'timm',
         'license': 'apache-2.0',
-        'description': f'A `{arch}` model from *{PAPER_TITLE}* (2024), packaged with timm-supertoken; '
+        'description': f'A `{arch}` model from *{SUPER_TOKEN_PAPER.title}* ({SUPER_TOKEN_PAPER.year}), packaged with timm-supertoken; '
                        f'{source} of a timm train.py run{epoch}.',
         'details': details,
         'usage': usage,
-        'citation': [PAPER_CITATION, TIMM_CITATION],
+        'citation': [SUPER_TOKEN_PAPER.bibtex('lee2024supertoken'), TIMM_CITATION],
     }
 
 

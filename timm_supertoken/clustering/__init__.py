@@ -1,4 +1,4 @@
-"""ViT deep clustering ("ViT-based deep clustering for images") for any timm model.
+"""ViT deep clustering ("Deep Clustering Based on Vision Transformer (ViT) for Images") for any timm model.
 
 Library API, k-means, metrics, figures, CLI.
 """

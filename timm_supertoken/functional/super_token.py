@@ -1,9 +1,9 @@
 """Super-token clustering, the maths: the pure-PyTorch reference path and the operator's input contract.
 
-Paper: *Super-token convolutional embedding for Vision Transformers*, eqs. 2-4 (docs/design.md §2). The
-reference path below is the specification of the operator: it is vectorised over cells, pixels and the
-batch, and uses only pad / reshape / einsum / softmax, so it runs everywhere (CPU, CUDA, the meta device,
-TorchScript, torch.fx, ONNX export). The fused Triton kernels of `timm_supertoken.ops` implement the same
+Paper: *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering* (J. DCS 2024),
+eqs. 2-4 (docs/design.md §2). The reference path below is the specification of the operator: it is
+vectorised over cells, pixels and the batch, and uses only pad / reshape / einsum / softmax, so it runs
+everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The fused Triton kernels of `timm_supertoken.ops` implement the same
 equations; the module that chooses between the two is `timm_supertoken.layers.SuperTokenClustering`.
 Both import from here, and this module imports neither.
 """

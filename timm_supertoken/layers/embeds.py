@@ -1,5 +1,5 @@
-"""The three token embeddings compared in "Super-token convolutional embedding for Vision Transformers", as
-drop-in `embed_layer`s for timm's VisionTransformer.
+"""The three token embeddings compared in *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering*,
+as drop-in `embed_layer`s for timm's VisionTransformer.
 
 Each one maps a (B, C, H, W) image to a grid of ⌈H/16⌉×⌈W/16⌉ tokens (196 at 224×224) and follows the
 contract of `timm.layers.PatchEmbed` (img_size / grid_size / num_patches, feat_ratio, dynamic_feat_size,

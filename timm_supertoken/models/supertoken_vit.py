@@ -1,4 +1,5 @@
-"""ViTs with the three embeddings of *Super-token convolutional embedding for Vision Transformers*, in timm's registry.
+"""ViTs with the three embeddings of *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering*,
+in timm's registry.
 
 All share timm's `VisionTransformer` trunk (12 blocks, class token, 16-pixel token stride) and differ only in
 `embed_layer`. The paper studies ViT-Small (384 wide, 6 heads); the family adds timm's usual ViT-Tiny (192
@@ -27,6 +28,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
+from ..references import SUPER_TOKEN_PAPER
 
 __all__ = []  # models are reached through timm.create_model
 
@@ -97,7 +99,8 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
         'std': IMAGENET_DEFAULT_STD,
         'classifier': 'head',
         'license': 'apache-2.0',
-        'paper_ids': 'DOI:10.9728/dcs.2024.25.4.1007',
+        'paper_ids': SUPER_TOKEN_PAPER.timm_paper_id,
+        'paper_name': SUPER_TOKEN_PAPER.title,
         **kwargs,
     }
 
