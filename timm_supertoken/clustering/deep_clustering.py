@@ -28,8 +28,9 @@ from ..runtime import (create_model_at_size, progress, rng_state, save_atomic, s
                        setup_distributed, shard_range)
 from .batches import prepare_batch
 from .contrastive import ContrastiveNet, pretrain_contrastive
-from .kmeans import check_embeddings, kmeans
+from .kmeans import KMeansResult, check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
+from .plots import plot_cluster_grid, plot_nmi_curve
 
 __all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'pretrain_method', 'create_cluster_model', 'embed',
            'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
@@ -228,130 +229,154 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     after max_rounds. The last round's clustering of the final model's embeddings is the result.
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
     """
-    from .plots import plot_cluster_grid, plot_nmi_curve
-
-    rank, world, device = setup_distributed(cfg.device)
-    k = _validate(data, cfg, world)
-    in_chans = cfg.in_chans or data.images.shape[1]
-    out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT_NAME
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    labels = data.labels
-    n = len(data)
-    run_config = dict(asdict(cfg), k=k, pretrain=pretrain_method(cfg))  # as checkpointed: defaults resolved
-
-    seed_everything(cfg.seed)
-    num_out = k if cfg.targets == 'pseudo' else int(labels.max()) + 1
-    model = create_cluster_model(cfg, num_out, in_chans).to(device)
-    net = EmbedNet(model)
-    train_net = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        saved = {key: ckpt['config'].get(key) for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed',
-                                                          'pretrain', 'pretrain_epochs')}
-        mine = {key: run_config[key] for key in saved}
-        if saved != mine or ckpt['n'] != n:
-            raise ValueError(f'{ckpt_path} was written by a different run ({saved}, {ckpt["n"]} images); '
-                             f'this one is {mine}, {n} images. Use another --out or drop --resume')
-        net.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        state = ckpt['state']
-        set_rng_state(ckpt['rng'])
-        log(f'resumed from {ckpt_path} after ' + (f'round {state["history"][-1]["round"]}' if state['history']
-                                                  else 'the representation stage'))
-    else:
-        if resume and rank == 0:
-            log(f'no checkpoint at {ckpt_path}: starting from scratch')
-        t0 = time.perf_counter()
-        pixels = data.images.reshape(n, -1).float().div_(255.).to(device)
-        pix = kmeans(pixels, k, n_init=cfg.kmeans_restarts, seed=cfg.seed)
-        z0 = embed(net, data.images, cfg, in_chans, device, rank, world, desc='embed untrained')
-        untrained = kmeans(z0, k, n_init=cfg.kmeans_restarts, seed=cfg.seed)
-        state = {
-            'baselines': {
-                'kmeans_pixels': _evaluate(labels, pix.labels.cpu().numpy()),
-                'kmeans_untrained_embedding': _evaluate(labels, untrained.labels.cpu().numpy()),
-            },
-            'initial_assignments': pix.labels.cpu(), 'pretrain': None,
-            'assignments': None, 'centroids': None, 'history': [], 'stop_reason': None,
-        }
-        if pretrain_method(cfg) == 'simclr':
-            state['pretrain'] = _pretrain(net, data.images, cfg, in_chans, device, rank, world)
-            z = embed(net, data.images, cfg, in_chans, device, rank, world, desc='embed contrastive')
-            check_embeddings(z, k)
-            km = kmeans(z, k, n_init=cfg.kmeans_restarts, seed=cfg.seed)
-            state['initial_assignments'] = km.labels.cpu()
-            state['baselines']['kmeans_contrastive_embedding'] = _evaluate(labels, km.labels.cpu().numpy())
-        state['elapsed_s'] = time.perf_counter() - t0
-        if rank == 0:
-            for name, m in state['baselines'].items():
-                log(f'baseline {name:28s} ' + ' '.join(f'{key.upper()} {v:.4f}' for key, v in m.items()))
-            if state['pretrain'] is not None:
-                log(f'contrastive stage: {state["pretrain"]["time_s"]:.1f} s, '
-                    f'NT-Xent {state["pretrain"]["loss_contrastive"]:.4f}')
-                # a resume after this point starts at round 0 instead of repeating the stage
-                save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
-                             'rng': rng_state(), 'config': run_config, 'n': n}, ckpt_path)
-        if world > 1:
-            dist.barrier()
-
+    run = _setup(data, cfg, out_dir, log)
+    state = _resume(run) if resume else None
+    if state is None:
+        state = _initial_state(run)
     z = None  # the latest embeddings; the loop leaves the final model's here
     while state['stop_reason'] is None:
         r = len(state['history'])
         t0 = time.perf_counter()
         prev = state['assignments'] if r > 0 else state['initial_assignments']
-        if cfg.targets == 'pseudo':
-            targets = prev
-        else:
-            targets = torch.from_numpy(labels)
-        centroids = state['centroids'].to(device) if r > 0 else None
-        losses = train_round(train_net, optimizer, data.images, targets, centroids, state['assignments'], cfg,
-                             in_chans, device, seed=cfg.seed * 100003 + r, rank=rank, world=world, desc=f'round {r}')
-        z = embed(net, data.images, cfg, in_chans, device, rank, world, desc=f'embed round {r}')
-        check_embeddings(z, k)
-        km = kmeans(z, k, n_init=cfg.kmeans_restarts, seed=cfg.seed + r + 1)
-        assign, cents = km.labels.cpu(), km.centroids
-        if cfg.match_ids:
-            # k-means numbers clusters arbitrarily; keep each cluster's id where its members were, so the
-            # pseudo-label head and eq. 7's centroids refer to the same groups from round to round
-            perm = torch.from_numpy(match_clusters(assign, prev, k))
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(k)
-            assign, cents = perm[assign], cents[inv.to(cents.device)]
-        record = {'round': r, **losses, 'inertia': km.inertia, **_evaluate(labels, assign.numpy()),
+        losses = _train(run, state, prev)
+        z = run.embed(f'embed round {r}')
+        assign, centroids, inertia = _recluster(run, z, prev, seed=cfg.seed + r + 1)
+        record = {'round': r, **losses, 'inertia': inertia, **_evaluate(data.labels, assign.numpy()),
                   'nmi_vs_previous': nmi(prev, assign), 'time_s': time.perf_counter() - t0}
         state['history'].append(record)
-        state['assignments'], state['centroids'] = assign, cents.cpu()
+        state['assignments'], state['centroids'] = assign, centroids.cpu()
         state['elapsed_s'] += record['time_s']
-        if r >= 2 and state['history'][r - 1]['loss'] - record['loss'] < cfg.eps:
-            state['stop_reason'] = (f'l_current - l_new = {state["history"][r - 1]["loss"] - record["loss"]:.4g} '
-                                    f'< eps = {cfg.eps}')
-        elif r >= cfg.max_rounds:
-            state['stop_reason'] = f'max_rounds = {cfg.max_rounds} reached'
-        if rank == 0:
-            log(f'round {r}: loss {record["loss"]:.4f} (L_ViT {record["loss_vit"]:.4f}, '
-                f'L_clust {record["loss_clustering"]:.3f})' + ''.join(
-                    f' {key.upper()} {record[key]:.4f}' for key in ('nmi', 'ari', 'acc') if key in record)
-                + f' | {record["time_s"]:.1f} s' + (f' | stop: {state["stop_reason"]}' if state['stop_reason'] else ''))
-            save_atomic({'model': net.state_dict(), 'optimizer': optimizer.state_dict(), 'state': state,
-                          'rng': rng_state(), 'config': run_config, 'n': n}, ckpt_path)
-            _write_metrics(out, data, cfg, k, world, state)
-            plot_nmi_curve(state['history'], state['baselines'], out / 'nmi_per_round.png')
-        if world > 1:
-            dist.barrier()  # no rank starts the next round (or a resume) before the checkpoint exists
+        state['stop_reason'] = _stop_reason(cfg, state['history'])
+        _end_round(run, state)
         if on_round_end is not None:
             on_round_end(r, record)
+    _finish(run, state, z)
+    return _metrics_dict(run, state)
 
-    if z is None:  # resumed a finished run: nothing was trained, embed the final model for the figure
-        z = embed(net, data.images, cfg, in_chans, device, rank, world, desc='embed final')
+
+@dataclass
+class _Run:
+    """What every step of one run shares, so each takes one argument instead of ten."""
+    data: ImageSet
+    cfg: ClusterConfig
+    k: int
+    in_chans: int
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    net: EmbedNet
+    train_net: nn.Module  # net, or its DDP wrapper: what trains; net embeds and is checkpointed
+    optimizer: torch.optim.Optimizer
+    config: Dict[str, Any]  # cfg as checkpointed, with its defaults resolved
+    log: Callable[[str], None]
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / CHECKPOINT_NAME
+
+    def embed(self, desc: str) -> torch.Tensor:
+        """Embeddings of every image under the current model."""
+        return embed(self.net, self.data.images, self.cfg, self.in_chans, self.device, self.rank, self.world, desc=desc)
+
+    def kmeans(self, x: torch.Tensor, seed: int) -> KMeansResult:
+        """k-means into the run's k clusters with its number of restarts."""
+        return kmeans(x, self.k, n_init=self.cfg.kmeans_restarts, seed=seed)
+
+    def save(self, state: Dict[str, Any]) -> None:
+        """The checkpoint a resume continues from: weights, optimizer, loop state, RNGs, config."""
+        save_atomic({'model': self.net.state_dict(), 'optimizer': self.optimizer.state_dict(), 'state': state,
+                     'rng': rng_state(), 'config': self.config, 'n': len(self.data)}, self.checkpoint_path)
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op in one process)."""
+        if self.world > 1:
+            dist.barrier()
+
+
+def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str], None]) -> _Run:
+    """Processes, checked options, output folder, and the model, seeded, with its optimizer."""
+    rank, world, device = setup_distributed(cfg.device)
+    k = _validate(data, cfg, world)
+    in_chans = cfg.in_chans or data.images.shape[1]
+    out = Path(out_dir)
     if rank == 0:
-        _write_assignments(out / 'assignments.csv', state['assignments'].numpy(), labels)
-        plot_cluster_grid(data.images, state['assignments'], z.cpu(), state['centroids'], labels, out / 'clusters.png')
-        log(f'done: {state["stop_reason"]}; outputs in {out}')
-    return _metrics_dict(data, cfg, k, world, state)
+        out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    num_out = k if cfg.targets == 'pseudo' else int(data.labels.max()) + 1
+    net = EmbedNet(create_cluster_model(cfg, num_out, in_chans).to(device))
+    return _Run(data, cfg, k, in_chans, rank, world, device, out, net,
+                train_net=nn.parallel.DistributedDataParallel(net) if world > 1 else net,
+                optimizer=torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+                config=dict(asdict(cfg), k=k, pretrain=pretrain_method(cfg)), log=log)
+
+
+def _resume(run: _Run) -> Optional[Dict[str, Any]]:
+    """The loop state of a killed run, restored with its weights and RNGs; None when there is no checkpoint."""
+    path = run.checkpoint_path
+    if not path.is_file():
+        if run.rank == 0:
+            run.log(f'no checkpoint at {path}: starting from scratch')
+        return None
+    ckpt = load_checkpoint(path, map_location=run.device)
+    saved = {key: ckpt['config'].get(key) for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed',
+                                                      'pretrain', 'pretrain_epochs')}
+    mine = {key: run.config[key] for key in saved}
+    if saved != mine or ckpt['n'] != len(run.data):
+        raise ValueError(f'{path} was written by a different run ({saved}, {ckpt["n"]} images); '
+                         f'this one is {mine}, {len(run.data)} images. Use another --out or drop --resume')
+    run.net.load_state_dict(ckpt['model'])
+    run.optimizer.load_state_dict(ckpt['optimizer'])
+    state = ckpt['state']
+    set_rng_state(ckpt['rng'])
+    run.log(f'resumed from {path} after ' + (f'round {state["history"][-1]["round"]}' if state['history']
+                                             else 'the representation stage'))
+    return state
+
+
+def _initial_state(run: _Run) -> Dict[str, Any]:
+    """Before round 0: the k-means baselines, the optional representation stage, and round 0's targets."""
+    t0 = time.perf_counter()
+    state = _baselines(run)
+    if pretrain_method(run.cfg) == 'simclr':
+        _representation_stage(run, state)
+    state['elapsed_s'] = time.perf_counter() - t0
+    if run.rank == 0:
+        for name, m in state['baselines'].items():
+            run.log(f'baseline {name:28s} ' + ' '.join(f'{key.upper()} {v:.4f}' for key, v in m.items()))
+        if state['pretrain'] is not None:
+            run.log(f'contrastive stage: {state["pretrain"]["time_s"]:.1f} s, '
+                    f'NT-Xent {state["pretrain"]["loss_contrastive"]:.4f}')
+            # a resume after this point starts at round 0 instead of repeating the stage
+            run.save(state)
+    run.barrier()
+    return state
+
+
+def _baselines(run: _Run) -> Dict[str, Any]:
+    """A fresh loop state with the k-means baselines: pixels (round 0's default targets) and the untrained embedding."""
+    n = len(run.data)
+    pixels = run.data.images.reshape(n, -1).float().div_(255.).to(run.device)
+    pix = run.kmeans(pixels, seed=run.cfg.seed)
+    untrained = run.kmeans(run.embed('embed untrained'), seed=run.cfg.seed)
+    return {
+        'baselines': {
+            'kmeans_pixels': _evaluate(run.data.labels, pix.labels.cpu().numpy()),
+            'kmeans_untrained_embedding': _evaluate(run.data.labels, untrained.labels.cpu().numpy()),
+        },
+        'initial_assignments': pix.labels.cpu(), 'pretrain': None,
+        'assignments': None, 'centroids': None, 'history': [], 'stop_reason': None,
+    }
+
+
+def _representation_stage(run: _Run, state: Dict[str, Any]) -> None:
+    """The paper's optional representation stage (here SimCLR); k-means on its embedding gives round 0's targets."""
+    state['pretrain'] = _pretrain(run.net, run.data.images, run.cfg, run.in_chans, run.device, run.rank, run.world)
+    z = run.embed('embed contrastive')
+    check_embeddings(z, run.k)
+    km = run.kmeans(z, seed=run.cfg.seed)
+    state['initial_assignments'] = km.labels.cpu()
+    state['baselines']['kmeans_contrastive_embedding'] = _evaluate(run.data.labels, km.labels.cpu().numpy())
 
 
 def _pretrain(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans: int, device: torch.device,
@@ -372,16 +397,80 @@ def _pretrain(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans:
     return {'method': 'simclr', **losses, 'time_s': time.perf_counter() - t0}
 
 
-def _metrics_dict(data: ImageSet, cfg: ClusterConfig, k: int, world: int, state: Dict[str, Any]) -> Dict[str, Any]:
+def _train(run: _Run, state: Dict[str, Any], prev: torch.Tensor) -> Dict[str, float]:
+    """One round's training: cross-entropy on the targets in round 0, eq. 8 against the last centroids after."""
+    r = len(state['history'])
+    cfg = run.cfg
+    targets = prev if cfg.targets == 'pseudo' else torch.from_numpy(run.data.labels)
+    centroids = state['centroids'].to(run.device) if r > 0 else None
+    return train_round(run.train_net, run.optimizer, run.data.images, targets, centroids, state['assignments'], cfg,
+                       run.in_chans, run.device, seed=cfg.seed * 100003 + r, rank=run.rank, world=run.world,
+                       desc=f'round {r}')
+
+
+def _recluster(run: _Run, z: torch.Tensor, prev: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """k-means on the new embeddings: (assignments, centroids, inertia), ids matched to prev if cfg.match_ids."""
+    check_embeddings(z, run.k)
+    km = run.kmeans(z, seed=seed)
+    assign, centroids = km.labels.cpu(), km.centroids
+    if run.cfg.match_ids:
+        # k-means numbers clusters arbitrarily; keep each cluster's id where its members were, so the
+        # pseudo-label head and eq. 7's centroids refer to the same groups from round to round
+        perm = torch.from_numpy(match_clusters(assign, prev, run.k))
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(run.k)
+        assign, centroids = perm[assign], centroids[inv.to(centroids.device)]
+    return assign, centroids, km.inertia
+
+
+def _stop_reason(cfg: ClusterConfig, history: List[Dict[str, Any]]) -> Optional[str]:
+    """The paper's stopping rule l_current - l_new < ε, or max_rounds; None to go on.
+
+    The loss difference counts from round 2, the first round whose predecessor also trained on eq. 8.
+    """
+    r = len(history) - 1
+    if r >= 2 and history[r - 1]['loss'] - history[r]['loss'] < cfg.eps:
+        return f'l_current - l_new = {history[r - 1]["loss"] - history[r]["loss"]:.4g} < eps = {cfg.eps}'
+    if r >= cfg.max_rounds:
+        return f'max_rounds = {cfg.max_rounds} reached'
+    return None
+
+
+def _end_round(run: _Run, state: Dict[str, Any]) -> None:
+    """Rank 0 logs the round and writes its checkpoint, metrics.json and NMI curve; every rank waits for them."""
+    record = state['history'][-1]
+    if run.rank == 0:
+        run.log(f'round {record["round"]}: loss {record["loss"]:.4f} (L_ViT {record["loss_vit"]:.4f}, '
+                f'L_clust {record["loss_clustering"]:.3f})' + ''.join(
+                    f' {key.upper()} {record[key]:.4f}' for key in ('nmi', 'ari', 'acc') if key in record)
+                + f' | {record["time_s"]:.1f} s' + (f' | stop: {state["stop_reason"]}' if state['stop_reason'] else ''))
+        run.save(state)
+        _write_metrics(run, state)
+        plot_nmi_curve(state['history'], state['baselines'], run.out / 'nmi_per_round.png')
+    run.barrier()  # no rank starts the next round (or a resume) before the checkpoint exists
+
+
+def _finish(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -> None:
+    """The result files: assignments.csv and clusters.png of the final model's embeddings."""
+    if z is None:  # resumed a finished run: nothing was trained, embed the final model for the figure
+        z = run.embed('embed final')
+    if run.rank == 0:
+        _write_assignments(run.out / 'assignments.csv', state['assignments'].numpy(), run.data.labels)
+        plot_cluster_grid(run.data.images, state['assignments'], z.cpu(), state['centroids'], run.data.labels,
+                          run.out / 'clusters.png')
+        run.log(f'done: {state["stop_reason"]}; outputs in {run.out}')
+
+
+def _metrics_dict(run: _Run, state: Dict[str, Any]) -> Dict[str, Any]:
     """The JSON-able summary of a run: settings, baselines, per-round records, stop reason."""
-    return {'dataset': data.name, 'n': len(data), 'k': k, 'world_size': world, 'config': asdict(cfg),
-            'baselines': state['baselines'], 'pretrain': state['pretrain'], 'rounds': state['history'], 'stop_reason': state['stop_reason'],
-            'elapsed_s': state['elapsed_s']}
+    return {'dataset': run.data.name, 'n': len(run.data), 'k': run.k, 'world_size': run.world,
+            'config': asdict(run.cfg), 'baselines': state['baselines'], 'pretrain': state['pretrain'],
+            'rounds': state['history'], 'stop_reason': state['stop_reason'], 'elapsed_s': state['elapsed_s']}
 
 
-def _write_metrics(out: Path, data: ImageSet, cfg: ClusterConfig, k: int, world: int, state: Dict[str, Any]) -> None:
+def _write_metrics(run: _Run, state: Dict[str, Any]) -> None:
     """metrics.json, rewritten every round so a long run can be watched."""
-    (out / METRICS_NAME).write_text(json.dumps(_metrics_dict(data, cfg, k, world, state), indent=2))
+    (run.out / METRICS_NAME).write_text(json.dumps(_metrics_dict(run, state), indent=2))
 
 
 def _write_assignments(path: Path, assign: np.ndarray, labels: Optional[np.ndarray]) -> None:

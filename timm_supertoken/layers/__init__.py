@@ -1,4 +1,5 @@
-from .embeds import ConvActNorm, ConvStemEmbed, PatchLayerNormEmbed, Patchify, SuperTokenConvEmbed, TokenEmbed
+from .embeds import (ConvActNorm, ConvStemEmbed, PatchEmbedArgs, PatchLayerNormEmbed, Patchify, SuperTokenConvEmbed,
+                     TokenEmbed)
 from .super_token import SuperTokenClustering
 # the operator's functions, defined in timm_supertoken.functional, kept importable from here
 from ..functional import check_super_token_input, super_token_affinities, super_token_aggregate, super_token_clustering

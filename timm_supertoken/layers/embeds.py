@@ -6,7 +6,8 @@ contract of `timm.layers.PatchEmbed` (img_size / grid_size / num_patches, feat_r
 set_input_size, output_fmt), so every VisionTransformer feature keeps working with it.
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,41 +17,57 @@ from timm.layers.trace_utils import _assert
 
 from .super_token import SuperTokenClustering
 
-__all__ = ['TokenEmbed', 'Patchify', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed', 'ConvActNorm']
+__all__ = ['PatchEmbedArgs', 'TokenEmbed', 'Patchify', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed',
+           'ConvActNorm']
 
 SizeType = Union[int, Tuple[int, int]]
 
 
+@dataclass
+class PatchEmbedArgs:
+    """timm's PatchEmbed arguments, which VisionTransformer passes to any `embed_layer`: written once for all.
+
+    Each embedding names its own options and takes these as keyword arguments.
+    """
+    img_size: Optional[SizeType] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    bias: bool = True
+    flatten: bool = True
+    output_fmt: Optional[str] = None
+    strict_img_size: bool = True
+    dynamic_img_pad: bool = False
+    device: Any = None
+    dtype: Optional[torch.dtype] = None
+
+    @property
+    def dd(self) -> Dict[str, Any]:
+        """Factory kwargs for the embedding's parameters (timm's `dd`)."""
+        return {'device': self.device, 'dtype': self.dtype}
+
+
 class TokenEmbed(nn.Module):
-    """Shared image -> token-grid bookkeeping; subclasses implement `embed` returning NHWC tokens."""
+    """Shared image -> token-grid bookkeeping; subclasses build their layers from PatchEmbedArgs."""
     output_fmt: Format
     flatten: torch.jit.Final[bool]
     strict_img_size: torch.jit.Final[bool]
     dynamic_img_pad: torch.jit.Final[bool]
 
-    def __init__(
-            self,
-            img_size: Optional[SizeType],
-            token_stride: SizeType,
-            in_chans: int,
-            flatten: bool = True,
-            output_fmt: Optional[str] = None,
-            strict_img_size: bool = True,
-            dynamic_img_pad: bool = False,
-    ) -> None:
+    def __init__(self, args: PatchEmbedArgs, token_stride: SizeType) -> None:
         super().__init__()
-        self.in_chans = in_chans
+        self.in_chans = args.in_chans
         self.embed_name = type(self).__name__  # a plain attribute, so error messages survive TorchScript
         self.patch_size = to_2tuple(token_stride)
-        if output_fmt is not None:
+        if args.output_fmt is not None:
             self.flatten = False
-            self.output_fmt = Format(output_fmt)
+            self.output_fmt = Format(args.output_fmt)
         else:
-            self.flatten = flatten
+            self.flatten = args.flatten
             self.output_fmt = Format.NCHW
-        self.strict_img_size = strict_img_size
-        self.dynamic_img_pad = dynamic_img_pad
-        self.img_size, self.grid_size, self.num_patches = self._init_img_size(img_size)
+        self.strict_img_size = args.strict_img_size
+        self.dynamic_img_pad = args.dynamic_img_pad
+        self.img_size, self.grid_size, self.num_patches = self._init_img_size(args.img_size)
 
     def _rounds_up(self) -> bool:
         """Whether a partial border patch becomes a token (convolutions pad, plain patchify needs dynamic_img_pad)."""
@@ -132,31 +149,18 @@ class Patchify(nn.Module):
 class PatchLayerNormEmbed(TokenEmbed):
     """Patch embedding of paper Table 3: 16×16 patches -> LayerNorm(768) -> Linear(768→D) -> LayerNorm(D).
 
-    297,600 parameters at D=384 (paper Table 1: 0.30M).
+    297,600 parameters at D=384 (paper Table 1: 0.30M). Keyword arguments: `PatchEmbedArgs` (timm's PatchEmbed).
     """
 
-    def __init__(
-            self,
-            img_size: Optional[SizeType] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            embed_dim: int = 768,
-            bias: bool = True,
-            flatten: bool = True,
-            output_fmt: Optional[str] = None,
-            strict_img_size: bool = True,
-            dynamic_img_pad: bool = False,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        super().__init__(img_size, patch_size, in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
+    def __init__(self, **kwargs: Any) -> None:
+        args = PatchEmbedArgs(**kwargs)
+        super().__init__(args, args.patch_size)
         p, q = self.patch_size
-        patch_dim = in_chans * p * q
+        patch_dim = args.in_chans * p * q
         self.patchify = Patchify(self.patch_size)
-        self.norm_patch = nn.LayerNorm(patch_dim, **dd)
-        self.proj = nn.Linear(patch_dim, embed_dim, bias=bias, **dd)
-        self.norm = nn.LayerNorm(embed_dim, **dd)
+        self.norm_patch = nn.LayerNorm(patch_dim, **args.dd)
+        self.proj = nn.Linear(patch_dim, args.embed_dim, bias=args.bias, **args.dd)
+        self.norm = nn.LayerNorm(args.embed_dim, **args.dd)
 
     def _rounds_up(self) -> bool:
         return self.dynamic_img_pad
@@ -182,35 +186,23 @@ class ConvStemEmbed(TokenEmbed):
 
     Four 3×3 stride-2 Conv-BN-ReLU with D/8, D/4, D/2, D channels (48, 96, 192, 384 at D=384), then a
     1×1 conv to D. 1,021,488 parameters at D=384 (paper Table 1: 1.00M; its Table 4's 96-384 channel
-    stem would be 3.5M and contradicts Table 1, see docs/design.md §1).
+    stem would be 3.5M and contradicts Table 1, see docs/design.md §1). Keyword arguments besides `stem_chs`:
+    `PatchEmbedArgs` (timm's PatchEmbed).
     """
 
-    def __init__(
-            self,
-            img_size: Optional[SizeType] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            embed_dim: int = 768,
-            stem_chs: Optional[Sequence[int]] = None,
-            bias: bool = True,
-            flatten: bool = True,
-            output_fmt: Optional[str] = None,
-            strict_img_size: bool = True,
-            dynamic_img_pad: bool = False,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
-        stem_chs = tuple(stem_chs or (embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim))
-        super().__init__(img_size, 2 ** len(stem_chs), in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
-        if self.patch_size != to_2tuple(patch_size):
+    def __init__(self, stem_chs: Optional[Sequence[int]] = None, **kwargs: Any) -> None:
+        args = PatchEmbedArgs(**kwargs)
+        D = args.embed_dim
+        stem_chs = tuple(stem_chs or (D // 8, D // 4, D // 2, D))
+        super().__init__(args, 2 ** len(stem_chs))
+        if self.patch_size != to_2tuple(args.patch_size):
             raise ValueError(f'a {len(stem_chs)}-conv stride-2 stem has token stride {self.patch_size[0]}, '
-                             f'not the requested patch_size={patch_size}')
-        chs = (in_chans,) + stem_chs
+                             f'not the requested patch_size={args.patch_size}')
+        chs = (args.in_chans,) + stem_chs
         self.stem = nn.Sequential(*[
-            ConvNormAct(chs[i], chs[i + 1], kernel_size=3, stride=2, **dd) for i in range(len(stem_chs))
+            ConvNormAct(chs[i], chs[i + 1], kernel_size=3, stride=2, **args.dd) for i in range(len(stem_chs))
         ])
-        self.proj = nn.Conv2d(chs[-1], embed_dim, kernel_size=1, bias=bias, **dd)
+        self.proj = nn.Conv2d(chs[-1], D, kernel_size=1, bias=args.bias, **args.dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_image(x)
@@ -268,44 +260,29 @@ class SuperTokenConvEmbed(TokenEmbed):
     super-token clustering on a 2×2 grid with t=3 (28² -> 14²), then Linear(64→D): 132,192 parameters
     at D=384. `conv_modules` reaches the paper's Table 7 ablation: 0, 1, 2, 4, 6, and 7 (6 plus the
     extra stride-2 conv to 14×14); by default the clustering grid is chosen so the token stride stays
-    `patch_size` (grid 16, 8, 8, 4, 2, 1 for those depths), keeping 196 tokens at 224×224.
+    `patch_size` (grid 16, 8, 8, 4, 2, 1 for those depths), keeping 196 tokens at 224×224. Keyword
+    arguments besides those three: `PatchEmbedArgs` (timm's PatchEmbed).
     """
     STEM_CHS = (16, 32, 32, 64, 64, 64, 64)
 
-    def __init__(
-            self,
-            img_size: Optional[SizeType] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            embed_dim: int = 768,
-            conv_modules: int = 6,
-            cluster_grid: Optional[int] = None,
-            cluster_iters: int = 3,
-            bias: bool = True,
-            flatten: bool = True,
-            output_fmt: Optional[str] = None,
-            strict_img_size: bool = True,
-            dynamic_img_pad: bool = False,
-            device=None,
-            dtype=None,
-    ) -> None:
-        dd = {'device': device, 'dtype': dtype}
+    def __init__(self, conv_modules: int = 6, cluster_grid: Optional[int] = None, cluster_iters: int = 3,
+                 **kwargs: Any) -> None:
+        args = PatchEmbedArgs(**kwargs)
         if not 0 <= conv_modules <= len(self.STEM_CHS):
             raise ValueError(f'conv_modules must be in 0..{len(self.STEM_CHS)} (paper Table 7), got {conv_modules}')
         stem_stride = 2 ** math.ceil(conv_modules / 2)  # modules 1, 3, 5, 7 have stride 2
         if cluster_grid is None:
-            if patch_size % stem_stride:
-                raise ValueError(f'patch_size={patch_size} is not a multiple of the stem stride {stem_stride}')
-            cluster_grid = patch_size // stem_stride
+            if args.patch_size % stem_stride:
+                raise ValueError(f'patch_size={args.patch_size} is not a multiple of the stem stride {stem_stride}')
+            cluster_grid = args.patch_size // stem_stride
         cluster = SuperTokenClustering(grid=cluster_grid, iters=cluster_iters)  # validates grid and t first
-        super().__init__(
-            img_size, stem_stride * cluster_grid, in_chans, flatten, output_fmt, strict_img_size, dynamic_img_pad)
-        chs = (in_chans,) + self.STEM_CHS[:conv_modules]
+        super().__init__(args, stem_stride * cluster_grid)
+        chs = (args.in_chans,) + self.STEM_CHS[:conv_modules]
         self.stem = nn.Sequential(*[
-            ConvActNorm(chs[i], chs[i + 1], stride=2 if i % 2 == 0 else 1, **dd) for i in range(conv_modules)
+            ConvActNorm(chs[i], chs[i + 1], stride=2 if i % 2 == 0 else 1, **args.dd) for i in range(conv_modules)
         ])
         self.cluster = cluster
-        self.proj = nn.Linear(chs[-1], embed_dim, bias=bias, **dd)
+        self.proj = nn.Linear(chs[-1], args.embed_dim, bias=args.bias, **args.dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_image(x)

@@ -111,6 +111,22 @@ def _pixel_rows(H, W, GRID: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _neighbour(i, j, kk, row_ok, h, w):
+    """Cell (i, j)'s neighbour in slot kk = (dy + 1)·3 + (dx + 1): (row, column, on the grid and in a real row)."""
+    ti = i + (kk // 3 - 1)
+    tj = j + (kk % 3 - 1)
+    return ti, tj, row_ok & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
+
+
+@triton.jit
+def _cell_pixel(y0, x0, q, cell_ok, H, W, GRID: tl.constexpr):
+    """Pixel q (row-major) of the cell starting at pixel (y0, x0): (y, x, in the map: border cells may be partial)."""
+    y = y0 + q // GRID
+    x = x0 + q % GRID
+    return y, x, cell_ok & (y < H) & (x < W)
+
+
+@triton.jit
 def _cell_mean_kernel(
         x_ptr, tok_ptr,
         C, H, W, h, w,
@@ -127,9 +143,7 @@ def _cell_mean_kernel(
         cm = c < C
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for q in tl.static_range(GRID * GRID):
-            y = i * GRID + q // GRID
-            x = j * GRID + q % GRID
-            ok = row_ok & (y < H) & (x < W)
+            y, x, ok = _cell_pixel(i * GRID, j * GRID, q, row_ok, H, W, GRID)
             acc += tl.load(x_base + ((y * W + x) * C)[:, None] + c[None, :],
                            mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
         tl.store(tok_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / count[:, None],
@@ -161,9 +175,7 @@ def _affinity_kernel(
         xt = tl.load(x_base + (m * C)[:, None] + c[None, :], mask=row_ok[:, None] & cm[None, :],
                      other=0.0).to(tl.float32)
         for kk in range(9):
-            ti = i + (kk // 3 - 1)
-            tj = j + (kk % 3 - 1)
-            ok = row_ok & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
+            ti, tj, ok = _neighbour(i, j, kk, row_ok, h, w)
             tok = tl.load(t_base + ((ti * w + tj) * C)[:, None] + c[None, :],
                           mask=ok[:, None] & cm[None, :], other=0.0)
             logits += tl.where(k[None, :] == kk, tl.sum(xt * tok, axis=1)[:, None], 0.0)
@@ -203,9 +215,7 @@ def _aggregate_kernel(
             cell_ok = row_ok & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
             a_kk = a_base + (8 - kk) * (H * W)
             for q in range(GRID * GRID):
-                y = cy + q // GRID
-                x = cx + q % GRID
-                ok = cell_ok & (y < H) & (x < W)
+                y, x, ok = _cell_pixel(cy, cx, q, cell_ok, H, W, GRID)
                 a = tl.load(a_kk + y * W + x, mask=ok, other=0.0)
                 xt = tl.load(x_base + ((y * W + x) * C)[:, None] + c[None, :], mask=ok[:, None] & cm[None, :],
                              other=0.0)
@@ -234,9 +244,7 @@ def _backward_kernel(
         cm = c < C
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for kk in range(9):
-            ti = i + (kk // 3 - 1)
-            tj = j + (kk % 3 - 1)
-            ok = row_ok & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
+            ti, tj, ok = _neighbour(i, j, kk, row_ok, h, w)
             weight = tl.load(a_base + kk * (H * W) + m, mask=ok, other=0.0) \
                 / tl.load(n_base + ti * w + tj, mask=ok, other=1.0)
             g = tl.load(g_base + ((ti * w + tj) * C)[:, None] + c[None, :],
