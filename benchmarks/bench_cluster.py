@@ -18,9 +18,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from timm_supertoken.benchmark import hardware_info, write_markdown_section
 from timm_supertoken.clustering.cli import add_cluster_command, data_and_config, results_markdown
 from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
+from timm_supertoken.runtime import hardware_info
+
+from docs_page import write_markdown_section
 
 SECTION = '## Measured: Fashion-MNIST test on CPU'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'clustering.md'

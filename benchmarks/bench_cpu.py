@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu.py [--repeats 15] [--batch-size 8] [--output docs/benchmarks.md]
 
-Runs `timm_supertoken.benchmark.benchmark_cpu` (fp32, eval, inference_mode, all models interleaved in
+Runs `timm_supertoken.throughput.benchmark_cpu` (fp32, eval, inference_mode, all models interleaved in
 one process, median of the repeats), then breaks vit_small_stconv's embedding down by stage and by
 operator with torch.profiler, and rewrites only the `## CPU inference` section of the output file so
 other sections (e.g. GPU kernel benchmarks) survive.
@@ -22,8 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from timm_supertoken.benchmark import (
-    BASELINE, benchmark_cpu, hardware_info, target_verdict, throughput_markdown, write_markdown_section)
+from timm_supertoken.runtime import hardware_info
+from timm_supertoken.throughput import BASELINE, benchmark_cpu, throughput_markdown
+
+from docs_page import target_verdict, write_markdown_section
 
 SECTION = '## CPU inference'
 TARGET_RATIO = 0.95  # the goal: vit_small_stconv at >= 0.95x the throughput of vit_small_patch16_224

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
-from timm_supertoken.benchmark import cpu_name, write_markdown_section
+from timm_supertoken.runtime import cpu_name
+
+from docs_page import write_markdown_section
 
 SECTION = '## GPU: super-token clustering and models'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'

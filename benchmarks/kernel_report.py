@@ -23,10 +23,11 @@ import torch
 import triton
 from triton import knobs
 
-from timm_supertoken.benchmark import write_markdown_section
 from timm_supertoken.ops.aot import ARCHS
 from timm_supertoken.ops.report import SHAPES, collect
 from timm_supertoken.ops.super_token_triton import traffic_model
+
+from docs_page import write_markdown_section
 
 SECTION = '## Kernel report (compiled for sm_80 and sm_90, no GPU)'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from timm_supertoken.benchmark import write_markdown_section
+from docs_page import target_verdict, write_markdown_section
 
 
 def test_sections_are_replaced_in_place_and_others_survive(tmp_path):
@@ -29,5 +29,4 @@ def test_gpu_benchmark_runs_every_path_on_cpu():
 
 @pytest.mark.parametrize('ratio,best,verdict', [(0.97, 0.96, 'met'), (0.90, 0.94, 'NOT met'), (0.967, 0.919, 'inconclusive')])
 def test_target_verdict_needs_median_and_fastest_repeat_to_agree(ratio, best, verdict):
-    from timm_supertoken.benchmark import target_verdict
     assert target_verdict(ratio, best, 0.95).startswith(verdict)

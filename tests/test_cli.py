@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from timm_supertoken import MODEL_NAMES
-from timm_supertoken.benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
 from timm_supertoken.cli import FIGURE_DPI, FIGURE_SIZE_IN, main
+from timm_supertoken.runtime import hardware_info
+from timm_supertoken.throughput import BASELINE, benchmark_cpu, throughput_markdown
 
 TINY = ['--batch-size', '1', '--repeats', '1', '--img-size', '32']
 

@@ -19,13 +19,13 @@ import timm
 
 from . import __version__
 from .models import MODEL_NAMES
-from .benchmark import BASELINE, benchmark_cpu, hardware_info, throughput_markdown
 from .clustering.cli import add_cluster_command
 from .data.image_folder import add_dataset_command
 from .data.imagenet100 import add_imagenet100_command
 from .hub_cli import add_hub_commands
 from .functional import super_token_affinities, super_token_aggregate
-from .runtime import headless_pyplot
+from .runtime import hardware_info, headless_pyplot
+from .throughput import BASELINE, benchmark_cpu, throughput_markdown
 from .training.cli import add_training_commands
 
 __all__ = ['main', 'build_parser', 'parameter_rows', 'parameter_markdown', 'plot_super_tokens']

@@ -1,5 +1,10 @@
-"""Model-creation, process-group, RNG, checkpoint and progress plumbing shared by the training and deep-clustering loops."""
+"""Plumbing shared by the training and deep-clustering loops and the commands.
+
+Model creation, process groups, RNG state, checkpoints, progress, and the description of the machine that
+every reported number is printed with.
+"""
 import os
+import platform
 import random
 import sys
 import time
@@ -14,8 +19,33 @@ from tqdm.auto import tqdm
 
 import timm
 
-__all__ = ['create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state', 'set_rng_state', 'seed_everything', 'save_atomic',
-           'progress']
+__all__ = ['cpu_name', 'hardware_info', 'create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state',
+           'set_rng_state', 'seed_everything', 'save_atomic', 'progress']
+
+
+def cpu_name() -> str:
+    """The CPU model, so published numbers say which machine they came from."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass  # not Linux: fall back to what the platform module knows
+    return platform.processor() or platform.machine() or 'unknown CPU'
+
+
+def hardware_info() -> Dict[str, str]:
+    """Hardware and software versions that a throughput figure is meaningless without."""
+    return {
+        'cpu': cpu_name(),
+        'cores': str(os.cpu_count()),
+        'threads': str(torch.get_num_threads()),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'python': platform.python_version(),
+        'os': platform.platform(terse=True),
+    }
 
 
 def headless_pyplot() -> Any:

@@ -7,7 +7,7 @@ from typing import Any, Dict, Tuple
 import torch
 from timm.utils import ParseKwargs
 
-from ..benchmark import hardware_info
+from ..runtime import hardware_info
 from ..data import FASHION_MNIST_DIR, ImageSet, load_dataset
 from .deep_clustering import PRETRAIN_METHODS, ClusterConfig, pretrain_method, run_deep_clustering
 

@@ -10,7 +10,7 @@ import torch
 from timm.utils import ParseKwargs
 
 from ..models import MODEL_NAMES
-from ..benchmark import hardware_info
+from ..runtime import hardware_info
 from ..data import DATASETS, FASHION_MNIST_DIR
 from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, results_markdown, run_compare
 from .recipe import PAPER_RECIPE, load_recipe, recipe_to_yaml

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 import timm
 
 from ..models import MODEL_NAMES
-from ..benchmark import cpu_name, hardware_info, time_models
 from ..data import ImageSet, load_splits
-from ..runtime import headless_pyplot, setup_distributed
+from ..runtime import cpu_name, hardware_info, headless_pyplot, setup_distributed
+from ..throughput import time_models
 from .recipe import Recipe
 from .trainer import TrainConfig, autocast, create_training_model, fit, precision_name
 

@@ -5,11 +5,8 @@ table (docs/benchmarks.md) come from the same code. Models are timed round-robin
 each repeat visiting every model once, and the median over repeats is reported: on a shared, noisy
 machine this keeps drift (other jobs, thermal state) from favouring whichever model ran first or last.
 """
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -19,38 +16,10 @@ import timm
 
 from .models import MODEL_NAMES
 
-__all__ = [
-    'BASELINE', 'BENCH_MODELS', 'cpu_name', 'hardware_info', 'benchmark_cpu', 'time_models', 'throughput_markdown',
-    'target_verdict', 'write_markdown_section',
-]
+__all__ = ['BASELINE', 'BENCH_MODELS', 'benchmark_cpu', 'time_models', 'throughput_markdown']
 
 BASELINE = 'vit_small_patch16_224'
 BENCH_MODELS = (BASELINE,) + MODEL_NAMES
-
-
-def cpu_name() -> str:
-    """The CPU model, so published numbers say which machine they came from."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass  # not Linux: fall back to what the platform module knows
-    return platform.processor() or platform.machine() or 'unknown CPU'
-
-
-def hardware_info() -> Dict[str, str]:
-    """Hardware and software versions that a throughput figure is meaningless without."""
-    return {
-        'cpu': cpu_name(),
-        'cores': str(os.cpu_count()),
-        'threads': str(torch.get_num_threads()),
-        'torch': torch.__version__,
-        'timm': timm.__version__,
-        'python': platform.python_version(),
-        'os': platform.platform(terse=True),
-    }
 
 
 def _create(name: str, img_size: int) -> nn.Module:
@@ -153,27 +122,3 @@ def throughput_markdown(results: Dict[str, Dict[str, float]], baseline: str = BA
             f"| {name} | {s['img_per_s']:.2f} | {s['ms_per_batch']:.1f} | {s['ratio']:.3f}× "
             f"| {s['embed_ms']:.1f} | {s['embed_share']:.1%} | {s['best_ms_per_batch']:.1f} | {s['best_ratio']:.3f}× |")
     return '\n'.join(lines)
-
-
-def target_verdict(ratio: float, best_ratio: float, target: float) -> str:
-    """Met, not met, or inconclusive when the median and the fastest repeat fall on either side of the target."""
-    if min(ratio, best_ratio) >= target:
-        return 'met'
-    if max(ratio, best_ratio) < target:
-        return 'NOT met'
-    return 'inconclusive: the median and the fastest repeat disagree, the machine was too noisy'
-
-
-def write_markdown_section(path: Path, heading: str, section: str) -> None:
-    """Replace one `## ` section of a Markdown file (or append it), so several benchmarks share one page."""
-    text = path.read_text() if path.exists() else ''
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        text = text.rstrip('\n') + '\n\n' + section if text.strip() else '# Benchmarks\n\n' + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')), len(lines))
-        tail = ''.join(lines[end:])
-        text = ''.join(lines[:start]) + section + ('\n' + tail if tail else '')
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
