@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from timm_supertoken.clustering.cli import add_cluster_command, data_and_config, results_markdown
+from timm_supertoken.clustering.cli import add_cluster_command, data_and_config
 from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
+from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import hardware_info
 
 from docs_page import write_markdown_section

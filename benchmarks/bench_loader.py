@@ -30,11 +30,10 @@ from torch.utils.data import Dataset
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_loader
 
-from timm_supertoken.data import ImageSet, load_fashion_mnist
+from timm_supertoken.data.image_sets import ImageSet, load_fashion_mnist
 from timm_supertoken.runtime import hardware_info
-from timm_supertoken.training.cli import recipe_path
 from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler, create_device_loader
-from timm_supertoken.training.recipe import Recipe, load_recipe
+from timm_supertoken.training.recipe import Recipe, load_recipe, recipe_path
 
 from docs_page import target_verdict, write_markdown_section
 

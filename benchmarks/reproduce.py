@@ -22,8 +22,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from timm_supertoken.runtime import hardware_info
-from timm_supertoken.training import run_compare
-from timm_supertoken.training.cli import QUICK_RECIPE, build_compare_config
+from timm_supertoken.training.compare import QUICK_RECIPE, build_compare_config, run_compare
 from timm_supertoken.training.recipe import recipe_to_yaml
 
 from docs_page import write_markdown_section

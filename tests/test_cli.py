@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from timm_supertoken import MODEL_NAMES
-from timm_supertoken.cli import FIGURE_DPI, FIGURE_SIZE_IN, main
+from timm_supertoken.cli import main
+from timm_supertoken.figures import FIGURE_DPI, FIGURE_SIZE_IN, super_token_panel_titles
 from timm_supertoken.runtime import hardware_info
 from timm_supertoken.throughput import BASELINE, benchmark_cpu, throughput_markdown
 
@@ -97,8 +98,6 @@ def test_hardware_info_names_the_machine():
 
 
 def test_super_token_figure_says_which_sizes_are_pixels_and_which_tokens():
-    from timm_supertoken.cli import super_token_panel_titles
-
     cells, _, painted = super_token_panel_titles(224, 16, 3, (14, 14))
     assert '16×16-px cell' in cells and '224×224 px' in cells
     assert '14×14 tokens' in painted

@@ -15,10 +15,10 @@ from timm.data.auto_augment import AugmentOp
 
 from timm_supertoken.data import ImageSet, load_digits_set, stratified_split
 from timm_supertoken.training import PAPER_RECIPE, CompareConfig, Recipe, load_recipe, parse_model_spec, run_compare
-from timm_supertoken.training.cli import QUICK_RECIPE, recipe_names, recipe_path
-from timm_supertoken.training.compare import FIGURE_NAME, RESULTS_CSV, RESULTS_JSON, results_markdown
+from timm_supertoken.training.compare import (
+    FIGURE_NAME, QUICK_RECIPE, RESULTS_CSV, RESULTS_JSON, build_compare_config, results_markdown)
 from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler, create_device_loader
-from timm_supertoken.training.recipe import recipe_to_yaml
+from timm_supertoken.training.recipe import recipe_names, recipe_path, recipe_to_yaml
 
 TINY_KWARGS = dict(depth=1, embed_dim=32, num_heads=2)
 TINY_RECIPE = Recipe(epochs=2, warmup_epochs=1, batch_size=32, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0,
@@ -291,7 +291,6 @@ def test_compare_command_prints_settings_and_table(tmp_path, capsys):
 
 
 def test_build_compare_config_applies_only_given_overrides():
-    from timm_supertoken.training.cli import build_compare_config
     recipe, run = load_recipe(recipe_path(QUICK_RECIPE))
     default = build_compare_config()
     assert default.recipe == recipe and default.img_size == run['img_size'] and default.model_kwargs == run['model_kwargs']
@@ -301,7 +300,6 @@ def test_build_compare_config_applies_only_given_overrides():
 
 
 def test_short_runs_scale_the_warm_up_and_say_so():
-    from timm_supertoken.training.cli import build_compare_config
     notes = []
     cfg = build_compare_config('fashion_mnist', epochs=3, log=notes.append)
     assert (cfg.recipe.epochs, cfg.recipe.warmup_epochs) == (3, 0)  # 5 of 100 epochs: 5% of 3, rounded down

@@ -10,8 +10,9 @@ from timm.utils import ParseKwargs
 from ..runtime import hardware_info
 from ..data import FASHION_MNIST_DIR, ImageSet, load_dataset
 from .deep_clustering import PRETRAIN_METHODS, ClusterConfig, pretrain_method, run_deep_clustering
+from .report import results_markdown
 
-__all__ = ['add_cluster_command', 'cmd_cluster', 'data_and_config', 'results_markdown', 'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS']
+__all__ = ['add_cluster_command', 'cmd_cluster', 'data_and_config', 'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS']
 
 # the embedded default must finish on 2 CPU cores in minutes: ViT-S width, 4 of its 12 blocks, 32×32 input
 DEFAULT_MODEL = 'vit_small_stconv'
@@ -126,17 +127,3 @@ def data_and_config(args: argparse.Namespace) -> Tuple[ImageSet, ClusterConfig]:
         seed=args.seed, device=args.device)
     return data, cfg
 
-
-def results_markdown(result: Dict[str, Any]) -> str:
-    """Baselines and rounds as one Markdown table (NMI/ARI/ACC, losses, time)."""
-    lines = ['| | NMI | ARI | ACC | loss (eq. 8) | L_ViT | L_clust | time (s) |', '|---|---:|---:|---:|---:|---:|---:|---:|']
-    for name, m in result['baselines'].items():
-        if m:
-            # the contrastive baseline's time is the representation stage's
-            stage_s = f'{result["pretrain"]["time_s"]:.1f}' if name == 'kmeans_contrastive_embedding' else ''
-            lines.append(f'| {name.replace("_", " ")} | {m["nmi"]:.4f} | {m["ari"]:.4f} | {m["acc"]:.4f} | | | | {stage_s} |')
-    for r in result['rounds']:
-        scores = ' | '.join(f'{r[key]:.4f}' if key in r else '-' for key in ('nmi', 'ari', 'acc'))
-        lines.append(f'| round {r["round"]} | {scores} | {r["loss"]:.4f} | {r["loss_vit"]:.4f} '
-                     f'| {r["loss_clustering"]:.3f} | {r["time_s"]:.1f} |')
-    return '\n'.join(lines)

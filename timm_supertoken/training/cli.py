@@ -2,87 +2,25 @@
 import argparse
 import os
 import time
-from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import List
 
 import torch
 from timm.utils import ParseKwargs
 
-from ..models import MODEL_NAMES
 from ..runtime import hardware_info
 from ..data import DATASETS, FASHION_MNIST_DIR
-from .compare import RESULTS_CSV, RESULTS_JSON, FIGURE_NAME, CompareConfig, results_markdown, run_compare
-from .recipe import PAPER_RECIPE, load_recipe, recipe_to_yaml
+from .compare import (
+    FIGURE_NAME, QUICK_RECIPE, RESULTS_CSV, RESULTS_JSON, build_compare_config, quick_recipe_note, results_markdown,
+    run_compare)
+from .recipe import recipe_names, recipe_path, recipe_to_yaml
 
-__all__ = ['add_training_commands', 'build_compare_config', 'quick_recipe_note', 'recipe_path', 'recipe_names',
-           'QUICK_RECIPE']
+__all__ = ['add_training_commands']
 
-QUICK_RECIPE = 'quick_digits'  # the embedded default: scaled down to finish in minutes on 2 CPU cores
 # recipe options that the command line can override, by train.py name
 _RECIPE_OPTIONS = (('epochs', int), ('batch_size', int), ('lr', float), ('weight_decay', float), ('warmup_epochs', int),
                    ('mixup', float), ('cutmix', float), ('aa', str), ('reprob', float), ('smoothing', float),
                    ('drop_path', float), ('sched', str), ('opt', str))
-
-
-def recipe_names() -> List[str]:
-    """The recipes shipped in timm_supertoken/recipes, without the .yaml suffix."""
-    return sorted(p.name[:-5] for p in resources.files('timm_supertoken.recipes').iterdir() if p.name.endswith('.yaml'))
-
-
-def recipe_path(name: str) -> Path:
-    """A shipped recipe's file, by name ('quick_digits') or as a path to any YAML file."""
-    if name.endswith(('.yaml', '.yml')) or os.sep in name:
-        return Path(name)
-    if name not in recipe_names():
-        raise ValueError(f'no shipped recipe {name!r}; shipped: {", ".join(recipe_names())} (or pass a .yaml path)')
-    return Path(str(resources.files('timm_supertoken.recipes') / f'{name}.yaml'))
-
-
-def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[str]] = None,
-                         model_kwargs: Optional[Dict[str, Any]] = None, dataset: str = 'digits',
-                         data_dir: Optional[str] = None, img_size: Optional[int] = None, seed: Optional[int] = None,
-                         device: str = 'auto', workers: Optional[int] = None, out: str = './timm-supertoken-compare',
-                         resume: bool = False, log: Callable[[str], None] = print,
-                         **recipe_overrides: Any) -> CompareConfig:
-    """The recipe file first, explicit values over it; the file's run keys (model, img_size, ...) fill the rest.
-
-    recipe_overrides are Recipe fields (train.py names); None values are ignored, and aa='none' turns
-    RandAugment off. An `epochs` no longer than the recipe's warm-up scales the warm-up down unless
-    `warmup_epochs` is given too (`Recipe.with_epochs`); log receives the note saying so.
-    """
-    recipe, run = load_recipe(recipe_path(config), base=PAPER_RECIPE)
-    aa = recipe_overrides.get('aa')
-    if isinstance(aa, str) and aa.lower() == 'none':
-        recipe_overrides['aa'] = ''
-    epochs = recipe_overrides.pop('epochs', None)
-    if epochs is not None and recipe_overrides.get('warmup_epochs') is None:
-        recipe, note = recipe.with_epochs(epochs)
-        if note:
-            log(note)
-    else:
-        recipe_overrides['epochs'] = epochs
-    return CompareConfig(
-        models=list(models or ([run['model']] if run.get('model') else MODEL_NAMES)),
-        model_kwargs=dict(model_kwargs if model_kwargs is not None else run.get('model_kwargs') or {}),
-        dataset=dataset,
-        data_dir=data_dir or run.get('data_dir'),
-        img_size=img_size or run.get('img_size') or 224,
-        recipe=recipe.replace(**recipe_overrides),
-        seed=seed if seed is not None else run.get('seed', 0),
-        device=device,
-        workers=workers,
-        out=out,
-        resume=resume,
-    )
-
-
-def quick_recipe_note(cfg: CompareConfig) -> str:
-    """What the embedded default recipe changes from the paper, naming the run's actual data and trunk."""
-    trunk = ', '.join(f'{k}={v}' for k, v in cfg.model_kwargs.items()) or 'full size'
-    return (f'scaled down from the paper so the default run fits 2 CPU cores in minutes: trunk {trunk}; '
-            f'{cfg.dataset} at {cfg.img_size}×{cfg.img_size}; fewer epochs and milder augmentation than Table 2. '
-            'The paper-scale recipes are `timm-supertoken recipe` (imagenet100_*, fashion_mnist).')
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

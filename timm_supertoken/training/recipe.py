@@ -13,9 +13,11 @@ augmentation of DeiT". It deviates from DeiT (Touvron et al. 2021, ViT-S recipe)
   (it needs ≥ 3 processes to mean anything) and EMA (DeiT's released runs do not use it).
 """
 import dataclasses
+import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -28,7 +30,8 @@ from timm.scheduler import create_scheduler_v2
 
 from .data import SampleTransform
 
-__all__ = ['Recipe', 'PAPER_RECIPE', 'TRAIN_PY_RUN_KEYS', 'load_recipe', 'recipe_to_yaml']
+__all__ = ['Recipe', 'PAPER_RECIPE', 'TRAIN_PY_RUN_KEYS', 'load_recipe', 'recipe_to_yaml', 'recipe_names',
+           'recipe_path']
 
 # train.py options a recipe YAML may carry that describe the run (data, model, hardware), not the recipe
 TRAIN_PY_RUN_KEYS = frozenset({
@@ -193,3 +196,17 @@ def recipe_to_yaml(recipe: Recipe, run: Optional[Dict[str, Any]] = None) -> str:
     data: Dict[str, Any] = dict(run or {})
     data.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(recipe).items()})
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def recipe_names() -> List[str]:
+    """The recipes shipped in timm_supertoken/recipes, without the .yaml suffix."""
+    return sorted(p.name[:-5] for p in resources.files('timm_supertoken.recipes').iterdir() if p.name.endswith('.yaml'))
+
+
+def recipe_path(name: str) -> Path:
+    """A shipped recipe's file, by name ('quick_digits') or as a path to any YAML file."""
+    if name.endswith(('.yaml', '.yml')) or os.sep in name:
+        return Path(name)
+    if name not in recipe_names():
+        raise ValueError(f'no shipped recipe {name!r}; shipped: {", ".join(recipe_names())} (or pass a .yaml path)')
+    return Path(str(resources.files('timm_supertoken.recipes') / f'{name}.yaml'))
