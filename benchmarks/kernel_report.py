@@ -1,6 +1,6 @@
 """Kernel report: the fused super-token kernels as an A100 and an H100 will run them, with no GPU.
 
-    python benchmarks/kernel_report.py [--shapes model operator] [--output docs/benchmarks.md]
+    python benchmarks/kernel_report.py [--shapes model operator] [--output docs/benchmarks.md | --json facts.json]
 
 Compiles every kernel of the fused forward and backward (every autotune config) for sm_80 and sm_90,
 fp32/bf16/fp16, NCHW and channels_last input, at the model's map (vit_small_stconv, 224², B=128) and
@@ -8,10 +8,12 @@ the operator benchmark's largest map (B=256, 56×56×64), with the specialisatio
 at run time; reads registers, local memory, shared memory, resident warps per SM and the SASS
 instruction mix with the ptxas/cuobjdump of the Triton wheel; and sets the traffic/FLOP model of
 `timm_supertoken.ops.super_token_triton` beside it. Prints the tables and rewrites the
-`## Kernel report` section of docs/benchmarks.md. A few minutes on 2 cores; no CUDA toolkit, no GPU.
+`## Kernel report` section of docs/benchmarks.md, or with --json writes the facts themselves (what
+tests/test_kernel_report.py holds the kernels to). A few minutes on 2 cores; no CUDA toolkit, no GPU.
 """
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -148,12 +150,17 @@ def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['model', 'operator'])
     parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--json', type=Path, default=None,
+                        help='write the rows of kernel facts here instead of the docs section')
+    parser.add_argument('--workers', type=int, default=0, help='compiler processes (default: one per core)')
     args = parser.parse_args(argv)
     if os.environ.get('TRITON_INTERPRET') == '1':
         parser.error('unset TRITON_INTERPRET: the kernels must be compiled, not interpreted')
     grid, iters = 2, 3
     rows = collect(args.shapes, sorted(ARCHS), workers=args.workers, grid=grid, iters=iters)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+        return 0
     shapes = {name: SHAPES[name]() for name in args.shapes}
     section = render(rows, shapes, grid, iters)
     print(section)

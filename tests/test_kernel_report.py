@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ triton = pytest.importorskip('triton')
 from timm_supertoken import ops  # noqa: E402
 from timm_supertoken.ops.super_token_triton import traffic_model  # noqa: E402
 
+KERNEL_REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'kernel_report.py'
 MIN_RESIDENT_WARPS = 16  # of 64 per SM: enough loads in flight to keep HBM busy (module docstring)
 
 
@@ -24,7 +26,7 @@ MIN_RESIDENT_WARPS = 16  # of 64 per SM: enough loads in flight to keep HBM busy
 def facts(tmp_path_factory):
     out = tmp_path_factory.mktemp('kernel_report') / 'facts.json'
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    subprocess.run([sys.executable, '-m', 'timm_supertoken.ops.report', '--shapes', 'model', '--json', str(out)],
+    subprocess.run([sys.executable, str(KERNEL_REPORT), '--shapes', 'model', '--json', str(out)],
                    env=env, check=True, timeout=1800)
     return json.loads(out.read_text())
 

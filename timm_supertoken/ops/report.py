@@ -1,17 +1,12 @@
 """Facts of every fused kernel for a matrix of shapes, dtypes, layouts and GPUs, compiled with no GPU.
 
-    python -m timm_supertoken.ops.report [--shapes model operator] [--json facts.json]
-
-The data behind `benchmarks/kernel_report.py` (which renders it into docs/benchmarks.md) and behind
-tests/test_kernel_report.py (which holds the kernels to it in CI). Each (shape, arch, dtype)
+The data behind `benchmarks/kernel_report.py`, which renders it into docs/benchmarks.md or writes it as
+JSON for tests/test_kernel_report.py (which holds the kernels to it in CI). Each (shape, arch, dtype)
 is compiled in its own worker process (both layouts in one, as they share kernels), so the matrix
 takes a few minutes on 2 cores.
 """
-import argparse
 import dataclasses
-import json
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Sequence, Tuple
 
@@ -39,7 +34,7 @@ SHAPES = {
 
 def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, int]) -> List[Dict]:
     """Compile one (shape, arch, dtype) in each layout and return one row of facts per kernel and layout."""
-    from . import compile_kernels, kernel_facts
+    from .aot import compile_kernels, kernel_facts
     shape_name, shape, arch, dtype, layouts, grid, iters = job
     rows = []
     for layout in layouts:  # one worker per layout group: kernels that two layouts share compile once
@@ -67,25 +62,3 @@ def collect(
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         return [row for rows in pool.map(_facts_of, jobs) for row in rows]
 
-
-def main(argv: Sequence[str] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['model'])
-    parser.add_argument('--archs', nargs='+', type=int, default=[80, 90])
-    parser.add_argument('--json', help='write the rows here (default: stdout)')
-    parser.add_argument('--workers', type=int, default=0, help='compiler processes (default: one per core)')
-    args = parser.parse_args(argv)
-    if os.environ.get('TRITON_INTERPRET') == '1':
-        parser.error('unset TRITON_INTERPRET: the kernels must be compiled, not interpreted')
-    rows = collect(args.shapes, args.archs, workers=args.workers)
-    text = json.dumps(rows, indent=1)
-    if args.json:
-        with open(args.json, 'w') as f:
-            f.write(text)
-    else:
-        print(text)
-    return 0
-
-
-if __name__ == '__main__':
-    sys.exit(main())
