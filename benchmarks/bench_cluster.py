@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from timm_supertoken.clustering.cli import add_cluster_command, data_and_config
+from timm_supertoken.cli.clustering import add_cluster_arguments, data_and_config
 from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
 from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import hardware_info
@@ -99,17 +99,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Run the benchmark and rewrite its section of docs/clustering.md."""
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    cluster = add_cluster_command(parser.add_subparsers())
-    cluster.set_defaults(**BENCH_DEFAULTS)
-    cluster.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='Markdown file to update')
-    args = parser.parse_args(['cluster', *argv])
+    add_cluster_arguments(parser)
+    parser.set_defaults(**BENCH_DEFAULTS)
+    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='Markdown file to update')
+    args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data, cfg = data_and_config(args)
     load_start = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_deep_clustering(data, cfg, args.out if args.out != cluster.get_default('out') else tmp)
+        result = run_deep_clustering(data, cfg, args.out if args.out != parser.get_default('out') else tmp)
     wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     result['config']['pretrain'] = pretrain_method(cfg)
     command = ' '.join(['python benchmarks/bench_cluster.py', *_without_output(argv)])

@@ -1,14 +1,20 @@
-"""The `timm-supertoken` command and the CPU benchmark it shares with benchmarks/bench_cpu.py, at toy sizes."""
+"""The `timm-supertoken` command, its structure, and the CPU benchmark it shares with benchmarks/bench_cpu.py."""
+import argparse
 import contextlib
 import io
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from timm_supertoken import MODEL_NAMES
-from timm_supertoken.cli import main
+import timm_supertoken
+from timm_supertoken.cli import build_parser, main
 from timm_supertoken.figures import FIGURE_DPI, FIGURE_SIZE_IN, super_token_panel_titles
+from timm_supertoken.models import MODEL_NAMES
 from timm_supertoken.runtime import hardware_info
 from timm_supertoken.throughput import BASELINE, benchmark_cpu, throughput_markdown
 
@@ -101,3 +107,32 @@ def test_super_token_figure_says_which_sizes_are_pixels_and_which_tokens():
     cells, _, painted = super_token_panel_titles(224, 16, 3, (14, 14))
     assert '16×16-px cell' in cells and '224×224 px' in cells
     assert '14×14 tokens' in painted
+
+
+COMMANDS = ('info', 'compare', 'recipe', 'dataset', 'imagenet100', 'export', 'push', 'cluster')
+PACKAGE = Path(timm_supertoken.__file__).parent
+
+
+def test_every_command_is_registered_with_its_handler():
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert tuple(subparsers.choices) == COMMANDS
+    for name, parser in subparsers.choices.items():
+        assert parser.get_default('func').__name__ == f'cmd_{name}'
+
+
+def test_module_help_lists_every_command():
+    """`python -m timm_supertoken.cli`, the form torchrun launches, is the console script."""
+    run = subprocess.run([sys.executable, '-m', 'timm_supertoken.cli', '--help'], capture_output=True, text=True,
+                         check=True)
+    listed = re.findall(r'^    (\S+)', run.stdout, flags=re.MULTILINE)
+    assert tuple(listed) == COMMANDS
+
+
+def test_command_line_is_parsed_only_in_cli_package():
+    """Outside cli/, argparse appears only as the Namespace that timm's train.py pickles into checkpoints."""
+    for path in PACKAGE.rglob('*.py'):
+        if (PACKAGE / 'cli') in path.parents:
+            continue
+        text = path.read_text(encoding='utf-8')
+        assert 'from argparse' not in text, path
+        assert set(re.findall(r'\bargparse\.(\w+)', text)) <= {'Namespace'}, path

@@ -1,5 +1,4 @@
 """End-to-end deep clustering on a digits subset with a tiny model: outputs, resume after a kill, bad input."""
-import argparse
 import csv
 import json
 
@@ -53,11 +52,11 @@ def test_cli_end_to_end(tmp_path, capsys):
 
 
 def test_cli_defaults_choose_the_stage_per_dataset_and_targets():
-    from timm_supertoken.clustering.cli import add_cluster_command, data_and_config
+    from timm_supertoken.cli import build_parser
+    from timm_supertoken.cli.clustering import data_and_config
     from timm_supertoken.clustering.deep_clustering import pretrain_method
 
-    parser = argparse.ArgumentParser()
-    add_cluster_command(parser.add_subparsers())
+    parser = build_parser()
 
     def config(*argv):
         return data_and_config(parser.parse_args(['cluster', '--subset', '20', *argv]))[1]
@@ -166,13 +165,8 @@ def test_diverged_model_reports_nan(tmp_path, digits160):
 
 
 def test_cluster_benchmark_writes_its_docs_section(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    import bench_cluster as bench  # benchmarks/ is on sys.path (conftest.py)
 
-    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_cluster.py'
-    spec = importlib.util.spec_from_file_location('bench_cluster', script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     page = tmp_path / 'clustering.md'
     page.write_text('# Deep clustering\n\n## Options\n\nkept\n')
     bench.main(['--dataset', 'digits', *TINY_ARGS, '--max-rounds', '0', '--output', str(page)])

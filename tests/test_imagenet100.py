@@ -1,5 +1,4 @@
 """ImageNet-100 symlink tree: the CMC list, the links, idempotent reruns, all-or-nothing validation, the CLI."""
-import argparse
 import os
 import re
 from pathlib import Path
@@ -7,11 +6,8 @@ from pathlib import Path
 import pytest
 from torchvision.datasets import ImageFolder
 
-from timm_supertoken.data.imagenet100 import (
-    CMC_IMAGENET100,
-    add_imagenet100_command,
-    build_imagenet100,
-)
+from timm_supertoken.cli import main
+from timm_supertoken.data.imagenet100 import CMC_IMAGENET100, build_imagenet100
 
 DISTRACTORS = ('n01440764', 'n01443537')  # tench, goldfish: in ImageNet-1k, not in the CMC list
 FILES_PER_CLASS = 2
@@ -31,13 +27,6 @@ def make_imagenet1k(root: Path, splits=('train', 'val'), classes=CMC_IMAGENET100
 @pytest.fixture
 def src(tmp_path: Path) -> Path:
     return make_imagenet1k(tmp_path / 'imagenet')
-
-
-def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_imagenet100_command(parser.add_subparsers())
-    args = parser.parse_args(['imagenet100', *argv])
-    return args.func(args)
 
 
 def test_cmc_list():
@@ -154,7 +143,7 @@ def test_custom_classes(src: Path, tmp_path: Path):
 
 def test_cli_default(src: Path, tmp_path: Path, capsys):
     dst = tmp_path / 'in100'
-    assert run_cli([str(src), str(dst)]) == 0
+    assert main(['imagenet100', str(src), str(dst)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f'train: 100 classes, 200 images -> {dst / "train"}'
     assert out[1] == f'val: 100 classes, 200 images -> {dst / "val"}'
@@ -165,7 +154,7 @@ def test_cli_classes_file(src: Path, tmp_path: Path, capsys):
     class_file = tmp_path / 'classes.txt'
     class_file.write_text(f'{DISTRACTORS[0]}\n\n{DISTRACTORS[1]} goldfish\n')
     dst = tmp_path / 'sub'
-    assert run_cli([str(src), str(dst), '--splits', 'train', '--classes', str(class_file)]) == 0
+    assert main(['imagenet100', str(src), str(dst), '--splits', 'train', '--classes', str(class_file)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f'train: 2 classes, 4 images -> {dst / "train"}'
     assert f'--data-dir {dst} --num-classes 2' in out[1]

@@ -5,16 +5,15 @@ or OUT/val through torchvision's ImageFolder. Class folders are named so that th
 the dataset's own label order (`0-t-shirt-top`, `1-trouser`, ...), hence train.py's class indices
 equal the original labels.
 """
-import argparse
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .image_sets import FASHION_MNIST_DIR, ImageSet, load_splits
+from .image_sets import ImageSet, load_splits
 
 __all__ = ['FASHION_MNIST_CLASSES', 'class_folder_names', 'per_class_subset', 'export_image_folder',
-           'add_dataset_command']
+           'load_labelled_splits']
 
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                          'Ankle boot')
@@ -65,37 +64,10 @@ def export_image_folder(splits: Dict[str, ImageSet], out: Path, class_names: Seq
     return counts
 
 
-def _load_for_export(name: str, data_dir: Optional[str], seed: int) -> Tuple[ImageSet, ImageSet, Sequence[str]]:
-    """(train, val, class names): the splits `compare` trains and evaluates on."""
+def load_labelled_splits(name: str, data_dir: Optional[str] = None,
+                         seed: int = 0) -> Tuple[ImageSet, ImageSet, Sequence[str]]:
+    """(train, val, class names): the splits `compare` trains and evaluates on, with the names their folders get."""
     classes = {'fashion-mnist': FASHION_MNIST_CLASSES, 'digits': tuple(str(d) for d in range(10))}
     if name not in classes:
         raise ValueError(f"unknown dataset {name!r}: use 'fashion-mnist' or 'digits'")
     return (*load_splits(name, data_dir, seed=seed), classes[name])
-
-
-def cmd_dataset(args: argparse.Namespace) -> int:
-    """Export, print the counts and the train.py options that read the result."""
-    train, val, classes = _load_for_export(args.name, args.data_dir, args.seed)
-    splits = {'train': per_class_subset(train, args.train_per_class, args.seed),
-              'val': per_class_subset(val, args.val_per_class, args.seed)}
-    counts = export_image_folder(splits, Path(args.out), classes)
-    for split, n in counts.items():
-        print(f'{split}: {n:,} images in {len(classes)} class folders -> {Path(args.out) / split}')
-    print(f'timm train.py: --data-dir {args.out} --num-classes {len(classes)} (train/ and val/ are found by name)')
-    return 0
-
-
-def add_dataset_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `dataset`: export Fashion-MNIST or digits as an ImageFolder tree for timm's train.py."""
-    p = subparsers.add_parser(
-        'dataset', help='write Fashion-MNIST or digits as an ImageFolder tree (train/, val/) for timm train.py',
-        description='Fashion-MNIST: train = its 60k training images, val = its 10k test images. '
-                    'digits: the stratified 80/20 split that `compare` uses.')
-    p.add_argument('name', choices=('fashion-mnist', 'digits'))
-    p.add_argument('out', help='output folder (train/ and val/ are created in it)')
-    p.add_argument('--data-dir', default=None, help=f'Fashion-MNIST idx folder (default {FASHION_MNIST_DIR})')
-    p.add_argument('--train-per-class', type=int, default=None, help='keep at most N training images per class')
-    p.add_argument('--val-per-class', type=int, default=None, help='keep at most N validation images per class')
-    p.add_argument('--seed', type=int, default=0, help='seed of the subset and of the digits split')
-    p.set_defaults(func=cmd_dataset)
-    return p

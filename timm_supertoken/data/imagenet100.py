@@ -6,13 +6,12 @@ github.com/HobbitLong/CMC issue 21), which most published ImageNet-100 results u
 theirs; it is a choice, not the paper's own (unknown) sample. `build_imagenet100` links one folder per class into
 `DST/train` and `DST/val`, which timm and torchvision then read as an ordinary ImageFolder.
 """
-import argparse
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ['CMC_IMAGENET100', 'add_imagenet100_command', 'build_imagenet100', 'cmd_imagenet100']
+__all__ = ['CMC_IMAGENET100', 'build_imagenet100', 'read_classes']
 
 # one split string, not 100 quoted items, so it compares at a glance with CMC's published list
 CMC_IMAGENET100: tuple[str, ...] = tuple((  # noqa: SIM905
@@ -116,31 +115,6 @@ def build_imagenet100(src: PathLike, dst: PathLike, splits: Sequence[str] = ('tr
     return stats
 
 
-def _read_classes(path: PathLike) -> tuple[str, ...]:
+def read_classes(path: PathLike) -> tuple[str, ...]:
     """Read a subset's wnids from a text file: the first word of each non-blank line (so synset lists work too)."""
     return tuple(line.split()[0] for line in Path(path).read_text().splitlines() if line.strip())
-
-
-def add_imagenet100_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the `imagenet100` subcommand on the main parser's subparsers."""
-    p = subparsers.add_parser(
-        'imagenet100', help='build ImageNet-100 (CMC class list) as symlinks over ImageNet-1k',
-        description='Link the 100 CMC ImageNet-100 class folders (Tian et al. 2019) of an ImageNet-1k ImageFolder '
-                    'tree into DST/train and DST/val, for timm train.py --data-dir DST --num-classes 100.')
-    p.add_argument('src', help='ImageNet-1k root with train/ and val/, each holding one folder per wnid')
-    p.add_argument('dst', help='output root; DST/<split>/<wnid> become symlinks to the source class folders')
-    p.add_argument('--splits', nargs='+', default=['train', 'val'], help='splits to link (default: train val)')
-    p.add_argument('--classes', metavar='FILE', default=None,
-                   help='text file with one wnid per line, to build another subset (default: the CMC list)')
-    p.set_defaults(func=cmd_imagenet100)
-    return p
-
-
-def cmd_imagenet100(args: argparse.Namespace) -> int:
-    """Build the subset, report each split, and print the train.py flags that use it."""
-    classes = _read_classes(args.classes) if args.classes else CMC_IMAGENET100
-    stats = build_imagenet100(args.src, args.dst, args.splits, classes)
-    for split, s in stats.items():
-        print(f"{split}: {s['classes']} classes, {s['images']:,} images -> {Path(args.dst) / split}")
-    print(f'timm: python train.py --data-dir {args.dst} --num-classes {len(classes)}')
-    return 0
