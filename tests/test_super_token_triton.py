@@ -180,7 +180,7 @@ def test_dispatch(monkeypatch):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ops, 'super_token_clustering_triton', spy)
+    monkeypatch.setattr(st, 'super_token_clustering_triton', spy)  # where the layer looks it up
     x = torch.randn(1, 4, 4, 4, device=DEVICE)
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     SuperTokenClustering()(x.cpu())  # auto: a CPU tensor takes the reference path

@@ -32,7 +32,7 @@ from timm.models._hub import HF_SAFE_WEIGHTS_NAME, download_from_hf, generate_re
 
 from .models import REGISTERED_MODEL_NAMES
 from .checkpoint import CheckpointError, load_checkpoint
-from .layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
+from .layers.embeds import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
 from .references import SUPER_TOKEN_PAPER, TIMM_CITATION
 
 __all__ = [

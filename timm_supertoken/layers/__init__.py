@@ -2,4 +2,5 @@ from .embeds import (ConvActNorm, ConvStemEmbed, PatchEmbedArgs, PatchLayerNormE
                      TokenEmbed)
 from .super_token import SuperTokenClustering
 # the operator's functions, defined in timm_supertoken.functional, kept importable from here
-from ..functional import check_super_token_input, super_token_affinities, super_token_aggregate, super_token_clustering
+from ..functional.super_token import (
+    check_super_token_input, super_token_affinities, super_token_aggregate, super_token_clustering)

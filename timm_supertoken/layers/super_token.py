@@ -64,7 +64,8 @@ def _scan_for_nonfinite(x: torch.Tensor, fused: bool) -> bool:
 
 @torch.jit.ignore
 def _fused_super_token_clustering(x: torch.Tensor, grid: int, iters: int) -> torch.Tensor:
-    from ..ops import super_token_clustering_triton  # imports Triton: only when the fused path is taken
+    # imports Triton: only when the fused path is taken
+    from ..ops.super_token_triton import super_token_clustering_triton
     return super_token_clustering_triton(x, grid, iters, validate=False)
 
 

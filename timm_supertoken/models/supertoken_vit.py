@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
-from ..layers import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
+from ..layers.embeds import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
 from ..references import SUPER_TOKEN_PAPER
 
 __all__ = []  # models are reached through timm.create_model

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import timm
 
 from ..models import MODEL_NAMES
-from ..data import ImageSet, load_splits
+from ..data.image_sets import ImageSet, load_splits
 from ..runtime import cpu_name, hardware_info, headless_pyplot, setup_distributed
 from ..throughput import time_models
 from .recipe import PAPER_RECIPE, Recipe, load_recipe, recipe_path

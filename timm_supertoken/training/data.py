@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from timm.data.random_erasing import RandomErasing
 from timm.data.loader import PrefetchLoader, fast_collate
 
-from ..data import ImageSet
+from ..data.image_sets import ImageSet
 
 __all__ = ['SampleTransform', 'AugmentedImageSet', 'GlobalBatchSampler', 'SampleSeededErasing', 'create_device_loader',
            'default_workers', 'sample_seed']

@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import ImageSet
+from ..data.image_sets import ImageSet
 from ..runtime import create_model_at_size, progress, save_atomic, seed_everything, setup_distributed
 from .data import AugmentedImageSet, GlobalBatchSampler, create_device_loader, default_workers
 from .recipe import Recipe
