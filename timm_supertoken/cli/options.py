@@ -25,7 +25,7 @@ def add_command(subparsers: argparse._SubParsersAction, func: Handler) -> argpar
     The docstring's first line is the command's line in `timm-supertoken --help`, the whole docstring its
     description in `timm-supertoken <name> --help`, so a command's documentation lives in one place.
     """
-    doc = inspect.cleandoc(func.__doc__)
+    doc = inspect.cleandoc(func.__doc__ or '')  # python -OO strips docstrings: no help text, still a command
     parser = subparsers.add_parser(func.__name__.removeprefix('cmd_'), help=doc.partition('\n')[0], description=doc)
     parser.set_defaults(func=func)
     return parser
