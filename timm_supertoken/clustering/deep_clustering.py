@@ -1,5 +1,5 @@
-"""ViT deep clustering (*ViT-based deep clustering for images*, §3): train, embed, k-means, retrain with
-L = L_ViT + γ·L_clustering, repeat.
+"""ViT deep clustering (*Deep Clustering Based on Vision Transformer (ViT) for Images*, §3): train, embed,
+k-means, retrain with L = L_ViT + γ·L_clustering, repeat.
 
 In pseudo-label mode a contrastive representation stage (SimCLR, `contrastive.py`) runs first, and
 k-means on its embedding gives round 0 its targets; `pretrain='none'` starts from k-means on pixels.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
-from ..data import ImageSet
+from ..data.image_sets import ImageSet
 from ..runtime import (create_model_at_size, progress, rng_state, save_atomic, seed_everything, set_rng_state,
                        setup_distributed, shard_range)
 from .batches import prepare_batch
