@@ -24,7 +24,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     """ViT deep clustering on digits, Fashion-MNIST or an image folder.
 
     The method of "Deep Clustering Based on Vision Transformer (ViT) for Images": trains, embeds, runs
-    k-means, retrains with L = L_ViT + gamma * L_clustering, and repeats while the loss drops by at least eps. Defaults: scikit-learn digits on CPU in a few minutes.
+    k-means, retrains with L = L_ViT + gamma * L_clustering, and repeats while the loss drops by at least eps.
+    Defaults: scikit-learn digits on CPU in a few minutes.
     """
     rank = int(os.environ.get('RANK', '0'))
     start = time.perf_counter()
