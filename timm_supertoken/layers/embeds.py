@@ -210,34 +210,12 @@ class ConvStemEmbed(TokenEmbed):
         return self.format_tokens(x.permute(0, 2, 3, 1))
 
 
-@torch.jit.ignore
-def _onednn_conv_gelu_applies(x: torch.Tensor) -> bool:
-    """Whether oneDNN may run Conv+GELU as one op: CPU fp32 inference, outside every tracer and compiler.
-
-    Its fused op has no autograd formula, and tracers, exporters and torch.compile must see the plain
-    Conv2d and GELU (inductor fuses them itself).
-    """
-    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling() \
-            or torch.onnx.is_in_onnx_export():
-        return False
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
-
-
-@torch.jit.ignore
-def _onednn_conv_gelu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """GELU(conv(x)) with the exact (erf) GELU as oneDNN's post-op, applied while the output tile is in cache."""
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, 'gelu', [], 'none')
-
-
 class ConvActNorm(nn.Sequential):
     """The paper's convolution module, eq. 1: Conv3×3 -> GELU -> BatchNorm (in that order).
 
     The BatchNorm cannot be folded away at inference: the GELU keeps it out of its own conv, the next
     conv zero-pads the normalised map (folding would pad with the BN shift instead, wrong at every
-    border), and the super-token clustering after the last module is not affine in its input. What
-    inference on CPU saves instead is GELU's pass over the map: oneDNN applies it inside the conv.
+    border), and the super-token clustering after the last module is not affine in its input.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
@@ -246,11 +224,6 @@ class ConvActNorm(nn.Sequential):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, **dd)
         self.act = nn.GELU()
         self.bn = nn.BatchNorm2d(out_chs, **dd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _onednn_conv_gelu_applies(x):
-            return self.bn(_onednn_conv_gelu(x, self.conv))
-        return self.bn(self.act(self.conv(x)))
 
 
 class SuperTokenConvEmbed(TokenEmbed):
