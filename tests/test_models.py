@@ -253,3 +253,16 @@ def test_stconv_rejects_nan_images_in_the_clustering():
 def test_bad_kwargs_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         timm.create_model('vit_small_stconv', **kwargs)
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+def test_conv_module_is_conv_gelu_bn_in_either_layout(memory_format):
+    """Eq. 1 exactly, whatever layout comes in; a channels_last map stays channels_last for the next conv."""
+    from timm_supertoken.layers import ConvActNorm
+    module = ConvActNorm(8, 16, stride=2).train()
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=memory_format)
+    out = module(x)
+    expected = torch.nn.functional.batch_norm(
+        torch.nn.functional.gelu(module.conv(x)), None, None, module.bn.weight, module.bn.bias, training=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=memory_format)
