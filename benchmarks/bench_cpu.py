@@ -86,6 +86,32 @@ def gflops_per_image(model_names: Sequence[str], img_size: int) -> Dict[str, Tup
     return flops
 
 
+def embedding_estimate(results: Dict[str, Dict[str, float]], breakdown: Dict[str, object]) -> List[str]:
+    """The run's noise, and the ratio the embeddings alone imply, with its floor if the clustering and BN cost nothing.
+
+    vit_small_patch does the baseline's FLOPs, so its ratio shows how far apart two equal models measure in
+    this run. The trunks are identical, so T_base / (T_base - E_base + E_stconv) is the ratio the two
+    embeddings' times imply; counting only the stem's convolutions, GELUs and the Linear (from the
+    profiler) instead of E_stconv gives the ratio no clustering or BatchNorm speed-up could exceed.
+    """
+    base, stconv = results[BASELINE], results['vit_small_stconv']
+    trunk_ms = base['ms_per_batch'] - base['embed_ms']
+    op_ms = {key: ms for key, _, ms in breakdown['ops']}
+    floor_ms = sum(op_ms.get(key, 0.) for key in ('aten::mkldnn_convolution', 'aten::gelu', 'aten::addmm'))
+    lines = []
+    if 'vit_small_patch' in results:
+        lines.append(f'Noise of this run: vit_small_patch does exactly the FLOPs of {BASELINE} and measured '
+                     f'{results["vit_small_patch"]["ratio"]:.3f}× (median), '
+                     f'{results["vit_small_patch"]["best_ratio"]:.3f}× (fastest repeat).')
+    lines += [
+        f'From the embedding times (shared trunk {trunk_ms:.1f} ms): vit_small_stconv at '
+        f'**{base["ms_per_batch"] / (trunk_ms + stconv["embed_ms"]):.3f}×**. Its convolutions, GELUs and Linear '
+        f'alone take {floor_ms:.1f} ms, so with clustering and BatchNorm free the ratio would be at most '
+        f'{base["ms_per_batch"] / (trunk_ms + floor_ms):.3f}×.',
+    ]
+    return lines
+
+
 def render_section(
         results: Dict[str, Dict[str, float]],
         breakdown: Dict[str, object],
@@ -126,6 +152,7 @@ def render_section(
     ]
     base = flops[BASELINE][1]
     lines += [f'| {name} | {e:.3f} | {m:.3f} | {base / m:.3f}× |' for name, (e, m) in flops.items()]
+    lines += ['', *embedding_estimate(results, breakdown)]
     lines += [
         '',
         '### Where vit_small_stconv\'s embedding time goes',

@@ -30,3 +30,15 @@ def test_gpu_benchmark_runs_every_path_on_cpu():
 @pytest.mark.parametrize('ratio,best,verdict', [(0.97, 0.96, 'met'), (0.90, 0.94, 'NOT met'), (0.967, 0.919, 'inconclusive')])
 def test_target_verdict_needs_median_and_fastest_repeat_to_agree(ratio, best, verdict):
     assert target_verdict(ratio, best, 0.95).startswith(verdict)
+
+
+def test_cpu_benchmark_writes_its_section_with_noise_and_floor(tmp_path):
+    """bench_cpu.py at a toy size: the table, the verdict, the run's noise and the embedding-based estimate."""
+    import bench_cpu
+    page = tmp_path / 'benchmarks.md'
+    bench_cpu.main(['--batch-size', '1', '--img-size', '32', '--repeats', '1', '--warmup', '0', '--output', str(page)])
+    text = page.read_text()
+    for needle in ('## CPU inference', '| vit_small_stconv |', 'Target (issue)', 'Noise of this run: vit_small_patch',
+                   'From the embedding times (shared trunk', 'with clustering and BatchNorm free the ratio would be at most',
+                   '| operator | calls | self ms |'):
+        assert needle in text
