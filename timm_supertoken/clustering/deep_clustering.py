@@ -370,7 +370,7 @@ def _baselines(run: _Run) -> Dict[str, Any]:
 
 
 def _representation_stage(run: _Run, state: Dict[str, Any]) -> None:
-    """The paper's optional representation stage (here SimCLR); k-means on its embedding gives round 0's targets."""
+    """The representation stage before the paper's loop (SimCLR); k-means on its embedding gives round 0's targets."""
     state['pretrain'] = _pretrain(run.net, run.data.images, run.cfg, run.in_chans, run.device, run.rank, run.world)
     z = run.embed('embed contrastive')
     check_embeddings(z, run.k)

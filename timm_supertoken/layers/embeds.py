@@ -216,7 +216,8 @@ class ConvActNorm(nn.Sequential):
     The BatchNorm is not folded away at inference: the GELU keeps it out of its own conv, the next conv
     zero-pads the normalised map (a plain fold would pad with the BN shift instead, wrong at every border;
     an exact one needs a border correction per input size), and the super-token clustering after the last
-    module is not affine in its input. In eval mode the BN is one cheap pass (about 2% of the stem's time on CPU).
+    module is not affine in its input. In eval mode the BN is one cheap pass (about 2 ms of the stem's ~35 ms
+    at batch 8, 224², on 2 CPU cores).
 
     The stem runs channels_last, and GELU is applied to the NHWC view of the conv output: PyTorch's CPU
     GELU vectorises a contiguous tensor but not a channels_last NCHW one (1.5× slower on the stem's maps);
