@@ -97,7 +97,7 @@ def embedding_estimate(results: Dict[str, Dict[str, float]], breakdown: Dict[str
     base, stconv = results[BASELINE], results['vit_small_stconv']
     trunk_ms = base['ms_per_batch'] - base['embed_ms']
     op_ms = {key: ms for key, _, ms in breakdown['ops']}
-    floor_ms = sum(op_ms.get(key, 0.) for key in ('aten::mkldnn_convolution', 'aten::gelu', 'aten::addmm'))
+    floor_ms = sum(op_ms.get(key, 0.) for key in ('aten::mkldnn_convolution', 'aten::gelu', 'aten::gelu_', 'aten::addmm'))
     lines = []
     if 'vit_small_patch' in results:
         lines.append(f'Noise of this run: vit_small_patch does exactly the FLOPs of {BASELINE} and measured '

@@ -266,3 +266,39 @@ def test_conv_module_is_conv_gelu_bn_in_either_layout(memory_format):
         torch.nn.functional.gelu(module.conv(x)), None, None, module.bn.weight, module.bn.bias, training=True)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert out.is_contiguous(memory_format=memory_format)
+
+
+@pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
+def test_conv_module_inference_runs_in_place_and_matches_eq_1(memory_format):
+    """Eval + no autograd: GELU and BN overwrite the conv output (one buffer per module) with eq. 1's values."""
+    from timm_supertoken.layers import ConvActNorm
+    module = ConvActNorm(8, 16, stride=1).eval()
+    with torch.no_grad():  # statistics a trained BN would have, so the affine map is not the identity
+        module.bn.running_mean.normal_()
+        module.bn.running_var.uniform_(0.5, 2.0)
+        module.bn.weight.uniform_(0.5, 1.5)
+        module.bn.bias.normal_()
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=memory_format)
+    expected = module.bn(torch.nn.functional.gelu(module.conv(x)))  # out of place: x requires no grad, params do
+    with torch.inference_mode():
+        out = module(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=memory_format)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        module(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert {'aten::gelu_', 'aten::addcmul'} <= ops and 'aten::batch_norm' not in ops, ops
+
+
+def test_conv_module_keeps_autograd_and_batch_statistics_out_of_place():
+    """Whenever autograd or BN's batch statistics need the intermediate maps, nothing is overwritten."""
+    from timm_supertoken.layers import ConvActNorm
+    module = ConvActNorm(4, 8, stride=2).eval()
+    x = torch.randn(2, 4, 12, 12, requires_grad=True)
+    module(x).sum().backward()  # gelu_ on a tensor autograd saved would raise here
+    assert x.grad is not None and module.conv.weight.grad is not None
+    module.train()
+    with torch.no_grad():  # BN recalibration: training mode without autograd still updates the running stats
+        module(x)
+    assert module.bn.num_batches_tracked.item() == 1
+    assert not torch.allclose(module.bn.running_mean, torch.zeros(8))
