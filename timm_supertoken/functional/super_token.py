@@ -2,12 +2,13 @@
 
 Paper: *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering* (J. DCS 2024),
 eqs. 2-4 (docs/design.md §2). The reference path below is the specification of the operator: it is
-vectorised over cells, pixels and the batch, and uses only pad / reshape / einsum / softmax, so it runs
-everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The fused Triton kernels of `timm_supertoken.ops` implement the same
-equations; the module that chooses between the two is `timm_supertoken.layers.SuperTokenClustering`.
-Both import from here, and this module imports neither.
+vectorised over cells, pixels and the batch, and uses only pad / unfold / reshape / batched matmul /
+softmax, so it runs everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The
+fused Triton kernels of `timm_supertoken.ops` implement the same equations; the module that chooses
+between the two is `timm_supertoken.layers.SuperTokenClustering`. Both import from here, and this
+module imports neither.
 """
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,13 +29,9 @@ MAX_FUSED_GRID = 4
 
 def _neighbourhood(s: torch.Tensor) -> torch.Tensor:
     """Gather the 3×3 neighbour super tokens of every cell: (B, h, w, C) -> (B, h, w, 9, C), zeros off-grid."""
-    h, w = s.shape[1], s.shape[2]
-    padded = F.pad(s, (0, 0, 1, 1, 1, 1))
-    views: List[torch.Tensor] = []
-    for dy in range(3):
-        for dx in range(3):
-            views.append(padded[:, dy:dy + h, dx:dx + w])
-    return torch.stack(views, dim=3)
+    B, h, w, C = s.shape
+    windows = F.pad(s, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)  # (B, h, w, C, 3, 3), a view
+    return windows.permute(0, 1, 2, 4, 5, 3).reshape(B, h, w, 9, C)
 
 
 def _scatter_neighbourhood(c: torch.Tensor) -> torch.Tensor:
@@ -65,25 +62,34 @@ def _to_cells(x: torch.Tensor, grid: int) -> torch.Tensor:
     return x.reshape(B, h, w, grid * grid, C)
 
 
-def _affinity(
-        pixels: torch.Tensor,
-        tokens: torch.Tensor,
-        real: torch.Tensor,
-        on_grid: torch.Tensor,
-        scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2-3: masked softmax over the 9 neighbour super tokens, and its per-token sum Z_j = Σ_p A_pj."""
-    logits = torch.einsum('bhwpc,bhwkc->bhwpk', pixels, _neighbourhood(tokens)) * scale
-    logits = logits.masked_fill(~on_grid.unsqueeze(3), float('-inf'))
-    affinity = logits.softmax(-1) * real.unsqueeze(-1)  # (B, h, w, P, 9), padded pixels weigh nothing
-    # every cell owns a real pixel, so Z_j > 0; the ε of STViT only guards the division
-    norm = _scatter_neighbourhood(affinity.sum(3).unsqueeze(-1)) + 1e-12  # (B, h, w, 1)
-    return affinity, norm
+def _affinity(pixels: torch.Tensor, tokens: torch.Tensor, off_grid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eq. 2-3: each pixel's softmax over the 9 super tokens around its cell, off-grid ones masked: (B, h, w, P, 9).
+
+    `off_grid` is the additive mask (B·h·w, 1, 9), 0 or -inf, so scaling and masking ride on the batched
+    matmul. Padded pixels get weights too; the callers zero them or aggregate them as nothing.
+    """
+    B, h, w, P, C = pixels.shape
+    neighbours = _neighbourhood(tokens).reshape(-1, 9, C).transpose(1, 2)
+    logits = torch.baddbmm(off_grid, pixels.reshape(-1, P, C), neighbours, alpha=scale)
+    return logits.softmax(-1).reshape(B, h, w, P, 9)
 
 
-def _aggregate(affinity: torch.Tensor, pixels: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: s_j = Σ_p A_pj x_p / Z_j over the pixels of the 3×3 cells around j, -> (B, h, w, C)."""
-    return _scatter_neighbourhood(torch.einsum('bhwpk,bhwpc->bhwkc', affinity, pixels)) / norm
+def _token_sums(affinity: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Σ_p A_pj v_p over the pixels of the 3×3 cells around each token j: (B,h,w,P,9), (B,h,w,P,D) -> (B,h,w,D)."""
+    B, h, w, P, D = values.shape
+    per_cell = torch.bmm(affinity.reshape(-1, P, 9).transpose(1, 2), values.reshape(-1, P, D))
+    return _scatter_neighbourhood(per_cell.reshape(B, h, w, 9, D))
+
+
+def _aggregate(affinity: torch.Tensor, pixels_and_real: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: s_j = Σ_p A_pj x_p / Σ_p A_pj over the real pixels around j, -> (B, h, w, C).
+
+    The last channel of `pixels_and_real` is 1 for a real pixel and 0 for padding (whose x is 0 too), so
+    one weighted sum yields both the numerator and Z_j = Σ_p A_pj. Every cell owns a real pixel, so Z_j > 0;
+    the ε of STViT only guards the division.
+    """
+    sums = _token_sums(affinity, pixels_and_real)
+    return sums[..., :-1] / (sums[..., -1:] + 1e-12)
 
 
 @torch.jit.ignore
@@ -124,20 +130,24 @@ def super_token_affinities(x: torch.Tensor, grid: int, iters: int) -> Tuple[torc
     x = x.detach()
     C = x.shape[1]
     pixels = _to_cells(x.to(_compute_dtype(x)), grid)  # (B, h, w, P, C), P = grid²
-    real = _to_cells(torch.ones_like(pixels[:1, 0, 0, 0, :1]).expand(1, 1, x.shape[2], x.shape[3]), grid)[..., 0]
-    on_grid = _neighbourhood(torch.ones_like(real[..., :1]))[..., 0] > 0  # (1, h, w, 9) neighbour exists
+    B, h, w, P, _ = pixels.shape
+    real = _to_cells(torch.ones_like(pixels[:1, 0, 0, 0, :1]).expand(1, 1, x.shape[2], x.shape[3]), grid)
+    pixels_and_real = torch.cat([pixels, real.expand(B, h, w, P, 1)], -1)
+    on_grid = _neighbourhood(torch.ones_like(real[:, :, :, 0]))  # (1, h, w, 9, 1): 1 where the neighbour exists
+    off_grid = torch.zeros_like(on_grid).masked_fill(on_grid == 0, float('-inf'))
+    off_grid = off_grid.expand(B, h, w, 9, 1).reshape(B * h * w, 1, 9)
     scale = C ** -0.5
 
-    tokens = pixels.sum(3) / real.sum(3).unsqueeze(-1)  # S⁰: mean of each cell's real pixels
+    tokens = pixels.sum(3) / real.sum(3)  # S⁰: mean of each cell's real pixels
     for _ in range(iters - 1):
-        affinity, norm = _affinity(pixels, tokens, real, on_grid, scale)
-        tokens = _aggregate(affinity, pixels, norm)
-    return _affinity(pixels, tokens, real, on_grid, scale)
+        tokens = _aggregate(_affinity(pixels, tokens, off_grid, scale), pixels_and_real)
+    affinity = _affinity(pixels, tokens, off_grid, scale) * real  # padded pixels weigh nothing
+    return affinity, _scatter_neighbourhood(affinity.sum(3).unsqueeze(-1)) + 1e-12
 
 
 def super_token_aggregate(x: torch.Tensor, affinity: torch.Tensor, norm: torch.Tensor, grid: int) -> torch.Tensor:
     """The differentiable last aggregation S_j = Σ_p A_pj x_p / Z_j, (B, C, H, W) -> (B, C, h, w)."""
-    tokens = _aggregate(affinity, _to_cells(x.to(affinity.dtype), grid), norm)
+    tokens = _token_sums(affinity, _to_cells(x.to(affinity.dtype), grid)) / norm
     return tokens.permute(0, 3, 1, 2).to(x.dtype)
 
 

@@ -255,7 +255,7 @@ class ConvActNorm(nn.Sequential):
 
     @torch.jit.unused
     def _forward_in_place(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU, then BN's eval affine y = x·γ/√(σ²+ε) + (β - μ·γ/√(σ²+ε)) in one pass, both into the conv output."""
+        """GELU, then the eval BN y = x·γ/√(σ²+ε) + β - μ·γ/√(σ²+ε), each one pass in place on the conv output."""
         torch.ops.aten.gelu_(x.permute(0, 2, 3, 1), approximate=self.act.approximate)
         bn = self.bn
         scale = torch.rsqrt(bn.running_var + bn.eps)
