@@ -268,8 +268,9 @@ def test_conv_module_is_conv_gelu_bn_in_either_layout(memory_format):
     assert out.is_contiguous(memory_format=memory_format)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('memory_format', [torch.channels_last, torch.contiguous_format])
-def test_conv_module_inference_runs_in_place_and_matches_eq_1(memory_format):
+def test_conv_module_inference_runs_in_place_and_matches_eq_1(memory_format, dtype):
     """Eval + no autograd: GELU and BN overwrite the conv output (one buffer per module) with eq. 1's values."""
     from timm_supertoken.layers import ConvActNorm
     module = ConvActNorm(8, 16, stride=1).eval()
@@ -278,12 +279,14 @@ def test_conv_module_inference_runs_in_place_and_matches_eq_1(memory_format):
         module.bn.running_var.uniform_(0.5, 2.0)
         module.bn.weight.uniform_(0.5, 1.5)
         module.bn.bias.normal_()
-    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=memory_format)
+    module.to(dtype)
+    x = torch.randn(2, 8, 20, 20, dtype=dtype).contiguous(memory_format=memory_format)
     expected = module.bn(torch.nn.functional.gelu(module.conv(x)))  # out of place: x requires no grad, params do
     with torch.inference_mode():
         out = module(x)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    assert out.is_contiguous(memory_format=memory_format)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=memory_format)
     with torch.inference_mode(), torch.profiler.profile() as prof:
         module(x)
     ops = {event.key for event in prof.key_averages()}

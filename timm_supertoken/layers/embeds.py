@@ -220,8 +220,8 @@ class ConvActNorm(nn.Sequential):
     Inference (BatchNorm in eval mode and a conv output that needs no gradient, e.g. under
     `torch.inference_mode()`) runs GELU and the BatchNorm's affine map in place on the conv output: one
     buffer per module instead of three. On the CPU every fresh multi-MB buffer costs a page fault per
-    4 KiB page, and the two extra buffers made the stem's forward 1.5× slower (37 vs 24 ms at batch 8,
-    224², 2 cores; the embedding inside the whole model 64 vs 48 ms, median of 10 interleaved). Training,
+    4 KiB page, and the two extra buffers made the stem's forward 1.5× slower (36 vs 24 ms, fastest of 15,
+    batch 8, 224², 2 cores; the embedding inside the whole model 64 vs 48 ms, median of 10 interleaved). Training,
     and anything autograd records, keeps the out-of-place modules (GELU's backward needs its input).
 
     The BN is not folded into the next conv. GELU keeps it out of its own conv, and the next conv zero-pads
