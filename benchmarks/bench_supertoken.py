@@ -12,8 +12,11 @@ repeats (median); `patch_embed` forward+backward of vit_small_stconv; training t
 (paper Table 8); whether its training step runs under CUDA graphs (`torch.compile(mode='reduce-overhead')`);
 and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
 Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
-and the versions. `--smoke` runs every path on CPU at toy sizes (no fused kernels, no file written),
-so a script error surfaces in CI rather than on a borrowed GPU.
+and the versions, after every stage (most important first, see `STAGES`); with `--budget-minutes` no
+stage starts once the budget is spent, and the section names what was not measured. `compile(reference)`
+is compiled for the target shape only unless `--compile-all-shapes`. `--smoke` runs every path on CPU at
+toy sizes (no fused kernels, no file written), so a script error surfaces in CI rather than on a
+borrowed GPU.
 """
 import argparse
 import statistics
@@ -34,6 +37,7 @@ SECTION = '## GPU: super-token clustering and models'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 BASELINE = 'vit_small_patch16_224'
 MODELS = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv', BASELINE)
+TARGET_OPERATOR_SHAPE = (56, 56, 64, 256, 'bfloat16')  # H, W, C, B, dtype of the "5x compile(reference)" target
 TARGETS = ('Targets: fused fwd+bwd ≥ 5× compile(reference) at B=256 56×56×64 bf16 and ≥ 10× the eager reference '
            'at every shape; fused forward ≥ 10% of peak bandwidth on the ideal bytes at B=256 56×56×64 bf16; '
            'vit_small_stconv ≥ 0.90× vit_small_patch16_224 in eager training and inference, ≥ 0.80× compiled; '
@@ -52,6 +56,12 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
     parser.add_argument('--model-repeats', type=int, default=5, help='round-robin rounds over the models')
     parser.add_argument('--model-steps', type=int, default=10, help='timed steps per model per round')
     parser.add_argument('--skip-compile', action='store_true', help='no torch.compile variants (saves minutes)')
+    parser.add_argument('--compile-all-shapes', action='store_true',
+                        help='time compile(reference) at every operator shape, not only the target one (B=256 '
+                             '56×56×64 bf16): each shape and dtype is a separate compilation')
+    parser.add_argument('--budget-minutes', type=float, default=None,
+                        help='start no stage after this many minutes; what ran is written, the rest is marked '
+                             'skipped (a borrowed GPU has minutes, not hours)')
     parser.add_argument('--smoke', action='store_true',
                         help='toy sizes on CPU (1-block models at 64²): checks the code paths, writes nothing')
     parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
@@ -114,8 +124,8 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def bench_operator(args: argparse.Namespace) -> List[Dict[str, object]]:
-    """Fused vs reference vs compile(reference) at every shape, batch and dtype, fwd and fwd+bwd."""
+def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
+    """Fused vs reference vs compile(reference) per shape, batch and dtype, fwd and fwd+bwd; and the copy bandwidth."""
     from timm_supertoken.functional import super_token_clustering
 
     impls: Dict[str, Callable] = {'reference': super_token_clustering}
@@ -136,6 +146,9 @@ def bench_operator(args: argparse.Namespace) -> List[Dict[str, object]]:
                     memory_format=torch.channels_last)
                 row: Dict[str, object] = {'map': f'{H}×{W}×{C}', 'batch': B, 'dtype': dtype_name}
                 for name, fn in impls.items():
+                    if name == 'compile(reference)' and not (args.compile_all_shapes or
+                                                             (H, W, C, B, dtype_name) == TARGET_OPERATOR_SHAPE):
+                        continue
                     with torch.no_grad():
                         row[f'{name} fwd'] = timer.median(lambda: fn(x, args.grid, args.iters), args.repeats)
                     row[f'{name} fwd+bwd'] = timer.median(
@@ -143,7 +156,7 @@ def bench_operator(args: argparse.Namespace) -> List[Dict[str, object]]:
                 row['ideal bytes'] = (B * C * H * W + B * C * h * w) * x.element_size()
                 rows.append(row)
                 print(row, flush=True)
-    return rows
+    return {'copy_bw': copy_bandwidth(args.device), 'rows': rows}
 
 
 def _models(args: argparse.Namespace, variant: str) -> Dict[str, torch.nn.Module]:
@@ -299,51 +312,103 @@ def profile_step(args: argparse.Namespace, top: int = 15) -> List[Tuple[str, flo
     return [(e.key, getattr(e, key) / 1e3, e.count) for e in events[:top]]
 
 
-def render(args, copy_bw: float, operator, models, patch_embed, iterations, kernels, cuda_graphs: str) -> str:
-    import timm
-    import triton
-
-    impls = [i for i in ('fused', 'reference', 'compile(reference)') if f'{i} fwd' in operator[0]]
-    device = torch.cuda.get_device_name() if args.device.type == 'cuda' else cpu_name()
+def _operator_lines(args, result: Dict[str, object]) -> List[str]:
+    operator, copy_bw = result['rows'], result['copy_bw']
+    impls = [i for i in ('fused', 'reference', 'compile(reference)') if any(f'{i} fwd' in r for r in operator)]
+    fused = 'fused' if 'fused' in impls else impls[0]  # smoke runs have no fused op
     lines = [
-        SECTION, '',
-        f'GPU: **{device}**; PyTorch {torch.__version__}, Triton {triton.__version__}, '
-        f'timm {timm.__version__}, CUDA {torch.version.cuda}. Produced by `benchmarks/gpu_check.sh` '
-        f'(`benchmarks/bench_supertoken.py`). Device-to-device copy: {copy_bw / 1e12:.2f} TB/s.', '', TARGETS, '',
         f'### Operator, grid {args.grid}, t = {args.iters}, channels_last input: median ms over {args.repeats} '
         'calls, L2 flushed before each', '',
         '| map | batch | dtype | ' + ' | '.join(f'{i} fwd' for i in impls) + ' | '
-        + ' | '.join(f'{i} fwd+bwd' for i in impls) + ' | fused fwd+bwd speed-up vs reference / compile | '
-        'fused fwd: ideal bytes at % of copy bandwidth |',
+        + ' | '.join(f'{i} fwd+bwd' for i in impls) + ' | fused fwd+bwd speed-up vs ' + (' / '.join(impls[1:]) or '—')
+        + ' | fused fwd: ideal bytes at % of copy bandwidth |',
         '|---|---:|---|' + '---:|' * (2 * len(impls) + 2),
     ]
-    fused = 'fused' if 'fused' in impls else impls[0]  # smoke runs have no fused op
     for r in operator:
-        cells = [f'{r[f"{i} fwd"]:.3f}' for i in impls] + [f'{r[f"{i} fwd+bwd"]:.3f}' for i in impls]
-        speed = ' / '.join(f'{r[f"{i} fwd+bwd"] / r[f"{fused} fwd+bwd"]:.1f}×' for i in impls[1:]) or '—'
+        keys = [f'{i} fwd' for i in impls] + [f'{i} fwd+bwd' for i in impls]
+        cells = [f'{r[k]:.3f}' if k in r else '—' for k in keys]
+        speed = ' / '.join(f'{r[f"{i} fwd+bwd"] / r[f"{fused} fwd+bwd"]:.1f}×' if f'{i} fwd+bwd' in r else '—'
+                           for i in impls[1:]) or '—'
         bandwidth = r['ideal bytes'] / (r[f'{fused} fwd'] * 1e-3) / copy_bw * 100
         lines.append(f'| {r["map"]} | {r["batch"]} | {r["dtype"]} | ' + ' | '.join(cells)
                      + f' | {speed} | {bandwidth:.1f}% |')
-    lines += ['', f'### Models, 224×224, batch {args.model_batch_size}, bf16 autocast: images/s, median of '
-              f'{args.model_repeats} round-robin rounds of {args.model_steps} steps', '',
-              '| variant | model | inference | training (AdamW step) | inference ratio | training ratio |',
-              '|---|---|---:|---:|---:|---:|']
+    if 'compile(reference)' in impls and not args.compile_all_shapes:
+        lines += ['', 'compile(reference) is timed at the target shape only (`--compile-all-shapes` for every one).']
+    return lines + ['', f'Device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s.']
+
+
+def _model_lines(args, models) -> List[str]:
+    lines = [f'### Models, 224×224, batch {args.model_batch_size}, bf16 autocast: images/s, median of '
+             f'{args.model_repeats} round-robin rounds of {args.model_steps} steps', '',
+             '| variant | model | inference | training (AdamW step) | inference ratio | training ratio |',
+             '|---|---|---:|---:|---:|---:|']
     base = {(r['variant']): r for r in models if r['model'] == BASELINE}
     for r in models:
         b = base[r['variant']]
         lines.append(f'| {r["variant"]} | {r["model"]} | {r["infer"]:.0f} | {r["train"]:.0f} | '
                      f'{r["infer"] / b["infer"]:.3f}× | {r["train"] / b["train"]:.3f}× |')
-    lines += ['', f'### vit_small_stconv `patch_embed` forward+backward, batch {args.model_batch_size}, bf16', '',
-              '| variant | ms |', '|---|---:|'] + [f'| {k} | {v:.2f} |' for k, v in patch_embed.items()]
-    lines += ['', f'### Throughput against t (paper Table 8: 766 → 718 img/s for t = 1 → 4), batch '
-              f'{args.model_batch_size}, bf16', '',
-              '| t | inference img/s | training img/s |', '|---:|---:|---:|']
-    lines += [f'| {t} | {i:.0f} | {tr:.0f} |' for t, i, tr in iterations]
-    lines += ['', f'vit_small_stconv training step under `torch.compile(mode="reduce-overhead")` (CUDA graphs): '
-              f'{cuda_graphs}.']
-    lines += ['', '### Top CUDA kernels of one vit_small_stconv training step (eager, torch.profiler)', '',
-              '| kernel | ms | calls |', '|---|---:|---:|']
-    lines += [f'| `{name[:90]}` | {ms:.3f} | {calls} |' for name, ms, calls in kernels]
+    return lines
+
+
+def _patch_embed_lines(args, patch_embed) -> List[str]:
+    return [f'### vit_small_stconv `patch_embed` forward+backward, batch {args.model_batch_size}, bf16', '',
+            '| variant | ms |', '|---|---:|'] + [f'| {k} | {v:.2f} |' for k, v in patch_embed.items()]
+
+
+def _iteration_lines(args, iterations) -> List[str]:
+    return [f'### Throughput against t (paper Table 8: 766 → 718 img/s for t = 1 → 4), batch '
+            f'{args.model_batch_size}, bf16', '',
+            '| t | inference img/s | training img/s |', '|---:|---:|---:|'] + \
+        [f'| {t} | {i:.0f} | {tr:.0f} |' for t, i, tr in iterations]
+
+
+def _cuda_graph_lines(args, cuda_graphs: str) -> List[str]:
+    return [f'vit_small_stconv training step under `torch.compile(mode="reduce-overhead")` (CUDA graphs): '
+            f'{cuda_graphs}.']
+
+
+def _kernel_lines(args, kernels) -> List[str]:
+    return ['### Top CUDA kernels of one vit_small_stconv training step (eager, torch.profiler)', '',
+            '| kernel | ms | calls |', '|---|---:|---:|'] + \
+        [f'| `{name[:90]}` | {ms:.3f} | {calls} |' for name, ms, calls in kernels]
+
+
+# (key, what it measures, how to run it, how to render it), most important first: a stage starts only while
+# the time budget lasts, and the section is rewritten after every stage, so a run cut short keeps what it measured
+STAGES: Tuple[Tuple[str, str, Callable, Callable], ...] = (
+    ('operator', 'operator', bench_operator, _operator_lines),
+    ('models', 'models, eager and channels_last', lambda a: bench_models(a, ['eager', 'channels_last']), None),
+    ('patch_embed', 'vit_small_stconv `patch_embed` forward+backward', bench_patch_embed, _patch_embed_lines),
+    ('kernels', 'top CUDA kernels of a training step', profile_step, _kernel_lines),
+    ('iterations', 'throughput against t (Table 8)', bench_iterations, _iteration_lines),
+    ('models_compiled', 'models under torch.compile',
+     lambda a: [] if a.skip_compile or a.smoke else bench_models(a, ['compile']), None),
+    ('cuda_graphs', 'CUDA-graph capture of a training step',
+     lambda a: 'not tried (CPU smoke run)' if a.smoke else check_cuda_graphs(a), _cuda_graph_lines),
+)
+
+
+def render(args, results: Dict[str, object], skipped: Sequence[str]) -> str:
+    """The docs section from whichever stages ran; a stage that did not is named as skipped."""
+    import timm
+    import triton
+
+    device = torch.cuda.get_device_name() if args.device.type == 'cuda' else cpu_name()
+    lines = [
+        SECTION, '',
+        f'GPU: **{device}**; PyTorch {torch.__version__}, Triton {triton.__version__}, '
+        f'timm {timm.__version__}, CUDA {torch.version.cuda}. Produced by `benchmarks/gpu_check.sh` '
+        f'(`benchmarks/bench_supertoken.py`).', '', TARGETS,
+    ]
+    models = results.get('models', []) + results.get('models_compiled', [])
+    for key, title, _, lines_of in STAGES:
+        if key == 'models' and models:
+            lines += [''] + _model_lines(args, models)
+        elif key in results and lines_of is not None:
+            lines += [''] + lines_of(args, results[key])
+    if skipped:
+        lines += ['', f'Not measured in this run (time budget of {args.budget_minutes:g} min spent): '
+                  + '; '.join(skipped) + '.']
     return '\n'.join(lines) + '\n'
 
 
@@ -353,19 +418,23 @@ def main(argv: Sequence[str] = None) -> int:
         print('bench_supertoken.py needs a CUDA GPU (the fused kernels are GPU-only); none found, no numbers written. '
               '--smoke runs the code paths on CPU', file=sys.stderr)
         return 2
-    copy_bw = copy_bandwidth(args.device)
-    operator = bench_operator(args)
-    variants = ['eager', 'channels_last'] + ([] if args.skip_compile or args.smoke else ['compile'])
-    models = bench_models(args, variants)
-    patch_embed = bench_patch_embed(args)
-    iterations = bench_iterations(args)
-    kernels = profile_step(args)
-    cuda_graphs = 'not tried (CPU smoke run)' if args.smoke else check_cuda_graphs(args)
-    section = render(args, copy_bw, operator, models, patch_embed, iterations, kernels, cuda_graphs)
+    start = time.monotonic()
+    results: Dict[str, object] = {}
+    skipped: List[str] = []
+    for key, title, run, _ in STAGES:
+        minutes = (time.monotonic() - start) / 60
+        if args.budget_minutes is not None and minutes >= args.budget_minutes:
+            skipped.append(title)
+            print(f'skipped: {title} ({minutes:.1f} of {args.budget_minutes:g} min spent)', flush=True)
+            continue
+        results[key] = run(args)
+        if not args.smoke:
+            write_markdown_section(args.output, SECTION, render(args, results, skipped))
+    section = render(args, results, skipped)
     if args.smoke:
-        print(f'{section}\nsmoke run: every path ran; nothing written')
+        ran = 'every path ran' if not skipped else f'{len(skipped)} stage(s) skipped by the time budget'
+        print(f'{section}\nsmoke run: {ran}; nothing written')
         return 0
-    write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')
     return 0
 

@@ -27,6 +27,19 @@ def test_gpu_benchmark_runs_every_path_on_cpu():
     assert 'smoke run: every path ran; nothing written' in run.stdout
 
 
+def test_gpu_benchmark_starts_no_stage_past_its_time_budget():
+    """--budget-minutes 0: every stage is named as not measured, and none of them ran."""
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_supertoken.py'
+    run = subprocess.run([sys.executable, str(script), '--smoke', '--budget-minutes', '0'],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert 'Not measured in this run (time budget of 0 min spent): operator; models, eager and channels_last;' \
+        in run.stdout
+    for heading in ('### Operator', '### Models', '### Top CUDA kernels'):
+        assert heading not in run.stdout
+    assert '7 stage(s) skipped by the time budget' in run.stdout
+
+
 @pytest.mark.parametrize('ratio,best,verdict', [(0.97, 0.96, 'met'), (0.90, 0.94, 'NOT met'), (0.967, 0.919, 'inconclusive')])
 def test_target_verdict_needs_median_and_fastest_repeat_to_agree(ratio, best, verdict):
     assert target_verdict(ratio, best, 0.95).startswith(verdict)
