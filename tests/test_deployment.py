@@ -24,7 +24,7 @@ from timm_supertoken.layers import SuperTokenClustering
 MODEL_NAMES = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv')
 
 # A cold inductor compile (C++ codegen) of ViT-S takes ~70 s on 2 CPU cores. It runs for
-# vit_small_stconv, whose super-token clustering (pad / reshape / einsum / masked softmax, a
+# vit_small_stconv, whose super-token clustering (pad / reshape / batched matmul / masked softmax, a
 # data-independent loop of iterations) is the code inductor has to get right here. The other two
 # embeddings are convolutions, LayerNorm and Linear that timm's own models already exercise in
 # inductor: they use aot_eager (~6 s), which still runs dynamo's capture of the whole model and
@@ -75,6 +75,22 @@ def test_onnx_export_matches_eager(
     name, model, x, reference = model_and_reference
     path = tmp_path / f'{name}.onnx'
     torch.onnx.export(model, (x,), path, dynamo=True)
+    torch.testing.assert_close(_onnxruntime_run(path, x), reference, rtol=MODEL_RTOL, atol=MODEL_ATOL)
+
+
+def test_torchscript_onnx_export_of_a_frozen_stconv(tmp_path: Path) -> None:
+    """The TorchScript-based exporter (`dynamo=False`, what older deployment scripts call) on a frozen model.
+
+    With every parameter frozen nothing needs autograd, so the eager stem would take its in-place inference
+    path; tracing and export must record the plain modules instead, and the clustering must stay traceable.
+    """
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_stconv').eval().requires_grad_(False)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        reference = model(x)
+    path = tmp_path / 'vit_tiny_stconv.onnx'
+    torch.onnx.export(model, (x,), path, dynamo=False)
     torch.testing.assert_close(_onnxruntime_run(path, x), reference, rtol=MODEL_RTOL, atol=MODEL_ATOL)
 
 

@@ -2,13 +2,13 @@
 
 Paper: *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering* (J. DCS 2024),
 eqs. 2-4 (docs/design.md §2). The reference path below is the specification of the operator: it is
-vectorised over cells, pixels and the batch, and uses only pad / unfold / reshape / batched matmul /
+vectorised over cells, pixels and the batch, and uses only pad / slicing / reshape / batched matmul /
 softmax, so it runs everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The
 fused Triton kernels of `timm_supertoken.ops` implement the same equations; the module that chooses
 between the two is `timm_supertoken.layers.SuperTokenClustering`. Both import from here, and this
 module imports neither.
 """
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,17 @@ MAX_FUSED_GRID = 4
 
 
 def _neighbourhood(s: torch.Tensor) -> torch.Tensor:
-    """Gather the 3×3 neighbour super tokens of every cell: (B, h, w, C) -> (B, h, w, 9, C), zeros off-grid."""
-    B, h, w, C = s.shape
-    windows = F.pad(s, (0, 0, 1, 1, 1, 1)).unfold(1, 3, 1).unfold(2, 3, 1)  # (B, h, w, C, 3, 3), a view
-    return windows.permute(0, 1, 2, 4, 5, 3).reshape(B, h, w, 9, C)
+    """Gather the 3×3 neighbour super tokens of every cell: (B, h, w, C) -> (B, h, w, 9, C), zeros off-grid.
+
+    Nine slices and a stack, not `unfold`: TorchScript-based ONNX export cannot size an unfold of a padded map.
+    """
+    h, w = s.shape[1], s.shape[2]
+    padded = F.pad(s, (0, 0, 1, 1, 1, 1))
+    views: List[torch.Tensor] = []
+    for dy in range(3):
+        for dx in range(3):
+            views.append(padded[:, dy:dy + h, dx:dx + w])
+    return torch.stack(views, dim=3)
 
 
 def _scatter_neighbourhood(c: torch.Tensor) -> torch.Tensor:

@@ -249,7 +249,8 @@ class ConvActNorm(nn.Sequential):
     @torch.jit.unused
     def _can_run_in_place(self, x: torch.Tensor) -> bool:
         """Whether GELU and BN may overwrite the conv output: no autograd graph holds it, BN uses fixed statistics."""
-        if isinstance(x, torch.fx.Proxy):  # symbolic tracing records the plain modules
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting() \
+                or torch.onnx.is_in_onnx_export():  # tracing and export record the plain modules
             return False
         return not x.requires_grad and not self.bn.training and self.bn.running_var is not None
 
