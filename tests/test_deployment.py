@@ -78,6 +78,9 @@ def test_onnx_export_matches_eager(
     torch.testing.assert_close(_onnxruntime_run(path, x), reference, rtol=MODEL_RTOL, atol=MODEL_ATOL)
 
 
+# the legacy exporter warns that it is legacy, and its tracer about every Python-level shape check it meets
+@pytest.mark.filterwarnings('ignore::DeprecationWarning', 'ignore::torch.jit.TracerWarning',
+                            'ignore:Constant folding:UserWarning')
 def test_torchscript_onnx_export_of_a_frozen_stconv(tmp_path: Path) -> None:
     """The TorchScript-based exporter (`dynamo=False`, what older deployment scripts call) on a frozen model.
 
