@@ -15,7 +15,7 @@ from torch import nn
 from timm.layers import ConvNormAct, Format, nhwc_to, to_2tuple
 from timm.layers.trace_utils import _assert
 
-from .super_token import SuperTokenClustering
+from .super_token import SuperTokenClustering, is_traced_or_exported
 
 __all__ = ['PatchEmbedArgs', 'TokenEmbed', 'Patchify', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed',
            'ConvActNorm']
@@ -249,8 +249,7 @@ class ConvActNorm(nn.Sequential):
     @torch.jit.unused
     def _can_run_in_place(self, x: torch.Tensor) -> bool:
         """Whether GELU and BN may overwrite the conv output: no autograd graph holds it, BN uses fixed statistics."""
-        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting() \
-                or torch.onnx.is_in_onnx_export():  # tracing and export record the plain modules
+        if is_traced_or_exported(x):
             return False
         return not x.requires_grad and not self.bn.training and self.bn.running_var is not None
 

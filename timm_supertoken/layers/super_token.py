@@ -24,6 +24,16 @@ _TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None  # looked up 
 
 
 @torch.jit.ignore
+def is_traced_or_exported(x: torch.Tensor) -> bool:
+    """Whether x flows through torch.jit tracing, torch.fx symbolic tracing, torch.export or ONNX export.
+
+    Those record the ops they see, so the layers give them plain, exportable ops: no Triton, nothing in place.
+    """
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting() \
+        or torch.onnx.is_in_onnx_export()
+
+
+@torch.jit.ignore
 def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
     """Pick the implementation: False = reference path, True = the fused Triton op.
 
@@ -32,8 +42,7 @@ def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
     fused op for CUDA fp32/fp16/bf16 tensors when Triton is importable and the grid is one the kernels
     support (≤ 4).
     """
-    if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_exporting() \
-            or torch.onnx.is_in_onnx_export():
+    if is_traced_or_exported(x):
         return False
     if backend == 'auto':
         backend = os.environ.get(BACKEND_ENV, 'auto')
