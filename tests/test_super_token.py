@@ -155,6 +155,25 @@ def test_bad_input_is_named(bad, error, match):
         SuperTokenClustering()(bad)
 
 
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    C=st.integers(1, 4), H=st.integers(1, 9), W=st.integers(1, 9), grid=st.integers(1, 4), iters=st.integers(1, 4),
+    value=st.sampled_from([float('nan'), float('inf'), -float('inf')]), where=st.floats(0, 1, exclude_max=True),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_one_nonfinite_pixel_anywhere_is_named(C, H, W, grid, iters, value, where, dtype):
+    """The module checks its output for NaN/Inf, not its input: one bad value, wherever it is, must still show."""
+    x = torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(H * 10 + W)).to(dtype)
+    x.view(-1)[int(where * x.numel())] = value
+    with pytest.raises(ValueError, match='input contains NaN or Inf'):
+        SuperTokenClustering(grid, iters)(x)
+
+
+def test_overflow_of_a_finite_input_is_named():
+    with pytest.raises(ValueError, match=r'finite input produced NaN.*max \|x\| = 3e\+20'):
+        SuperTokenClustering()(torch.full((1, 2, 4, 4), 3e20))
+
+
 @pytest.mark.parametrize('kwargs,match', [(dict(grid=0), 'grid must be >= 1'), (dict(iters=0), 'iterations t must be >= 1')])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

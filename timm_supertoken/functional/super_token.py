@@ -17,7 +17,7 @@ from timm.layers import register_notrace_function
 
 __all__ = [
     'super_token_clustering', 'super_token_affinities', 'super_token_aggregate', 'check_super_token_input',
-    'check_finite', 'FUSED_DTYPES', 'MAX_FUSED_GRID',
+    'check_finite', 'check_finite_result', 'FUSED_DTYPES', 'MAX_FUSED_GRID',
 ]
 
 # The fused kernels accumulate in fp32: float64 would silently lose precision there.
@@ -122,6 +122,27 @@ def check_finite(x: torch.Tensor) -> None:
         raise ValueError('super-token clustering input contains NaN or Inf values')
 
 
+@torch.jit.ignore
+def check_finite_result(x: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Reject a non-finite result of the reference path, naming its cause; one reduction over the g²-smaller output.
+
+    A NaN/Inf pixel reaches its cell's S⁰ (a mean with weight > 0), so every logit of its own softmax row is
+    NaN or ±inf and that row, hence a super token next to it, comes out NaN: non-finite input always shows
+    in the output, and X is scanned only to say which cause it was. Finite input can still overflow the
+    logits ⟨x_p, s_j⟩/√C.
+    """
+    if tokens.is_meta:
+        return
+    with torch.no_grad():
+        if bool(torch.isfinite(tokens.sum(dtype=torch.float32))):
+            return
+        check_finite(x)
+        if not bool(torch.isfinite(tokens).all()):
+            raise ValueError(
+                f'super-token clustering of a finite input produced NaN: the affinity logits ⟨x_p, s_j⟩/√C overflow '
+                f'{str(_compute_dtype(x)).split(".")[-1]} (max |x| = {x.abs().max().item():.3g}); normalise the feature map')
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Half-precision inputs are clustered in float32 (the fused kernel accumulates in fp32 too)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -139,15 +160,16 @@ def super_token_affinities(x: torch.Tensor, grid: int, iters: int) -> Tuple[torc
     pixels = _to_cells(x.to(_compute_dtype(x)), grid)  # (B, h, w, P, C), P = grid²
     B, h, w, P, _ = pixels.shape
     real = _to_cells(torch.ones_like(pixels[:1, 0, 0, 0, :1]).expand(1, 1, x.shape[2], x.shape[3]), grid)
-    pixels_and_real = torch.cat([pixels, real.expand(B, h, w, P, 1)], -1)
     on_grid = _neighbourhood(torch.ones_like(real[:, :, :, 0]))  # (1, h, w, 9, 1): 1 where the neighbour exists
     off_grid = torch.zeros_like(on_grid).masked_fill(on_grid == 0, float('-inf'))
     off_grid = off_grid.expand(B, h, w, 9, 1).reshape(B * h * w, 1, 9)
     scale = C ** -0.5
 
     tokens = pixels.sum(3) / real.sum(3)  # S⁰: mean of each cell's real pixels
-    for _ in range(iters - 1):
-        tokens = _aggregate(_affinity(pixels, tokens, off_grid, scale), pixels_and_real)
+    if iters > 1:
+        pixels_and_real = torch.cat([pixels, real.expand(B, h, w, P, 1)], -1)
+        for _ in range(iters - 1):
+            tokens = _aggregate(_affinity(pixels, tokens, off_grid, scale), pixels_and_real)
     affinity = _affinity(pixels, tokens, off_grid, scale) * real  # padded pixels weigh nothing
     return affinity, _scatter_neighbourhood(affinity.sum(3).unsqueeze(-1)) + 1e-12
 

@@ -13,7 +13,7 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from ..functional.super_token import (
-    FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_super_token_input, super_token_clustering)
+    FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_finite_result, check_super_token_input, super_token_clustering)
 
 __all__ = ['SuperTokenClustering']
 
@@ -57,9 +57,10 @@ def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
 
 @torch.jit.ignore
 def _scan_for_nonfinite(x: torch.Tensor, fused: bool) -> bool:
-    """Whether to scan X for NaN/Inf: the scan is a pass over X plus a host sync, free only on the CPU.
+    """Whether to check for NaN/Inf: a reduction plus a host sync, free only on the CPU.
 
-    On the fused path and on CUDA a sync would stall the GPU every step and break CUDA-graph capture
+    The fused path scans X before launching; the reference path checks its g²-smaller output and reads X
+    only to name the cause (`check_finite_result`). On the fused path and on CUDA a sync would stall the GPU every step and break CUDA-graph capture
     (`torch.compile(mode='reduce-overhead')`), so by default only the reference path on CPU scans.
     $TIMM_SUPERTOKEN_CHECK_FINITE=1 scans everywhere (for hunting a NaN), =0 nowhere.
     """
@@ -109,14 +110,25 @@ class SuperTokenClustering(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            fused = _use_fused(x, self.grid, self.backend)
-            if not torch.compiler.is_compiling():
-                check_super_token_input(x, self.grid, self.iters)
-                if _scan_for_nonfinite(x, fused):
-                    check_finite(x)
-            if fused:
-                return _fused_super_token_clustering(x, self.grid, self.iters)
+            return self._forward_eager(x)
         return super_token_clustering(x, self.grid, self.iters)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        """Checks and backend choice; TorchScript sees only the reference path."""
+        fused = _use_fused(x, self.grid, self.backend)
+        checked = not torch.compiler.is_compiling()
+        if checked:
+            check_super_token_input(x, self.grid, self.iters)
+        scan = checked and _scan_for_nonfinite(x, fused)
+        if fused:
+            if scan:
+                check_finite(x)
+            return _fused_super_token_clustering(x, self.grid, self.iters)
+        tokens = super_token_clustering(x, self.grid, self.iters)
+        if scan:
+            check_finite_result(x, tokens)  # NaN/Inf input always reaches the output, which is g² smaller
+        return tokens
 
     def extra_repr(self) -> str:
         backend = '' if self.backend == 'auto' else f', backend={self.backend}'
