@@ -144,8 +144,9 @@ def render_section(
         f'Target (issue): vit_small_stconv ≥ {TARGET_RATIO}× the throughput of {BASELINE}. '
         f'Measured: **{ratio:.3f}× (median), {best:.3f}× (fastest repeat); target {verdict}.**',
         '',
-        'Conv/matmul FLOPs per image (`torch.utils.flop_counter`; elementwise ops, softmax and the '
-        'clustering\'s einsums on tiny matrices count little here but cost time on a CPU):',
+        'Conv/matmul FLOPs per image (`torch.utils.flop_counter`; elementwise ops and softmax count '
+        'nothing here but cost time on a CPU, and the clustering\'s matmuls count the masked entries of '
+        'their windows, 3(m+2)/9 of the logits needed):',
         '',
         '| model | embedding GFLOPs | model GFLOPs | ratio to ' + BASELINE + ' if FLOP-bound |',
         '|---|---:|---:|---:|',

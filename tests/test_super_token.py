@@ -178,13 +178,3 @@ def test_overflow_of_a_finite_input_is_named():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SuperTokenClustering(**kwargs)
-
-
-def test_compile_time_scatter_equals_the_eager_one(monkeypatch):
-    """Under torch.compile the neighbourhood scatter takes a functional form; both must sum the same."""
-    from timm_supertoken.functional import super_token
-
-    contributions = torch.randn(2, 5, 6, 9, 4, dtype=torch.float64)
-    eager = super_token._scatter_neighbourhood(contributions)
-    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
-    torch.testing.assert_close(super_token._scatter_neighbourhood(contributions), eager, rtol=0, atol=1e-15)

@@ -3,12 +3,12 @@
 Paper: *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering* (J. DCS 2024),
 eqs. 2-4 (docs/design.md §2). The reference path below is the specification of the operator: it is
 vectorised over cells, pixels and the batch, and uses only pad / slicing / reshape / batched matmul /
-softmax, so it runs everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The
+masked softmax (and a gather or scatter for the 9-neighbour form of the affinities), so it runs everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The
 fused Triton kernels of `timm_supertoken.ops` implement the same equations; the module that chooses
 between the two is `timm_supertoken.layers.SuperTokenClustering`. Both import from here, and this
 module imports neither.
 """
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,76 +27,128 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_FUSED_GRID = 4
 
 
-def _neighbourhood(s: torch.Tensor) -> torch.Tensor:
-    """Gather the 3×3 neighbour super tokens of every cell: (B, h, w, C) -> (B, h, w, 9, C), zeros off-grid.
+# Cells per row block: a pixel's logits are computed against every super token of its block's window,
+# 3(m+2) of them for the 9 it needs, so wider blocks waste FLOPs and narrower ones add batched-matmul calls.
+# 14 puts a row of the model's 14×14 token grid in one block; wider rows are split evenly (24 cells: 2×12),
+# which matched blocks of 8 at 48² and 96² maps, where blocks of 16 or more lost (2 CPU cores, docs/design.md §2).
+BLOCK_CELLS = 14
 
-    Nine slices and a stack, not `unfold`: TorchScript-based ONNX export cannot size an unfold of a padded map.
+
+def _block_layout(w: int, max_cells: int = BLOCK_CELLS) -> Tuple[int, int]:
+    """Split a row of w cells into n blocks of m ≤ max_cells cells, as even as possible: (n, m)."""
+    n = (w + max_cells - 1) // max_cells
+    return n, (w + n - 1) // n
+
+
+def _to_blocks(x: torch.Tensor, grid: int, n: int, m: int) -> torch.Tensor:
+    """Group pixels by cell and cells by row block: (B, C, H, W) -> (B, h, n, m·grid², C), zeros for padding.
+
+    Pixel rows and columns are zero-padded to whole cells, and cell columns to n·m (empty cells).
     """
-    h, w = s.shape[1], s.shape[2]
-    padded = F.pad(s, (0, 0, 1, 1, 1, 1))
-    views: List[torch.Tensor] = []
-    for dy in range(3):
-        for dx in range(3):
-            views.append(padded[:, dy:dy + h, dx:dx + w])
-    return torch.stack(views, dim=3)
+    B, C, H, W = x.shape
+    h = (H + grid - 1) // grid
+    x = F.pad(x, (0, n * m * grid - W, 0, h * grid - H))
+    x = x.reshape(B, C, h, grid, n, m, grid).permute(0, 2, 4, 5, 3, 6, 1)
+    return x.reshape(B, h, n, m * grid * grid, C)
 
 
-def _scatter_neighbourhood(c: torch.Tensor) -> torch.Tensor:
-    """Adjoint of `_neighbourhood`: sum what every cell sent to its 9 neighbours, (B, h, w, 9, C) -> (B, h, w, C)."""
-    B, h, w, _, C = c.shape
-    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
-        # traced in-place slice adds become chained slice_scatters that take inductor minutes to compile
-        padded = F.pad(c, (0, 0, 0, 0, 1, 1, 1, 1))  # (B, h + 2, w + 2, 9, C)
-        total = padded[:, 2:2 + h, 2:2 + w, 0]
-        for k in range(1, 9):
-            dy, dx = k // 3, k % 3
-            total = total + padded[:, 2 - dy:2 - dy + h, 2 - dx:2 - dx + w, k]
-        return total
-    # eager: accumulate in place into one padded buffer, 2-3x faster than allocating shifted copies
-    total = c.new_zeros(B, h + 2, w + 2, C)
-    for dy in range(3):
-        for dx in range(3):
-            total[:, dy:dy + h, dx:dx + w] += c[:, :, :, dy * 3 + dx]
+def _windows(tokens: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The super tokens each row block sees: (B, h, w, C) -> (B, h, n, 3(m+2), C), zeros off the grid.
+
+    Block (i, q) holds cells (i, qm..qm+m-1); their 3×3 neighbours lie in token rows i-1..i+1 and columns
+    qm-1..qm+m, stored row by row. Slices and one concatenation keep it exportable (no unfold).
+    """
+    h, w = tokens.shape[1], tokens.shape[2]
+    padded = F.pad(tokens, (0, 0, 1, n * m + 1 - w, 1, 1))  # (B, h + 2, n·m + 2, C)
+    if n == 1:
+        columns = padded.unsqueeze(2)
+    else:
+        columns = torch.stack([padded[:, :, q * m:q * m + m + 2] for q in range(n)], 2)
+    return torch.cat([columns[:, r:r + h] for r in range(3)], 3)
+
+
+def _from_windows(blocks: torch.Tensor, n: int, m: int, w: int) -> torch.Tensor:
+    """Adjoint of `_windows`: sum what every row block sent to each super token, (B, h, n, 3(m+2), D) -> (B, h, w, D)."""
+    B, h, D = blocks.shape[0], blocks.shape[1], blocks.shape[-1]
+    blocks = blocks.reshape(B, h, n, 3, m + 2, D)
+    total = blocks.new_zeros(B, h + 2, n * m + 2, D)
+    for r in range(3):
+        for q in range(n):
+            total[:, r:r + h, q * m:q * m + m + 2] += blocks[:, :, q, r]
     return total[:, 1:h + 1, 1:w + 1]
 
 
-def _to_cells(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """Zero-pad to a multiple of the grid and group pixels by cell: (B, C, H, W) -> (B, h, w, grid², C)."""
-    B, C, H, W = x.shape
-    h, w = (H + grid - 1) // grid, (W + grid - 1) // grid
-    x = F.pad(x, (0, w * grid - W, 0, h * grid - H))
-    x = x.reshape(B, C, h, grid, w, grid).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, h, w, grid * grid, C)
+def _window_mask(h: int, w: int, n: int, m: int, P: int, like: torch.Tensor) -> torch.Tensor:
+    """Additive mask (h, n, m·P, 3(m+2)): 0 where a window token is one of the pixel's 9 on-grid neighbours, else -inf.
 
-
-def _affinity(pixels: torch.Tensor, tokens: torch.Tensor, off_grid: torch.Tensor, scale: float) -> torch.Tensor:
-    """Eq. 2-3: each pixel's softmax over the 9 super tokens around its cell, off-grid ones masked: (B, h, w, P, 9).
-
-    `off_grid` is the additive mask (B·h·w, 1, 9), 0 or -inf, so scaling and masking ride on the batched
-    matmul. Padded pixels get weights too; the callers zero them or aggregate them as nothing.
+    Pixels of the empty cells that pad the last block see their whole window, so their softmax stays finite;
+    their values and ones channel are 0, so they add nothing.
     """
-    B, h, w, P, C = pixels.shape
-    neighbours = _neighbourhood(tokens).reshape(-1, 9, C).transpose(1, 2)
-    logits = torch.baddbmm(off_grid, pixels.reshape(-1, P, C), neighbours, alpha=scale)
-    return logits.softmax(-1).reshape(B, h, w, P, 9)
+    blocks = torch.arange(n, device=like.device)[:, None] * m
+    cell_col = (blocks + torch.arange(m, device=like.device)).repeat_interleave(P, 1)  # (n, m·P)
+    token_col = (blocks + torch.arange(m + 2, device=like.device) - 1).repeat(1, 3)  # (n, 3(m+2))
+    token_row = torch.arange(h, device=like.device)[:, None] \
+        + torch.arange(3, device=like.device).repeat_interleave(m + 2) - 1  # (h, 3(m+2))
+    near = (token_col[:, None, :] - cell_col[:, :, None]).abs() <= 1
+    on_grid = ((token_row >= 0) & (token_row < h))[:, None, None, :] \
+        & ((token_col >= 0) & (token_col < w))[None, :, None, :]
+    valid = (near[None] & on_grid) | (cell_col >= w)[None, :, :, None]
+    return torch.zeros(valid.shape, dtype=like.dtype, device=like.device).masked_fill(~valid, float('-inf'))
 
 
-def _token_sums(affinity: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Σ_p A_pj v_p over the pixels of the 3×3 cells around each token j: (B,h,w,P,9), (B,h,w,P,D) -> (B,h,w,D)."""
-    B, h, w, P, D = values.shape
-    per_cell = torch.bmm(affinity.reshape(-1, P, 9).transpose(1, 2), values.reshape(-1, P, D))
-    return _scatter_neighbourhood(per_cell.reshape(B, h, w, 9, D))
+def _window_index(m: int, P: int, device: torch.device) -> torch.Tensor:
+    """(m·P, 9): where in its block's window each pixel's neighbour k = 3·dy + dx sits (row dy, column cell + dx)."""
+    cell = torch.arange(m, device=device).repeat_interleave(P)[:, None]
+    k = torch.arange(9, device=device)[None, :]
+    return (k // 3) * (m + 2) + cell + k % 3
 
 
-def _aggregate(affinity: torch.Tensor, pixels_and_real: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: s_j = Σ_p A_pj x_p / Σ_p A_pj over the real pixels around j, -> (B, h, w, C).
+def _affinity(pixels: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, scale: float, n: int, m: int
+              ) -> torch.Tensor:
+    """Eq. 2-3: each pixel's softmax over the 9 super tokens around its cell, in window form (B, h, n, m·P, 3(m+2)).
 
-    The last channel of `pixels_and_real` is 1 for a real pixel and 0 for padding (whose x is 0 too), so
-    one weighted sum yields both the numerator and Z_j = Σ_p A_pj. Every cell owns a real pixel, so Z_j > 0;
-    the ε of STViT only guards the division.
+    One matmul per row block gives every pixel's logits against its block's whole window; the mask leaves
+    exactly its 9 on-grid neighbours (exp(-inf) = 0). On a CPU, B·h·n such products beat B·h·w tiny
+    (P×C)·(C×9) ones, whose time goes to call overhead (docs/design.md §2). Padded pixels get weights too; the
+    ones channel of the values they are summed with is 0.
     """
-    sums = _token_sums(affinity, pixels_and_real)
+    logits = torch.matmul(pixels, _windows(tokens * scale, n, m).transpose(-1, -2))
+    return (logits + mask).softmax(-1)
+
+
+def _aggregate(affinity: torch.Tensor, values: torch.Tensor, n: int, m: int, w: int) -> torch.Tensor:
+    """Σ_p A_pj v_p over the pixels of the 3×3 cells around each super token j: -> (B, h, w, D)."""
+    return _from_windows(torch.matmul(affinity.transpose(-1, -2), values), n, m, w)
+
+
+def _tokens(sums: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: s_j = Σ_p A_pj x_p / Σ_p A_pj, from sums whose last channel is Z_j = Σ_p A_pj (the ones channel).
+
+    Every cell owns a real pixel, so Z_j > 0; the ε of STViT only guards the division.
+    """
     return sums[..., :-1] / (sums[..., -1:] + 1e-12)
+
+
+def _pixels_and_ones(x: torch.Tensor, grid: int, n: int, m: int) -> torch.Tensor:
+    """x in block layout plus a last channel that is 1 on real pixels and 0 on padding: (B, h, n, m·grid², C + 1)."""
+    B, H, W = x.shape[0], x.shape[2], x.shape[3]
+    ones = torch.ones_like(x[:1, :1, :1, :1]).expand(B, 1, H, W)
+    return _to_blocks(torch.cat([x, ones], 1), grid, n, m)
+
+
+def _last_affinities(values: torch.Tensor, w: int, grid: int, iters: int, n: int, m: int) -> torch.Tensor:
+    """The `iters` affinity computations of eq. 2-4 on pixels-and-ones blocks; returns the last, in window form."""
+    B, h, C = values.shape[0], values.shape[1], values.shape[-1] - 1
+    P = grid * grid
+    pixels = values[..., :C]
+    mask = _window_mask(h, w, n, m, P, values)
+    scale = C ** -0.5
+    cell_sums = values.reshape(B, h, n * m, P, C + 1)[:, :, :w].sum(3)
+    tokens = cell_sums[..., :C] / cell_sums[..., C:]  # S⁰: mean of each cell's real pixels
+    affinity = _affinity(pixels, tokens, mask, scale, n, m)
+    for _ in range(iters - 1):
+        affinity = _affinity(pixels, _tokens(_aggregate(affinity, values, n, m, w)), mask, scale, n, m)
+    return affinity
 
 
 @torch.jit.ignore
@@ -148,35 +200,42 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def _grid_layout(x: torch.Tensor, grid: int) -> Tuple[int, int, int]:
+    """Super tokens per column (w) and the row blocks (n, m) of a (B, C, H, W) map: (w, n, m)."""
+    w = (x.shape[3] + grid - 1) // grid
+    n, m = _block_layout(w)
+    return w, n, m
+
+
 def super_token_affinities(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Run the `iters` clustering iterations of eq. 2-4 and return the last affinities and their sums.
 
     Returns A of shape (B, h, w, grid², 9), the softmax weights of every pixel of cell (i, j) to its
-    3×3 neighbour super tokens (zero for padded pixels and off-grid neighbours), and Z of shape
-    (B, h, w, 1), Z_j = Σ_p A_pj + ε. No gradient flows through either (STViT's rule).
+    3×3 neighbour super tokens, k = 3·dy + dx (zero for padded pixels and off-grid neighbours), and Z of
+    shape (B, h, w, 1), Z_j = Σ_p A_pj + ε. No gradient flows through either (STViT's rule).
     """
-    x = x.detach()
-    C = x.shape[1]
-    pixels = _to_cells(x.to(_compute_dtype(x)), grid)  # (B, h, w, P, C), P = grid²
-    B, h, w, P, _ = pixels.shape
-    real = _to_cells(torch.ones_like(pixels[:1, 0, 0, 0, :1]).expand(1, 1, x.shape[2], x.shape[3]), grid)
-    on_grid = _neighbourhood(torch.ones_like(real[:, :, :, 0]))  # (1, h, w, 9, 1): 1 where the neighbour exists
-    off_grid = torch.zeros_like(on_grid).masked_fill(on_grid == 0, float('-inf'))
-    off_grid = off_grid.expand(B, h, w, 9, 1).reshape(B * h * w, 1, 9)
-    scale = C ** -0.5
-
-    tokens = pixels.sum(3) / real.sum(3)  # S⁰: mean of each cell's real pixels
-    if iters > 1:
-        pixels_and_real = torch.cat([pixels, real.expand(B, h, w, P, 1)], -1)
-        for _ in range(iters - 1):
-            tokens = _aggregate(_affinity(pixels, tokens, off_grid, scale), pixels_and_real)
-    affinity = _affinity(pixels, tokens, off_grid, scale) * real  # padded pixels weigh nothing
-    return affinity, _scatter_neighbourhood(affinity.sum(3).unsqueeze(-1)) + 1e-12
+    w, n, m = _grid_layout(x, grid)
+    values = _pixels_and_ones(x.detach().to(_compute_dtype(x)), grid, n, m)
+    B, h, C = values.shape[0], values.shape[1], values.shape[-1] - 1
+    affinity = _last_affinities(values, w, grid, iters, n, m)
+    norm = _aggregate(affinity, values[..., C:], n, m, w) + 1e-12
+    index = _window_index(m, grid * grid, x.device).expand(B, h, n, m * grid * grid, 9)
+    nine = affinity.gather(-1, index) * values[..., C:]  # padded pixels weigh nothing
+    return nine.reshape(B, h, n * m, grid * grid, 9)[:, :, :w], norm
 
 
 def super_token_aggregate(x: torch.Tensor, affinity: torch.Tensor, norm: torch.Tensor, grid: int) -> torch.Tensor:
-    """The differentiable last aggregation S_j = Σ_p A_pj x_p / Z_j, (B, C, H, W) -> (B, C, h, w)."""
-    tokens = _token_sums(affinity, _to_cells(x.to(affinity.dtype), grid)) / norm
+    """The differentiable last aggregation S_j = Σ_p A_pj x_p / Z_j, (B, C, H, W) -> (B, C, h, w).
+
+    `affinity` and `norm` as `super_token_affinities` returns them.
+    """
+    B, h, w, P, _ = affinity.shape
+    n, m = _block_layout(w)
+    nine = F.pad(affinity, (0, 0, 0, 0, 0, n * m - w)).reshape(B, h, n, m * P, 9)
+    index = _window_index(m, P, affinity.device).expand(B, h, n, m * P, 9)
+    windowed = torch.zeros(B, h, n, m * P, 3 * (m + 2), dtype=affinity.dtype, device=affinity.device)
+    windowed = windowed.scatter(-1, index, nine)
+    tokens = _aggregate(windowed, _to_blocks(x.to(affinity.dtype), grid, n, m), n, m, w) / norm
     return tokens.permute(0, 3, 1, 2).to(x.dtype)
 
 
@@ -191,5 +250,8 @@ def super_token_clustering(x: torch.Tensor, grid: int = 2, iters: int = 3) -> to
     sum. As in STViT (CVPR 2023) only the last aggregation carries gradient, with A and Σ_p A_pj held
     constant, so dX_p = Σ_j A_pj / Z_j · dS_j. `iters=1` aggregates once with affinities to S⁰.
     """
-    affinity, norm = super_token_affinities(x, grid, iters)
-    return super_token_aggregate(x, affinity, norm, grid)
+    w, n, m = _grid_layout(x, grid)
+    values = _pixels_and_ones(x.to(_compute_dtype(x)), grid, n, m)
+    affinity = _last_affinities(values.detach(), w, grid, iters, n, m)
+    # the ones channel carries no gradient, so Z_j is a constant of the backward pass as in STViT
+    return _tokens(_aggregate(affinity, values, n, m, w)).permute(0, 3, 1, 2).to(x.dtype)
