@@ -60,8 +60,9 @@ def _scan_for_nonfinite(x: torch.Tensor, fused: bool) -> bool:
     """Whether to check for NaN/Inf: a reduction plus a host sync, free only on the CPU.
 
     The fused path scans X before launching; the reference path checks its g²-smaller output and reads X
-    only to name the cause (`check_finite_result`). On the fused path and on CUDA a sync would stall the GPU every step and break CUDA-graph capture
-    (`torch.compile(mode='reduce-overhead')`), so by default only the reference path on CPU scans.
+    only to name the cause (`check_finite_result`). On the fused path and on CUDA a sync would stall the GPU
+    every step and break CUDA-graph capture (`torch.compile(mode='reduce-overhead')`), so by default only the
+    reference path on CPU checks.
     $TIMM_SUPERTOKEN_CHECK_FINITE=1 scans everywhere (for hunting a NaN), =0 nowhere.
     """
     setting = os.environ.get(CHECK_FINITE_ENV, '')
