@@ -3,10 +3,10 @@
 Paper: *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering* (J. DCS 2024),
 eqs. 2-4 (docs/design.md §2). The reference path below is the specification of the operator: it is
 vectorised over cells, pixels and the batch, and uses only pad / slicing / reshape / batched matmul /
-masked softmax (and a gather or scatter for the 9-neighbour form of the affinities), so it runs everywhere (CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The
-fused Triton kernels of `timm_supertoken.ops` implement the same equations; the module that chooses
-between the two is `timm_supertoken.layers.SuperTokenClustering`. Both import from here, and this
-module imports neither.
+masked softmax (plus a gather or scatter for the 9-neighbour form of the affinities), so it runs everywhere
+(CPU, CUDA, the meta device, TorchScript, torch.fx, ONNX export). The fused Triton kernels of
+`timm_supertoken.ops` implement the same equations; the module that chooses between the two is
+`timm_supertoken.layers.SuperTokenClustering`. Both import from here, and this module imports neither.
 """
 from typing import Tuple
 
@@ -68,7 +68,7 @@ def _windows(tokens: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def _from_windows(blocks: torch.Tensor, n: int, m: int, w: int) -> torch.Tensor:
-    """Adjoint of `_windows`: sum what every row block sent to each super token, (B, h, n, 3(m+2), D) -> (B, h, w, D)."""
+    """Adjoint of `_windows`: sum what every row block sent to each token, (B, h, n, 3(m+2), D) -> (B, h, w, D)."""
     B, h, D = blocks.shape[0], blocks.shape[1], blocks.shape[-1]
     blocks = blocks.reshape(B, h, n, 3, m + 2, D)
     total = blocks.new_zeros(B, h + 2, n * m + 2, D)
@@ -190,9 +190,10 @@ def check_finite_result(x: torch.Tensor, tokens: torch.Tensor) -> None:
             return
         check_finite(x)
         if not bool(torch.isfinite(tokens).all()):
+            dtype = str(_compute_dtype(x)).split('.')[-1]
             raise ValueError(
-                f'super-token clustering of a finite input produced NaN: the affinity logits ⟨x_p, s_j⟩/√C overflow '
-                f'{str(_compute_dtype(x)).split(".")[-1]} (max |x| = {x.abs().max().item():.3g}); normalise the feature map')
+                f'super-token clustering of a finite input produced NaN: the affinity logits ⟨x_p, s_j⟩/√C '
+                f'overflow {dtype} (max |x| = {x.abs().max().item():.3g}); normalise the feature map')
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
