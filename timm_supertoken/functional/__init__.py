@@ -11,6 +11,6 @@ from .super_token import (
 )
 
 __all__ = [
-    'FUSED_DTYPES', 'MAX_FUSED_GRID', 'check_finite', 'check_finite_result', 'check_super_token_input', 'super_token_affinities',
-    'super_token_aggregate', 'super_token_clustering',
+    'FUSED_DTYPES', 'MAX_FUSED_GRID', 'check_finite', 'check_finite_result', 'check_super_token_input',
+    'super_token_affinities', 'super_token_aggregate', 'super_token_clustering',
 ]

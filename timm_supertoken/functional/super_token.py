@@ -124,7 +124,8 @@ def _aggregate(affinity: torch.Tensor, values: torch.Tensor, n: int, m: int, w: 
 def _tokens(sums: torch.Tensor) -> torch.Tensor:
     """Eq. 4: s_j = Σ_p A_pj x_p / Σ_p A_pj, from sums whose last channel is Z_j = Σ_p A_pj (the ones channel).
 
-    Every cell owns a real pixel, so Z_j > 0; the ε of STViT only guards the division.
+    With all weights 1 it is S⁰, the mean of a cell's real pixels. Every cell owns a real pixel, so Z_j > 0;
+    the ε of STViT only guards the division.
     """
     return sums[..., :-1] / (sums[..., -1:] + 1e-12)
 
@@ -143,8 +144,7 @@ def _last_affinities(values: torch.Tensor, w: int, grid: int, iters: int, n: int
     pixels = values[..., :C]
     mask = _window_mask(h, w, n, m, P, values)
     scale = C ** -0.5
-    cell_sums = values.reshape(B, h, n * m, P, C + 1)[:, :, :w].sum(3)
-    tokens = cell_sums[..., :C] / cell_sums[..., C:]  # S⁰: mean of each cell's real pixels
+    tokens = _tokens(values.reshape(B, h, n * m, P, C + 1)[:, :, :w].sum(3))  # S⁰
     affinity = _affinity(pixels, tokens, mask, scale, n, m)
     for _ in range(iters - 1):
         affinity = _affinity(pixels, _tokens(_aggregate(affinity, values, n, m, w)), mask, scale, n, m)
