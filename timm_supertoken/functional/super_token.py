@@ -25,6 +25,9 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A pixel's 3×3 neighbourhood spans (3g)² pixels: the fused kernels unroll g² sub-pixels, and beyond g = 4
 # the reference path (which batches any g) is the better tool.
 MAX_FUSED_GRID = 4
+# STViT's ε in Z_j = Σ_p A_pj + ε. Every cell owns a real pixel, so Z_j > 0 and ε only guards the division;
+# the reference path (`_norm`) and the fused kernels must add the same one.
+NORM_EPS = 1e-12
 
 
 # Cells per row block: a pixel's logits are computed against every super token of its block's window,
@@ -121,13 +124,20 @@ def _aggregate(affinity: torch.Tensor, values: torch.Tensor, n: int, m: int, w: 
     return _from_windows(torch.matmul(affinity.transpose(-1, -2), values), n, m, w)
 
 
-def _tokens(sums: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: s_j = Σ_p A_pj x_p / Σ_p A_pj, from sums whose last channel is Z_j = Σ_p A_pj (the ones channel).
+def _norm(sums: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Z_j = Σ_p A_pj + ε, from the last channel of an aggregation of pixels-and-ones (the ones channel).
 
-    With all weights 1 it is S⁰, the mean of a cell's real pixels. Every cell owns a real pixel, so Z_j > 0;
-    the ε of STViT only guards the division.
+    ε is an argument because TorchScript cannot read a float global.
     """
-    return sums[..., :-1] / (sums[..., -1:] + 1e-12)
+    return sums[..., -1:] + eps
+
+
+def _tokens(sums: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: s_j = Σ_p A_pj x_p / Z_j, from sums whose last channel is the ones channel.
+
+    With all weights 1 it is S⁰, the mean of a cell's real pixels.
+    """
+    return sums[..., :-1] / _norm(sums)
 
 
 def _pixels_and_ones(x: torch.Tensor, grid: int, n: int, m: int) -> torch.Tensor:
@@ -219,7 +229,7 @@ def super_token_affinities(x: torch.Tensor, grid: int, iters: int) -> Tuple[torc
     values = _pixels_and_ones(x.detach().to(_compute_dtype(x)), grid, n, m)
     B, h, C = values.shape[0], values.shape[1], values.shape[-1] - 1
     affinity = _last_affinities(values, w, grid, iters, n, m)
-    norm = _aggregate(affinity, values[..., C:], n, m, w) + 1e-12
+    norm = _norm(_aggregate(affinity, values[..., C:], n, m, w))
     index = _window_index(m, grid * grid, x.device).expand(B, h, n, m * grid * grid, 9)
     nine = affinity.gather(-1, index) * values[..., C:]  # padded pixels weigh nothing
     return nine.reshape(B, h, n * m, grid * grid, 9)[:, :, :w], norm

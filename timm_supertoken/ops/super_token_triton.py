@@ -5,7 +5,7 @@ specification. For X of shape (B, C, H, W), grid g, h = ⌈H/g⌉, w = ⌈W/g⌉
 
     S⁰_j  = mean of the real pixels of cell j                                   `_cell_mean_kernel`
     A_pk  = softmax_k(⟨x_p, s_k⟩ · C^-½) over the 3×3 cells k around p's cell     `_affinity_kernel`
-    Z_j   = Σ_p A_pj + 1e-12,   s_j ← Σ_p A_pj x_p / Z_j                          `_aggregate_kernel`
+    Z_j   = Σ_p A_pj + ε,       s_j ← Σ_p A_pj x_p / Z_j                          `_aggregate_kernel`
     dX_p  = Σ_k A_pk / Z_k · dS_k                                                  `_backward_kernel`
 
 Traffic and FLOPs (n = B·H·W pixels, T = B·h·w ≈ n/g² tokens, e = bytes per element of X; `traffic_model`):
@@ -67,12 +67,15 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_super_token_input
+from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, check_finite, check_super_token_input
 
 __all__ = [
     'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
     'INTERPRET',
 ]
+
+_NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
+
 
 def _interpreter_prune(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs) -> List[triton.Config]:
     """The interpreter cannot time configs (and gives the same numbers for each): keep the first."""
@@ -221,7 +224,7 @@ def _aggregate_kernel(
                              other=0.0)
                 acc += a[:, None] * xt.to(tl.float32)
                 norm += a
-        norm += 1e-12
+        norm += _NORM_EPS
         tl.store(out_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / norm[:, None],
                  mask=row_ok[:, None] & cm[None, :])
     tl.store(norm_ptr + b * h * w + n, norm, mask=row_ok)
