@@ -10,6 +10,7 @@ erasing on the device. Every global batch is one slice of a per-epoch permutatio
 equal parts. A run resumed after a kill, a run with more data-loader workers and a two-process run
 therefore see exactly the images of an uninterrupted one-process run.
 """
+import multiprocessing.util
 import os
 import random
 from dataclasses import dataclass
@@ -229,6 +230,22 @@ def default_workers(device: torch.device) -> int:
     return max(1, cores // ranks_here - 1)
 
 
+def _reserve_worker_temp_dir() -> None:
+    """Create, in this process, the folder through which data-loader workers will hand over their batches.
+
+    A worker passes each batch's shared memory as a file descriptor through a socket in multiprocessing's
+    temporary folder. Made in the worker, a failure (a full disk, a bad TMPDIR) is lost in the worker's queue
+    thread and the main process waits for that batch forever; made here before the fork, the workers inherit
+    the folder and the failure is a clear error.
+    """
+    try:
+        multiprocessing.util.get_temp_dir()
+    except OSError as err:
+        raise RuntimeError(
+            f'data-loader workers need a temporary folder to pass batches through, and none could be created '
+            f'({err}). Free disk space, point TMPDIR at a writable folder, or run with 0 workers.') from err
+
+
 def create_device_loader(data: AugmentedImageSet, batch_sampler: GlobalBatchSampler, device: torch.device,
                          mean: Tuple[float, ...], std: Tuple[float, ...], workers: int, re_prob: float = 0.,
                          re_mode: str = 'pixel', re_count: int = 1) -> PrefetchLoader:
@@ -239,6 +256,8 @@ def create_device_loader(data: AugmentedImageSet, batch_sampler: GlobalBatchSamp
     """
     if workers < 0:
         raise ValueError(f'workers must be >= 0, got {workers}')
+    if workers:
+        _reserve_worker_temp_dir()
     loader = DataLoader(data, batch_sampler=batch_sampler, num_workers=workers, collate_fn=_collate_with_seeds,
                         pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
                         # the loader draws its workers' base seed from this, not from the global RNG that
