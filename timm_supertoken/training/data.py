@@ -235,7 +235,7 @@ def _reserve_worker_temp_dir() -> None:
 
     A worker passes each batch's shared memory as a file descriptor through a socket in multiprocessing's
     temporary folder. Made in the worker, a failure (a full disk, a bad TMPDIR) is lost in the worker's queue
-    thread and the main process waits for that batch forever; made here before the fork, the workers inherit
+    thread and the main process waits for that batch forever; made here before the workers start, they inherit
     the folder and the failure is a clear error.
     """
     try:
