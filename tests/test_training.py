@@ -181,6 +181,11 @@ def test_persistent_workers_give_the_batches_of_the_main_process_every_epoch():
     assert not torch.equal(first_w[0], second_w[0])  # the workers drew new augmentations in the new epoch
 
 
+def _forget_worker_temp_dir(monkeypatch):
+    """As in a fresh process: multiprocessing has not made its temp folder yet (it caches it in this dict)."""
+    monkeypatch.delitem(multiprocessing.current_process()._config, 'tempdir', raising=False)
+
+
 def _break_temp_folders(monkeypatch):
     """Every new temporary folder fails from here on, as on a full disk."""
     monkeypatch.setattr(tempfile, 'tempdir', '/dev/null/no-such-folder')
@@ -189,7 +194,7 @@ def _break_temp_folders(monkeypatch):
 def test_workers_that_cannot_hand_over_batches_are_an_error_not_a_hang(monkeypatch):
     train, _ = small_digits()
     data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32), seed=1)
-    monkeypatch.delitem(multiprocessing.current_process()._config, 'tempdir', raising=False)
+    _forget_worker_temp_dir(monkeypatch)
     _break_temp_folders(monkeypatch)
     with pytest.raises(RuntimeError, match='temporary folder to pass batches through.*run with 0 workers'):
         create_device_loader(data, GlobalBatchSampler(len(data), 32, seed=1), torch.device('cpu'),
@@ -199,7 +204,7 @@ def test_workers_that_cannot_hand_over_batches_are_an_error_not_a_hang(monkeypat
 def test_workers_use_the_temp_folder_made_before_they_start(monkeypatch):
     train, _ = small_digits()
     data = AugmentedImageSet(train, PAPER_RECIPE.train_transform(32), seed=1)
-    monkeypatch.delitem(multiprocessing.current_process()._config, 'tempdir', raising=False)
+    _forget_worker_temp_dir(monkeypatch)
     loader = create_device_loader(data, GlobalBatchSampler(len(data), 32, seed=1), torch.device('cpu'),
                                   (0.5,) * 3, (0.5,) * 3, workers=1)
     _break_temp_folders(monkeypatch)  # the disk fills after the loader was made: the workers need nothing new
