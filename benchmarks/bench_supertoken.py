@@ -113,6 +113,18 @@ class Timer:
         self.synchronize()
         return statistics.median(self.once(fn) for _ in range(repeats))
 
+    def kernel_ms(self, fn: Callable[[], object]) -> float:
+        """Milliseconds the GPU spends in kernels during one call: the event time less the launch gaps.
+
+        An event-timed call that is much longer than its kernels is bound by the host's launches, not the GPU.
+        """
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            self.synchronize()
+        return sum(e.device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
+
 
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large device-to-device copy (read + write): the practical peak the fused op is held to."""
@@ -153,6 +165,9 @@ def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
                         row[f'{name} fwd'] = timer.median(lambda: fn(x, args.grid, args.iters), args.repeats)
                     row[f'{name} fwd+bwd'] = timer.median(
                         lambda: torch.autograd.grad(fn(xg, args.grid, args.iters), xg, dy), args.repeats)
+                if 'fused' in impls:
+                    with torch.no_grad():
+                        row['fused fwd kernels'] = timer.kernel_ms(lambda: impls['fused'](x, args.grid, args.iters))
                 row['ideal bytes'] = (B * C * H * W + B * C * h * w) * x.element_size()
                 rows.append(row)
                 print(row, flush=True)
@@ -321,8 +336,8 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
         'calls, L2 flushed before each', '',
         '| map | batch | dtype | ' + ' | '.join(f'{i} fwd' for i in impls) + ' | '
         + ' | '.join(f'{i} fwd+bwd' for i in impls) + ' | fused fwd+bwd speed-up vs ' + (' / '.join(impls[1:]) or '—')
-        + ' | fused fwd: ideal bytes at % of copy bandwidth |',
-        '|---|---:|---|' + '---:|' * (2 * len(impls) + 2),
+        + ' | fused fwd: ideal bytes at % of copy bandwidth | fused fwd: GPU time in kernels |',
+        '|---|---:|---|' + '---:|' * (2 * len(impls) + 3),
     ]
     for r in operator:
         keys = [f'{i} fwd' for i in impls] + [f'{i} fwd+bwd' for i in impls]
@@ -331,7 +346,8 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
                            for i in impls[1:]) or '—'
         bandwidth = r['ideal bytes'] / (r[f'{fused} fwd'] * 1e-3) / copy_bw * 100
         lines.append(f'| {r["map"]} | {r["batch"]} | {r["dtype"]} | ' + ' | '.join(cells)
-                     + f' | {speed} | {bandwidth:.1f}% |')
+                     + f' | {speed} | {bandwidth:.1f}% | ' + (f'{r["fused fwd kernels"]:.3f}' if 'fused fwd kernels' in r
+                                                               else '—') + ' |')
     if 'compile(reference)' in impls and not args.compile_all_shapes:
         lines += ['', 'compile(reference) is timed at the target shape only (`--compile-all-shapes` for every one).']
     return lines + ['', f'Device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s.']
@@ -431,6 +447,8 @@ def main(argv: Sequence[str] = None) -> int:
         if not args.smoke:
             write_markdown_section(args.output, SECTION, render(args, results, skipped))
     section = render(args, results, skipped)
+    if skipped and not args.smoke:  # stages skipped after the last one that ran are named only by this write
+        write_markdown_section(args.output, SECTION, section)
     if args.smoke:
         ran = 'every path ran' if not skipped else f'{len(skipped)} stage(s) skipped by the time budget'
         print(f'{section}\nsmoke run: {ran}; nothing written')

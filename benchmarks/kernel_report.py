@@ -138,8 +138,9 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
               'From `traffic_model` (the module docstring\'s model): each launch reads its inputs and writes '
               'its outputs once; the floor of a launch is max(bytes / HBM bandwidth, FLOPs / FP32 peak) at the '
               'datasheet figures of an A100 SXM4 (2.04 TB/s, 19.5 TFLOP/s) and an H100 SXM5 (3.35 TB/s, 66.9 '
-              'TFLOP/s). With the batch processed in L2-sized chunks, the repeated reads of X after the first '
-              'come from L2, so the measured forward can beat the sum of the per-launch floors.', '']
+              'TFLOP/s). Where X fits in L2 (12.8 MB at the model\'s map in bf16; an H100 has 50 MB), the '
+              'repeated reads of X after the first come from L2, so the measured forward can beat the sum of '
+              'the per-launch floors.', '']
     for name, shape in shapes.items():
         for dtype in ('bf16', 'fp32'):
             parts += [f'{name} map, {_shape(shape)}, {dtype}:', '', traffic_table(shape, dtype, grid, iters), '']

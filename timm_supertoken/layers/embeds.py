@@ -15,7 +15,7 @@ from torch import nn
 from timm.layers import ConvNormAct, Format, nhwc_to, to_2tuple
 from timm.layers.trace_utils import _assert
 
-from .super_token import SuperTokenClustering, is_traced_or_exported
+from .super_token import SuperTokenClustering, is_traced_or_exported, use_triton
 
 __all__ = ['PatchEmbedArgs', 'TokenEmbed', 'Patchify', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed',
            'ConvActNorm']
@@ -230,6 +230,12 @@ class ConvActNorm(nn.Sequential):
     224², 2 CPU cores: the folded stem was no faster (29-30 vs 26-28 ms, min of 40), because the
     correction's dozen small ops per module cost what the in-place BN pass does; with the correction
     skipped the fold would save at most 1-2 ms of ~28.
+
+    On CUDA (Triton importable, `nn.BatchNorm2d` as built, not under torch.compile, whose Inductor fuses the
+    three itself) the conv runs without its bias and bias, GELU and BN run as one fused Triton epilogue,
+    forward and backward (`timm_supertoken.ops.gelu_bn_triton`): 8 passes over the map per training
+    step instead of ~14, one saved copy of it instead of three, and the same parameters, state and maths.
+    $TIMM_SUPERTOKEN_BACKEND=reference keeps the modules.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
@@ -240,11 +246,34 @@ class ConvActNorm(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._can_fuse(x):
+            return self._forward_fused(x)
         x = self.conv(x)
         if not torch.jit.is_scripting() and self._can_run_in_place(x):
             return self._forward_in_place(x)
         x = self.act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.bn(x)
+
+    @torch.jit.unused
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether bias, GELU and BN run as the Triton epilogue: it covers exactly nn.GELU() and nn.BatchNorm2d.
+
+        SyncBatchNorm (timm's --sync-bn), the tanh GELU and a BN in eval mode that autograd must go through
+        keep the modules.
+        """
+        bn = self.bn
+        if type(bn) is not nn.BatchNorm2d or self.act.approximate != 'none' or torch.compiler.is_compiling() \
+                or is_traced_or_exported(x):  # before reading x's dtype: a torch.fx Proxy has none
+            return False
+        if not bn.training and bn.running_mean is not None and torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        return use_triton(x, x.dtype in (torch.float32, torch.float16, torch.bfloat16))
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from ..ops.gelu_bn_triton import gelu_batch_norm_triton  # imports Triton: only on this path
+        return gelu_batch_norm_triton(self.conv._conv_forward(x, self.conv.weight, None), self.conv.bias, self.bn)
 
     @torch.jit.unused
     def _can_run_in_place(self, x: torch.Tensor) -> bool:

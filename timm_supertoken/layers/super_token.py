@@ -15,7 +15,7 @@ from timm.layers import register_notrace_module
 from ..functional.super_token import (
     FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_finite_result, check_super_token_input, super_token_clustering)
 
-__all__ = ['SuperTokenClustering']
+__all__ = ['SuperTokenClustering', 'use_triton']
 
 BACKENDS = ('auto', 'reference', 'triton')
 BACKEND_ENV = 'TIMM_SUPERTOKEN_BACKEND'
@@ -34,13 +34,13 @@ def is_traced_or_exported(x: torch.Tensor) -> bool:
 
 
 @torch.jit.ignore
-def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
-    """Pick the implementation: False = reference path, True = the fused Triton op.
+def use_triton(x: torch.Tensor, supported: bool, backend: str = 'auto') -> bool:
+    """Whether a layer runs its Triton kernels on x, or its plain PyTorch ops.
 
-    torch.jit tracing, torch.fx symbolic tracing, torch.export and ONNX export always get the reference
-    path, which is made of exportable ops. `'auto'` (overridable by $TIMM_SUPERTOKEN_BACKEND) takes the
-    fused op for CUDA fp32/fp16/bf16 tensors when Triton is importable and the grid is one the kernels
-    support (≤ 4).
+    torch.jit tracing, torch.fx symbolic tracing, torch.export and ONNX export always get the plain ops,
+    which are exportable. `'auto'` (overridable by $TIMM_SUPERTOKEN_BACKEND) takes Triton for CUDA tensors
+    when it is importable and the layer `supported` x; `'triton'` forces it (the ops raise a clear error
+    for a CPU tensor outside Triton's interpreter).
     """
     if is_traced_or_exported(x):
         return False
@@ -51,8 +51,13 @@ def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
     if backend == 'reference':
         return False
     if backend == 'triton':
-        return True  # the op itself raises a clear error for a CPU tensor outside the interpreter
-    return _TRITON_AVAILABLE and x.is_cuda and x.dtype in FUSED_DTYPES and grid <= MAX_FUSED_GRID
+        return True
+    return _TRITON_AVAILABLE and x.is_cuda and supported
+
+
+def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
+    """The fused super-token op for fp32/fp16/bf16 and grid ≤ 4 (see `use_triton`)."""
+    return use_triton(x, x.dtype in FUSED_DTYPES and grid <= MAX_FUSED_GRID, backend)
 
 
 @torch.jit.ignore

@@ -47,8 +47,10 @@ Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads
   address everything. An NCHW input is converted once (one read and one write of X, ~1/8 of the
   forward's traffic at t = 3); gathering NCHW tiles in place instead costs 160-255 registers per
   thread and 8-12 resident warps (measured with the kernel report). S and dX come out channels_last.
-- On CUDA the batch is processed in chunks whose working set (X, two token buffers, A) fits in half
-  of the L2 cache, so the 2t + 1 launches of a chunk re-read X from L2, not from HBM.
+- The whole batch goes through each of the 2t + 1 launches at once. Splitting it into L2-sized chunks
+  (so that a chunk's launches re-read X from L2) was measured on an H200 (docs/benchmarks.md): every shape
+  took 35-57 µs per launch, whatever the bytes, i.e. the host's launch cost, so 8 chunks at B=256 56×56×64
+  made 56 launches and 2.99 ms; re-reading X from HBM instead costs about 0.03 ms per launch there.
 - The backward is a gather of 9 dS tokens per pixel (no atomics): deterministic.
 
 Block sizes and warps are autotuned per shape among configs that the report proves free of local
@@ -291,17 +293,6 @@ def _rows(count: int, block: str, images: int) -> Callable[[Dict[str, Any]], Tup
     return lambda meta: (triton.cdiv(count, meta[block]), images)
 
 
-def _batch_chunk(x: torch.Tensor, h: int, w: int) -> int:
-    """Images per chunk whose working set (X, 2 fp32 token buffers, A) fits in half the L2 (all on CPU)."""
-    B, C, H, W = x.shape
-    if not x.is_cuda:
-        return B
-    per_image = C * H * W * x.element_size() + 2 * C * h * w * 4 + 9 * H * W * 4
-    l2 = torch.cuda.get_device_properties(x.device).L2_cache_size
-    # a multiple of 8 images keeps every chunk's base pointers 16-byte aligned, as the first one is
-    return min(B, max(8, (l2 // 2 // per_image) // 8 * 8))
-
-
 def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], Tuple[torch.Tensor, ...]]:
     """The launches of the fused forward for x (made channels_last), and its outputs (S, A, Z), allocated.
 
@@ -315,27 +306,21 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
     aff = torch.empty((B, 9, H, W), device=x.device, dtype=torch.float32)
     norm = torch.empty((B, h, w), device=x.device, dtype=torch.float32)
     block_c = _block_c(C)
-    launches = []
-    chunk = _batch_chunk(x, h, w)
-    for b0 in range(0, B, chunk):
-        part = slice(b0, min(B, b0 + chunk))
-        xs, ts, outs, affs, norms = x[part], [t[part] for t in tokens], out[part], aff[part], norm[part]
-        images = xs.shape[0]
+    launches = [Launch(
+        _cell_mean_kernel, _rows(h * w, 'BLOCK_N', B),
+        (x, tokens[0], C, H, W, h, w),
+        dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, num_warps=4, num_stages=1))]
+    for step in range(iters):
+        last = step == iters - 1
+        src, dst = tokens[step % 2], out if last else tokens[(step + 1) % 2]
         launches.append(Launch(
-            _cell_mean_kernel, _rows(h * w, 'BLOCK_N', images),
-            (xs, ts[0], C, H, W, h, w),
-            dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, num_warps=4, num_stages=1)))
-        for step in range(iters):
-            last = step == iters - 1
-            src, dst = ts[step % 2], outs if last else ts[(step + 1) % 2]
-            launches.append(Launch(
-                _affinity_kernel, _rows(H * W, 'BLOCK_M', images),
-                (xs, src, affs, C, H, W, h, w, C ** -0.5),
-                dict(GRID=grid, BLOCK_C=block_c)))
-            launches.append(Launch(
-                _aggregate_kernel, _rows(h * w, 'BLOCK_N', images),
-                (xs, affs, dst, norms, C, H, W, h, w),
-                dict(GRID=grid, BLOCK_C=block_c), label='_aggregate_kernel(output)' if last else ''))
+            _affinity_kernel, _rows(H * W, 'BLOCK_M', B),
+            (x, src, aff, C, H, W, h, w, C ** -0.5),
+            dict(GRID=grid, BLOCK_C=block_c)))
+        launches.append(Launch(
+            _aggregate_kernel, _rows(h * w, 'BLOCK_N', B),
+            (x, aff, dst, norm, C, H, W, h, w),
+            dict(GRID=grid, BLOCK_C=block_c), label='_aggregate_kernel(output)' if last else ''))
     return launches, (out, aff, norm)
 
 
