@@ -345,9 +345,9 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
         speed = ' / '.join(f'{r[f"{i} fwd+bwd"] / r[f"{fused} fwd+bwd"]:.1f}×' if f'{i} fwd+bwd' in r else '—'
                            for i in impls[1:]) or '—'
         bandwidth = r['ideal bytes'] / (r[f'{fused} fwd'] * 1e-3) / copy_bw * 100
+        kernels = f'{r["fused fwd kernels"]:.3f}' if 'fused fwd kernels' in r else '—'
         lines.append(f'| {r["map"]} | {r["batch"]} | {r["dtype"]} | ' + ' | '.join(cells)
-                     + f' | {speed} | {bandwidth:.1f}% | ' + (f'{r["fused fwd kernels"]:.3f}' if 'fused fwd kernels' in r
-                                                               else '—') + ' |')
+                     + f' | {speed} | {bandwidth:.1f}% | {kernels} |')
     if 'compile(reference)' in impls and not args.compile_all_shapes:
         lines += ['', 'compile(reference) is timed at the target shape only (`--compile-all-shapes` for every one).']
     return lines + ['', f'Device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s.']

@@ -1,10 +1,11 @@
-"""Kernel report: the fused super-token kernels as an A100 and an H100 will run them, with no GPU.
+"""Kernel report: the fused super-token and conv-epilogue kernels as an A100 and an H100 will run them, with no GPU.
 
     python benchmarks/kernel_report.py [--shapes model operator] [--output docs/benchmarks.md | --json facts.json]
 
 Compiles every kernel of the fused forward and backward (every autotune config) for sm_80 and sm_90,
 fp32/bf16/fp16, NCHW and channels_last input, at the model's map (vit_small_stconv, 224², B=128) and
-the operator benchmark's largest map (B=256, 56×56×64), with the specialisation Triton's JIT applies
+the operator benchmark's largest map (B=256, 56×56×64), and the stem's GELU-BatchNorm epilogue at the
+model's stem maps, with the specialisation Triton's JIT applies
 at run time; reads registers, local memory, shared memory, resident warps per SM and the SASS
 instruction mix with the ptxas/cuobjdump of the Triton wheel; and sets the traffic/FLOP model of
 `timm_supertoken.ops.super_token_triton` beside it. Prints the tables and rewrites the
@@ -34,6 +35,8 @@ from docs_page import write_markdown_section
 SECTION = '## Kernel report (compiled for sm_80 and sm_90, no GPU)'
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 KERNELS = ('_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)', '_backward_kernel')
+EPILOGUE_KERNELS = ('_stats_kernel', '_combine_kernel', '_normalize_kernel', '_grad_reduce_kernel',
+                    '_sum_partials_kernel', '_grad_input_kernel')
 ELEM = {'fp32': 4, 'bf16': 2, 'fp16': 2}
 
 
@@ -46,6 +49,8 @@ def fit_table(rows: List[Dict]) -> str:
     """Worst config of each kernel (most registers, fewest resident warps, any local memory) per combination."""
     worst = defaultdict(dict)
     for r in rows:
+        if r['op'] != 'super_token':
+            continue
         combo = (_shape(r['shape']), r['arch'], r['dtype'], r['layout'])
         name = r['kernel'].split('[')[0]
         regs, warps, local = worst[combo].get(name, (0, 64, 0))
@@ -62,6 +67,21 @@ def fit_table(rows: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
+def epilogue_table(rows: List[Dict]) -> str:
+    """Registers per thread / resident warps per SM of the conv epilogue's kernels, per stem map, arch and dtype."""
+    fit = defaultdict(dict)
+    for r in rows:
+        if r['op'] == 'gelu_bn':
+            local = r['stack_bytes'] + r['spill_store_bytes'] + r['local_instructions']
+            fit[(_shape(r['shape']), r['arch'], r['dtype'])][r['kernel']] = \
+                f"{r['registers']} / {r['resident_warps']}" + (f' / **{local} B local**' if local else '')
+    lines = ['| map | arch | dtype | ' + ' | '.join(f'`{k}`' for k in EPILOGUE_KERNELS) + ' |',
+             '|---|---|---|' + '---:|' * len(EPILOGUE_KERNELS)]
+    for (shape, arch, dtype), kernels in fit.items():
+        lines.append(f'| {shape} | sm_{arch} | {dtype} | ' + ' | '.join(kernels[k] for k in EPILOGUE_KERNELS) + ' |')
+    return '\n'.join(lines)
+
+
 def _widths(counts: Dict) -> str:
     return ', '.join(f'{n}×{bits}b' for bits, n in sorted(counts.items(), key=lambda kv: int(kv[0]))) or '—'
 
@@ -70,7 +90,8 @@ def detail_table(rows: List[Dict], shape_name: str, arch: int, dtype: str, layou
     lines = ['| kernel [config] | registers | spill stores B | stack B | shared B | warps | resident warps/SM '
              '(limit) | MMA | FFMA | LDG | STG |', '|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|']
     for r in rows:
-        if (r['shape_name'], r['arch'], r['dtype'], r['layout']) != (shape_name, arch, dtype, layout):
+        if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout']) != ('super_token', shape_name, arch, dtype,
+                                                                             layout):
             continue
         config = r['kernel'].replace(',num_ctas=1', '').replace(',num_stages=1', '')
         lines.append(f"| `{config}` | {r['registers']} | {r['spill_store_bytes']} | {r['stack_bytes']} | "
@@ -134,6 +155,12 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
                   'MMA, FFMA, LDG and STG are static counts of those instructions in the SASS (a loop body counts '
                   'once); LDG/STG are given by access width (count × bits): the 128-bit ones move the pixel and '
                   'token tiles, the 32-bit ones A and Z, one value per row.', '']
+    if any(r['op'] == 'gelu_bn' for r in rows):
+        parts += ['### Conv epilogue (bias → GELU → BatchNorm) at the stem\'s maps: registers per thread / resident '
+                  'warps per SM', '',
+                  'The training forward and backward of `timm_supertoken.ops.gelu_bn_triton` (channels_last), '
+                  'compiled at the first map of each channel count of vit_small_stconv\'s stem (its kernels '
+                  'specialise on the channel count), the same batch.', '', epilogue_table(rows), '']
     parts += ['### Traffic model and time floors', '',
               'From `traffic_model` (the module docstring\'s model): each launch reads its inputs and writes '
               'its outputs once; the floor of a launch is max(bytes / HBM bandwidth, FLOPs / FP32 peak) at the '

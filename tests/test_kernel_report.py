@@ -1,8 +1,9 @@
 """The fused kernels as an A100 and an H100 will run them, held to their design in CI with no GPU.
 
 The kernels of the model's map (vit_small_stconv at 224², B=128) are compiled for sm_80 and sm_90, in
-fp32/bf16/fp16, from NCHW and channels_last input, every autotune config, in a subprocess without
-TRITON_INTERPRET (Triton's interpreter breaks its code generator, and tests/conftest.py sets it).
+fp32/bf16/fp16, from NCHW and channels_last input, every autotune config, and so are the stem's
+GELU-BatchNorm epilogue kernels at its maps, in a subprocess without TRITON_INTERPRET (Triton's
+interpreter breaks its code generator, and tests/conftest.py sets it).
 Each check names the kernel, the architecture and the number that broke it.
 """
 import json
@@ -35,14 +36,26 @@ def _where(row):
     return f"{row['kernel']} on sm_{row['arch']} ({row['dtype']}, {row['layout']} input)"
 
 
+def _op(facts, op):
+    return [r for r in facts if r['op'] == op]
+
+
 def test_every_kernel_of_the_matrix_is_compiled(facts):
-    combos = {(r['arch'], r['dtype'], r['layout']) for r in facts}
+    combos = {(r['arch'], r['dtype'], r['layout']) for r in _op(facts, 'super_token')}
     assert combos == {(a, d, l) for a in (80, 90) for d in ('fp32', 'bf16', 'fp16') for l in ('NCHW', 'channels_last')}
-    names = {r['kernel'].split('[')[0] for r in facts}
+    names = {r['kernel'].split('[')[0] for r in _op(facts, 'super_token')}
     assert names == {'_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)',
                      '_backward_kernel'}
     autotuned = [r['kernel'] for r in facts if r['kernel'].startswith('_affinity_kernel[')]
     assert len(set(autotuned)) == len(ops.super_token_triton._affinity_kernel.configs)
+
+
+def test_every_epilogue_kernel_is_compiled_at_each_stem_channel_count(facts):
+    epilogue = _op(facts, 'gelu_bn')
+    assert {(r['arch'], r['dtype'], r['shape'][1]) for r in epilogue} == {
+        (a, d, c) for a in (80, 90) for d in ('fp32', 'bf16', 'fp16') for c in (16, 32, 64)}
+    assert {r['kernel'] for r in epilogue} == {'_stats_kernel', '_combine_kernel', '_normalize_kernel',
+                                               '_grad_reduce_kernel', '_sum_partials_kernel', '_grad_input_kernel'}
 
 
 def test_no_kernel_uses_local_memory(facts):
@@ -62,7 +75,7 @@ def test_every_kernel_keeps_enough_warps_resident(facts):
 def test_instruction_mix_is_the_documented_one(facts):
     """The module docstring: FFMA stencils, no tensor cores, vectorised tile loads (no 8/16-bit element loads)."""
     failures = []
-    for r in facts:
+    for r in _op(facts, 'super_token'):
         if r['mma']:
             failures.append(f"{_where(r)}: {r['mma']} tensor-core instructions, the docstring says none")
         if not r['kernel'].startswith('_cell_mean_kernel') and not r['ffma']:
@@ -71,6 +84,14 @@ def test_instruction_mix_is_the_documented_one(facts):
         if narrow or '128' not in r['global_loads']:
             failures.append(f"{_where(r)}: global loads by width {r['global_loads']}, the docstring says "
                             'tiles are read with 128-bit loads')
+    assert not failures, '\n'.join(failures)
+
+
+def test_epilogue_reads_its_maps_with_128_bit_loads(facts):
+    """The (rows, C) tiles of every stem map are contiguous, 16-byte aligned rows: no narrow element loads."""
+    failures = [f"{_where(r)} at C={r['shape'][1]}: global loads by width {r['global_loads']}"
+                for r in _op(facts, 'gelu_bn')
+                if '128' not in r['global_loads'] or any(int(bits) < 32 for bits in r['global_loads'])]
     assert not failures, '\n'.join(failures)
 
 

@@ -30,9 +30,10 @@ from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from . import gelu_bn_triton as gbn
 from .super_token_triton import INTERPRET, Launch, backward_plan, forward_plan
 
-__all__ = ['ARCHS', 'KernelFacts', 'compile_kernels', 'kernel_facts']
+__all__ = ['ARCHS', 'KernelFacts', 'compile_gelu_bn_kernels', 'compile_kernels', 'kernel_facts']
 
 
 @dataclass(frozen=True)
@@ -109,17 +110,38 @@ def compile_kernels(
     `name[config]`, and a kernel launched with other argument types (the last aggregation writes the
     output) is keyed by its launch label.
     """
-    if INTERPRET:
-        raise RuntimeError('compile_kernels needs Triton\'s compiler, but this process imported Triton with '
-                           'TRITON_INTERPRET=1 (its interpreted standard library breaks code generation); '
-                           'run it in a process without that variable')
-    if arch not in ARCHS:
-        raise ValueError(f'compile_kernels knows the SM limits of archs {sorted(ARCHS)}, got {arch}')
+    _check_can_compile(arch)
     x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
     launches, (out, aff, norm) = forward_plan(x, grid, iters)
     bwd_launches, _ = backward_plan(torch.empty_like(out), aff, norm, grid)
+    return _compile_launches(launches + bwd_launches, arch)
+
+
+def compile_gelu_bn_kernels(shape: Tuple[int, int, int, int], dtype: torch.dtype, *, arch: int = 90
+                            ) -> Dict[str, triton.compiler.CompiledKernel]:
+    """Compile every kernel of the GELU-BatchNorm epilogue's training forward and backward for a (B, C, H, W) map."""
+    _check_can_compile(arch)
+    u = torch.empty(shape, dtype=dtype, device='meta', memory_format=torch.channels_last)
+    C = shape[1]
+    params = [torch.empty(C, device='meta') for _ in range(5)]  # conv bias, γ, β, running mean and variance
+    launches, (out, mean, rstd) = gbn.forward_plan(u, *params, factor=0.1, eps=1e-5)
+    bwd_launches, _ = gbn.backward_plan(u, params[0], params[1], mean, rstd, torch.empty_like(out))
+    return _compile_launches(launches + bwd_launches, arch)
+
+
+def _check_can_compile(arch: int) -> None:
+    if INTERPRET:
+        raise RuntimeError('compiling the kernels needs Triton\'s compiler, but this process imported Triton with '
+                           'TRITON_INTERPRET=1 (its interpreted standard library breaks code generation); '
+                           'run it in a process without that variable')
+    if arch not in ARCHS:
+        raise ValueError(f'the kernel report knows the SM limits of archs {sorted(ARCHS)}, got {arch}')
+
+
+def _compile_launches(launches, arch: int) -> Dict[str, triton.compiler.CompiledKernel]:
+    """One compiled kernel per name (and per autotune config) among the launches."""
     kernels = {}
-    for launch in launches + bwd_launches:
+    for launch in launches:
         for key, jit, kwargs in _launch_variants(launch):
             if key not in kernels:
                 kernels[key] = _compile(jit, launch.args, kwargs, arch)

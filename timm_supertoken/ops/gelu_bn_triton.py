@@ -33,18 +33,16 @@ from .super_token_triton import INTERPRET, Launch
 __all__ = ['gelu_batch_norm_triton', 'forward_plan', 'eval_plan', 'backward_plan', 'GELU_BN_DTYPES']
 
 GELU_BN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TILE_ELEMENTS = 4096  # rows × channels per program: 32 per thread at 4 warps, in registers with room to spare
+_TILE_ELEMENTS = 4096  # rows × channels per program
+# 16 elements per thread: the input gradient keeps ~5 fp32 values per element live, and at 32 per thread
+# (4 warps) it took 147-161 registers and 12 resident warps per SM (benchmarks/kernel_report.py)
+_WARPS = 8
 
 
 @triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_grad(z):
-    """d/dz z·Φ(z) = Φ(z) + z·φ(z)."""
-    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+def _normal_cdf(z):
+    """Φ(z): GELU(z) = z·Φ(z), and its derivative Φ(z) + z·φ(z) reuses it (one erf per element)."""
+    return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
 
 
 @triton.jit
@@ -58,9 +56,10 @@ def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _activation(u_ptr, bias_ptr, offs, c, cm, mask):
-    """z = u + b and y = GELU(z) in fp32 for one tile; y is 0 outside the matrix so sums ignore it."""
+    """z = u + b, Φ(z) and y = GELU(z) in fp32 for one tile; y is 0 outside the matrix so sums ignore it."""
     z = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(bias_ptr + c, mask=cm, other=0.0)[None, :]
-    return z, tl.where(mask, _gelu(z), 0.0)
+    cdf = _normal_cdf(z)
+    return z, cdf, tl.where(mask, z * cdf, 0.0)
 
 
 @triton.jit
@@ -68,7 +67,7 @@ def _stats_kernel(u_ptr, bias_ptr, part_mean_ptr, part_m2_ptr, R, C,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per row block: the block's mean of y and its sum of squared deviations (M2), per channel."""
     c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+    _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
     rows = tl.minimum(R - tl.program_id(0) * BLOCK_R, BLOCK_R).to(tl.float32)
     mean = tl.sum(y, axis=0) / rows
     dev = tl.where(mask, y - mean[None, :], 0.0)
@@ -120,7 +119,7 @@ def _normalize_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, weight_ptr, shift_ptr
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """out = γ·(GELU(u + b) − μ)·rstd + β, in u's dtype."""
     c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+    _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
     scale = tl.load(weight_ptr + c, mask=cm, other=0.0) * tl.load(rstd_ptr + c, mask=cm, other=0.0)
     shift = tl.load(shift_ptr + c, mask=cm, other=0.0) - tl.load(mean_ptr + c, mask=cm, other=0.0) * scale
     tl.store(out_ptr + offs, y * scale[None, :] + shift[None, :], mask=mask)
@@ -131,8 +130,9 @@ def _grad_reduce_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, grad_ptr, part_ptr,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per row block: Σ g and Σ g·ŷ per channel, into part[0] and part[1] (P, C) for dβ and dγ."""
     c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
-    y_hat = (y - tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]) * tl.load(rstd_ptr + c, mask=cm, other=0.0)[None, :]
+    _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    y_hat = (y - mean[None, :]) * tl.load(rstd_ptr + c, mask=cm, other=0.0)[None, :]
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     out = tl.program_id(0) * C + c
     tl.store(part_ptr + out, tl.sum(g, axis=0), mask=cm)
@@ -144,14 +144,15 @@ def _grad_input_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, weight_ptr, grad_ptr
                        R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """du = GELU'(z)·γ·rstd·(g − dβ/R − ŷ·dγ/R), and per row block Σ du per channel (the conv bias gradient)."""
     c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    z, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+    z, cdf, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
     rstd = tl.load(rstd_ptr + c, mask=cm, other=0.0)
     y_hat = (y - tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]) * rstd[None, :]
     mean_g = tl.load(sums_ptr + c, mask=cm, other=0.0) / R
     mean_g_y_hat = tl.load(sums_ptr + C + c, mask=cm, other=0.0) / R
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(weight_ptr + c, mask=cm, other=0.0) * rstd
-    du = tl.where(mask, _gelu_grad(z) * scale[None, :] * (g - mean_g[None, :] - y_hat * mean_g_y_hat[None, :]), 0.0)
+    gelu_grad = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)  # Φ(z) + z·φ(z)
+    du = tl.where(mask, gelu_grad * scale[None, :] * (g - mean_g[None, :] - y_hat * mean_g_y_hat[None, :]), 0.0)
     tl.store(du_ptr + offs, du, mask=mask)
     tl.store(part_db_ptr + tl.program_id(0) * C + c, tl.sum(du, axis=0), mask=cm)
 
@@ -177,8 +178,9 @@ def _blocks(C: int) -> Tuple[int, int]:
 
 
 def _rows(u: torch.Tensor) -> torch.Tensor:
-    """The channels_last (B, C, H, W) map as its (B·H·W, C) row-major matrix: a view, no copy."""
-    return u.permute(0, 2, 3, 1).reshape(-1, u.shape[1])
+    """The channels_last (B, C, H, W) map as its (B·H·W, C) row-major matrix: a view (never a copy, which the
+    kernels would write into in place of the output)."""
+    return u.permute(0, 2, 3, 1).view(-1, u.shape[1])
 
 
 def _fp32(like: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -202,11 +204,11 @@ def forward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shif
     update = running_mean is not None
     launches = [
         Launch(_stats_kernel, lambda meta: (P, channel_blocks), (rows, bias, part_mean, part_m2, R, C),
-               dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)),
+               dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)),
         Launch(_combine_kernel, lambda meta: (channel_blocks,),
                (part_mean, part_m2, mean, rstd, running_mean if update else mean, running_var if update else rstd,
                 P, R, C, eps, factor),
-               dict(UPDATE_RUNNING=update, BLOCK_R=block_r, BLOCK_P=64, BLOCK_C=block_c, num_warps=4)),
+               dict(UPDATE_RUNNING=update, BLOCK_R=block_r, BLOCK_P=64, BLOCK_C=block_c, num_warps=_WARPS)),
     ]
     normalize, out = eval_plan(u, bias, weight, shift, mean, rstd)
     return launches + normalize, (out, mean, rstd)
@@ -221,7 +223,7 @@ def eval_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shift: 
     out = torch.empty_like(u)
     launch = Launch(_normalize_kernel, lambda meta: (triton.cdiv(R, block_r), triton.cdiv(C, block_c)),
                     (rows, bias, mean, rstd, weight, shift, _rows(out), R, C),
-                    dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4))
+                    dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS))
     return [launch], out
 
 
@@ -236,10 +238,11 @@ def backward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, mea
     part, part_db = _fp32(u, 2, P, C), _fp32(u, 1, P, C)
     sums, db = _fp32(u, 2, C), _fp32(u, 1, C)
     du = torch.empty_like(u)
-    tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
-    sum_tiles = dict(BLOCK_P=64, BLOCK_C=block_c, num_warps=4)
+    tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
+    sum_tiles = dict(BLOCK_P=64, BLOCK_C=block_c, num_warps=_WARPS)
     launches = [
-        Launch(_grad_reduce_kernel, lambda meta: (P, channel_blocks), (rows, bias, mean, rstd, g, part, P, R, C), tiles),
+        Launch(_grad_reduce_kernel, lambda meta: (P, channel_blocks), (rows, bias, mean, rstd, g, part, P, R, C),
+               tiles),
         Launch(_sum_partials_kernel, lambda meta: (2, channel_blocks), (part, sums, P, C), sum_tiles),
         Launch(_grad_input_kernel, lambda meta: (P, channel_blocks),
                (rows, bias, mean, rstd, weight, g, sums, _rows(du), part_db, R, C), tiles),

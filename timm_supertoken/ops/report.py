@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ['DTYPES', 'LAYOUTS', 'SHAPES', 'model_map_shape', 'collect']
+__all__ = ['DTYPES', 'LAYOUTS', 'SHAPES', 'model_map_shape', 'stem_map_shapes', 'collect']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LAYOUTS = {'NCHW': torch.contiguous_format, 'channels_last': torch.channels_last}
@@ -26,6 +26,21 @@ def model_map_shape(batch: int = 128, model: str = 'vit_small_stconv', img_size:
         return tuple(embed.stem(torch.empty(batch, 3, img_size, img_size)).shape)
 
 
+def stem_map_shapes(batch: int = 128, model: str = 'vit_small_stconv', img_size: int = 224) -> List[Tuple[int, ...]]:
+    """(B, C, H, W) of the first map of each channel count that the stem's conv modules hand to their GELU-BN.
+
+    The epilogue's kernels specialise on the channel count (their tile), so one map per count covers them.
+    """
+    import timm
+    with torch.device('meta'):
+        x = torch.empty(batch, 3, img_size, img_size)
+        shapes = {}
+        for module in timm.create_model(model, img_size=img_size).patch_embed.stem:
+            x = module(x)
+            shapes.setdefault(x.shape[1], tuple(x.shape))
+        return list(shapes.values())
+
+
 SHAPES = {
     'model': model_map_shape,  # vit_small_stconv at 224², B=128: the model benchmark's batch
     'operator': lambda: (256, 64, 56, 56),  # the operator benchmark's largest map
@@ -34,7 +49,7 @@ SHAPES = {
 
 def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, int]) -> List[Dict]:
     """Compile one (shape, arch, dtype) in each layout and return one row of facts per kernel and layout."""
-    from .aot import compile_kernels, kernel_facts
+    from .aot import compile_gelu_bn_kernels, compile_kernels, kernel_facts
     shape_name, shape, arch, dtype, layouts, grid, iters = job
     rows = []
     for layout in layouts:  # one worker per layout group: kernels that two layouts share compile once
@@ -42,8 +57,14 @@ def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, i
                                   memory_format=LAYOUTS[layout])
         for key, kernel in kernels.items():
             facts = dataclasses.asdict(kernel_facts(kernel, arch))
-            rows.append(dict(shape_name=shape_name, shape=list(shape), arch=arch, dtype=dtype, layout=layout,
-                             grid=grid, iters=iters, kernel=key, **facts))
+            rows.append(dict(op='super_token', shape_name=shape_name, shape=list(shape), arch=arch, dtype=dtype,
+                             layout=layout, grid=grid, iters=iters, kernel=key, **facts))
+    if shape_name == 'model':  # the stem's conv epilogue runs in the same model: its maps, channels_last
+        for stem_shape in stem_map_shapes(shape[0]):
+            for key, kernel in compile_gelu_bn_kernels(stem_shape, DTYPES[dtype], arch=arch).items():
+                facts = dataclasses.asdict(kernel_facts(kernel, arch))
+                rows.append(dict(op='gelu_bn', shape_name='stem', shape=list(stem_shape), arch=arch, dtype=dtype,
+                                 layout='channels_last', kernel=key, **facts))
     return rows
 
 
