@@ -147,6 +147,9 @@ def _conv_module(seed=0):
 
 def test_conv_module_fused_matches_modules(monkeypatch):
     """The layer's fused path: same output, input and parameter gradients and BN state as its modules."""
+    # the two paths call the conv with and without its bias, for which cuDNN may pick algorithms whose TF32
+    # roundings differ by ~1e-3: compare the epilogue, not TF32
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
     calls = []
     original = gbn.gelu_batch_norm_triton
     monkeypatch.setattr(gbn, 'gelu_batch_norm_triton', lambda *a: calls.append(1) or original(*a))

@@ -55,6 +55,7 @@ def use_triton(x: torch.Tensor, supported: bool, backend: str = 'auto') -> bool:
     return _TRITON_AVAILABLE and x.is_cuda and supported
 
 
+@torch.jit.ignore
 def _use_fused(x: torch.Tensor, grid: int, backend: str) -> bool:
     """The fused super-token op for fp32/fp16/bf16 and grid ≤ 4 (see `use_triton`)."""
     return use_triton(x, x.dtype in FUSED_DTYPES and grid <= MAX_FUSED_GRID, backend)

@@ -49,8 +49,8 @@ Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads
   thread and 8-12 resident warps (measured with the kernel report). S and dX come out channels_last.
 - The whole batch goes through each of the 2t + 1 launches at once. Splitting it into L2-sized chunks
   (so that a chunk's launches re-read X from L2) was measured on an H200 (docs/benchmarks.md): every shape
-  took 35-57 µs per launch, whatever the bytes, i.e. the host's launch cost, so 8 chunks at B=256 56×56×64
-  made 56 launches and 2.99 ms; re-reading X from HBM instead costs about 0.03 ms per launch there.
+  took 35-57 µs per launch, so the time followed the launch count (8 chunks at B=256 56×56×64 made 56
+  launches and 2.99 ms), while re-reading X from HBM instead of L2 costs about 0.03 ms per launch there.
 - The backward is a gather of 9 dS tokens per pixel (no atomics): deterministic.
 
 Block sizes and warps are autotuned per shape among configs that the report proves free of local
