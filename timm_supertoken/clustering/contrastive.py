@@ -15,8 +15,7 @@ import torch.nn as nn
 import torch.distributed.nn.functional
 import torch.nn.functional as F
 from timm.layers import Mlp
-from tqdm.auto import tqdm
-
+from ..runtime import progress
 from .batches import augmented_view, draw_view_params
 
 __all__ = ['ContrastiveNet', 'nt_xent', 'pretrain_contrastive', 'PROJECTION_DIM']
@@ -69,7 +68,8 @@ def pretrain_contrastive(train_net: nn.Module, optimizer: torch.optim.Optimizer,
         perm = torch.randperm(n, generator=gen)
         views = [draw_view_params(n, gen, hflip) for _ in range(2)]
         total = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(range(steps), desc=f'contrastive ep {epoch + 1}/{epochs}', leave=False, disable=rank != 0)
+        # off a terminal one line per epoch, as the rounds print: a log then shows how long an epoch takes
+        bar = progress(range(steps), f'contrastive ep {epoch + 1}/{epochs}', enabled=rank == 0)
         for step in bar:
             idx = perm[step * batch_size:(step + 1) * batch_size][rank * local:(rank + 1) * local]
             x1, x2 = (augmented_view(images[idx], img_size, in_chans, device, v[idx]) for v in views)
