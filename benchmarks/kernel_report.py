@@ -45,6 +45,11 @@ def _shape(row_or_shape) -> str:
     return f'B={B}, {H}×{W}×{C}'
 
 
+def _local_memory(row: Dict) -> int:
+    """Bytes of stack and spill stores plus LDL/STL instructions: any of it means the kernel touches local memory."""
+    return row['stack_bytes'] + row['spill_store_bytes'] + row['local_instructions']
+
+
 def fit_table(rows: List[Dict]) -> str:
     """Worst config of each kernel (most registers, fewest resident warps, any local memory) per combination."""
     worst = defaultdict(dict)
@@ -55,7 +60,7 @@ def fit_table(rows: List[Dict]) -> str:
         name = r['kernel'].split('[')[0]
         regs, warps, local = worst[combo].get(name, (0, 64, 0))
         worst[combo][name] = (max(regs, r['registers']), min(warps, r['resident_warps']),
-                              local + r['stack_bytes'] + r['spill_store_bytes'] + r['local_instructions'])
+                              local + _local_memory(r))
     lines = ['| map | arch | dtype | input | ' + ' | '.join(f'`{k}`' for k in KERNELS) + ' |',
              '|---|---|---|---|' + '---:|' * len(KERNELS)]
     for combo, kernels in worst.items():
@@ -72,7 +77,7 @@ def epilogue_table(rows: List[Dict]) -> str:
     fit = defaultdict(dict)
     for r in rows:
         if r['op'] == 'gelu_bn':
-            local = r['stack_bytes'] + r['spill_store_bytes'] + r['local_instructions']
+            local = _local_memory(r)
             fit[(_shape(r['shape']), r['arch'], r['dtype'])][r['kernel']] = \
                 f"{r['registers']} / {r['resident_warps']}" + (f' / **{local} B local**' if local else '')
     lines = ['| map | arch | dtype | ' + ' | '.join(f'`{k}`' for k in EPILOGUE_KERNELS) + ' |',

@@ -15,6 +15,7 @@ from timm_supertoken.layers import ConvActNorm  # noqa: E402
 from timm_supertoken.layers.super_token import BACKEND_ENV  # noqa: E402
 from timm_supertoken.ops import gelu_batch_norm_triton as fused  # noqa: E402
 from timm_supertoken.ops import gelu_bn_triton as gbn  # noqa: E402
+from host_sync import HostSyncRecorder  # noqa: E402
 
 DEVICE = 'cpu' if ops.INTERPRET else 'cuda'
 # outputs are O(1) after normalisation; half precision may differ by one rounding step of values up to ~4
@@ -189,25 +190,10 @@ def test_conv_module_keeps_modules_where_the_epilogue_does_not_apply(monkeypatch
     assert not calls
 
 
-class _HostSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that copy a tensor's value to the host: what .item(), bool() and float() run."""
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-               torch.ops.aten.equal.default}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCING:
-            self.calls.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 def test_training_step_reads_nothing_back():
     """With a fixed momentum the fused forward and backward never wait on the host (CUDA-graph capturable)."""
     u, bias = _inputs((2, 8, 5, 5), torch.float32)
     bn = _batch_norm(8).train()
-    with _HostSyncRecorder() as recorder:
+    with HostSyncRecorder() as recorder:
         _run(fused, u, bias, bn)
     assert recorder.calls == []

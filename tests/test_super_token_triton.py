@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as hs  # noqa: E402
 from timm_supertoken.functional import check_finite, check_super_token_input, super_token_clustering  # noqa: E402
 from timm_supertoken.layers.super_token import BACKEND_ENV, CHECK_FINITE_ENV, SuperTokenClustering  # noqa: E402
 from loop_reference import super_token_clustering_loop  # noqa: E402
+from host_sync import HostSyncRecorder  # noqa: E402
 
 if ops.INTERPRET:
     DEVICE = 'cpu'
@@ -220,21 +221,6 @@ def test_opcheck():
         test_utils=('test_schema', 'test_autograd_registration', 'test_faketensor'))
 
 
-class _HostSyncRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that copy a tensor's value to the host: what .item(), bool() and .tolist() run."""
-    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-               torch.ops.aten.equal.default}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCING:
-            self.calls.append(func)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize('checked', [False, True])
 def test_fused_forward_reads_nothing_back(checked, monkeypatch):
     """The module's fused forward makes no host sync (capturable in a CUDA graph) unless a NaN scan is asked for."""
@@ -245,7 +231,7 @@ def test_fused_forward_reads_nothing_back(checked, monkeypatch):
         monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
     x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     module = SuperTokenClustering(grid=2, iters=2, backend='triton')
-    with _HostSyncRecorder() as recorder:
+    with HostSyncRecorder() as recorder:
         module(x)
     assert bool(recorder.calls) == checked, recorder.calls
 

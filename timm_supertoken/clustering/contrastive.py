@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.distributed.nn.functional
 import torch.nn.functional as F
 from timm.layers import Mlp
+
 from ..runtime import progress
 from .batches import augmented_view, draw_view_params
 

@@ -290,12 +290,10 @@ def gelu_batch_norm_triton(u: torch.Tensor, bias: Optional[torch.Tensor], bn: nn
     _check(u, bn)
     u = u.contiguous(memory_format=torch.channels_last)
     C = u.shape[1]
-    ones = None
-    if bias is None or bn.weight is None or bn.bias is None:
-        ones = torch.ones(C, device=u.device, dtype=torch.float32)
-    bias = bias if bias is not None else ones * 0
-    weight = bn.weight if bn.weight is not None else ones
-    shift = bn.bias if bn.bias is not None else ones * 0
+    # a conv without bias and a BN without affine (γ = 1, β = 0) run the same kernels
+    bias = bias if bias is not None else u.new_zeros(C, dtype=torch.float32)
+    weight = bn.weight if bn.weight is not None else u.new_ones(C, dtype=torch.float32)
+    shift = bn.bias if bn.bias is not None else u.new_zeros(C, dtype=torch.float32)
     batch_stats = bn.training or bn.running_mean is None
     if not batch_stats:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (u, bias, weight, shift)):
