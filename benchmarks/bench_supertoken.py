@@ -118,12 +118,18 @@ class Timer:
 
         An event-timed call that is much longer than its kernels is bound by the host's launches, not the GPU.
         """
+        return sum(ms for ms, _ in self.kernel_split(fn).values())
+
+    def kernel_split(self, fn: Callable[[], object]) -> Dict[str, Tuple[float, int]]:
+        """{kernel: (GPU ms, launches)} of one call, costliest first: which kernel a redesign must shorten."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
             self.synchronize()
-        return sum(e.device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA) / 1e3
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        return {e.key: (e.device_time_total / 1e3, e.count)
+                for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)}
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -168,6 +174,9 @@ def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
                 if 'fused' in impls:
                     with torch.no_grad():
                         row['fused fwd kernels'] = timer.kernel_ms(lambda: impls['fused'](x, args.grid, args.iters))
+                    if (H, W, C, B, dtype_name) == TARGET_OPERATOR_SHAPE:
+                        row['fused fwd+bwd kernel split'] = timer.kernel_split(
+                            lambda: torch.autograd.grad(impls['fused'](xg, args.grid, args.iters), xg, dy))
                 row['ideal bytes'] = (B * C * H * W + B * C * h * w) * x.element_size()
                 rows.append(row)
                 print(row, flush=True)
@@ -350,6 +359,11 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
                      + f' | {speed} | {bandwidth:.1f}% | {kernels} |')
     if 'compile(reference)' in impls and not args.compile_all_shapes:
         lines += ['', 'compile(reference) is timed at the target shape only (`--compile-all-shapes` for every one).']
+    for r in operator:
+        if 'fused fwd+bwd kernel split' in r:
+            lines += ['', f'Fused fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, GPU time by kernel (torch.profiler): '
+                      + '; '.join(f'`{name[:60]}` {ms:.3f} ms in {n} launch{"es" if n > 1 else ""}'
+                                  for name, (ms, n) in r['fused fwd+bwd kernel split'].items()) + '.']
     return lines + ['', f'Device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s.']
 
 

@@ -51,6 +51,10 @@ Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads
   (so that a chunk's launches re-read X from L2) was measured on an H200 (docs/benchmarks.md): every shape
   took 35-57 µs per launch, so the time followed the launch count (8 chunks at B=256 56×56×64 made 56
   launches and 2.99 ms), while re-reading X from HBM instead of L2 costs about 0.03 ms per launch there.
+  Unchunked, the same forward took 1.26 ms, 1.17 ms of it in kernels: it is now bound by the kernels,
+  at ~3.5× the 7-launch HBM floor. What the floor leaves out is the gathers: a pixel row of
+  `_affinity_kernel` loads its 9 fp32 tokens (9 × 4C bytes, from L1/L2) for C·e bytes of X, and each of
+  the g² pixels of a cell loads the same 9 again; `_aggregate_kernel` loads each pixel for 9 tokens.
 - The backward is a gather of 9 dS tokens per pixel (no atomics): deterministic.
 
 Block sizes and warps are autotuned per shape among configs that the report proves free of local
