@@ -48,6 +48,17 @@ def test_view_parameters_are_seeded_in_range_and_flip_only_when_asked():
     assert (no_flip[:, 4] == 1).all()
 
 
+def test_view_scale_and_color_jitter_bound_the_views():
+    v = draw_view_params(500, torch.Generator().manual_seed(1), hflip=False, scale=(0.6, 0.8), jitter=0.1)
+    w, h, _, _, _, brightness, contrast = v.unbind(1)
+    area = w * h  # the aspect clamp can only shrink a side, never grow the area past the drawn one
+    assert (area <= 0.8 + 1e-6).all() and (area >= 0.6 * 3 / 4 - 1e-6).all() and area.max() > 0.7
+    assert ((brightness - 1).abs() <= 0.1 + 1e-6).all() and ((contrast - 1).abs() <= 0.1 + 1e-6).all()
+    assert (brightness != 1).any()
+    plain = draw_view_params(500, torch.Generator().manual_seed(1), hflip=False, jitter=0.0)
+    assert (plain[:, 5:] == 1).all()
+
+
 def test_nt_xent_rewards_matching_views():
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(16, 8, generator=gen)

@@ -101,14 +101,14 @@ def test_resume_after_the_representation_stage_skips_it(tmp_path, digits160, mon
 
     cfg = ClusterConfig(**TINY, max_rounds=0)
     stages = []
-    pretrain = deep_clustering._pretrain
-    monkeypatch.setattr(deep_clustering, '_pretrain', lambda *a, **kw: stages.append(1) or pretrain(*a, **kw))
+    pretrain = deep_clustering.pretrain_representation
+    monkeypatch.setattr(deep_clustering, 'pretrain_representation', lambda *a, **kw: stages.append(1) or pretrain(*a, **kw))
     monkeypatch.setattr(deep_clustering, 'train_round', lambda *a, **kw: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):  # killed in round 0, after the stage's checkpoint
         run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
     first = json.loads(json.dumps(torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['state']['pretrain']))
     monkeypatch.undo()
-    monkeypatch.setattr(deep_clustering, '_pretrain', lambda *a, **kw: stages.append(2) or pretrain(*a, **kw))
+    monkeypatch.setattr(deep_clustering, 'pretrain_representation', lambda *a, **kw: stages.append(2) or pretrain(*a, **kw))
     logged = []
     result = run_deep_clustering(digits160, cfg, str(tmp_path), resume=True, log=logged.append)
     assert stages == [1] and result['pretrain'] == first and [r['round'] for r in result['rounds']] == [0]
@@ -145,6 +145,8 @@ def test_cnn_without_img_size():
     ('batch', dict(batch_size=0), 'batch_size=0'),
     ('pretrain', dict(pretrain='byol'), "pretrain must be one of .*'byol'"),
     ('pretrain_batch', dict(pretrain_batch_size=1), 'pretrain_batch_size >= 2'),
+    ('view_scale', dict(view_scale=(0.8, 0.4)), r'view_scale must satisfy 0 < min <= max <= 1.*\(0.8, 0.4\)'),
+    ('color_jitter', dict(color_jitter=1.5), r'color_jitter must be in \[0, 1\).*1.5'),
 ])
 def test_bad_input_is_rejected_before_training(tmp_path, digits160, kind, cfg_kw, match):
     data = digits160

@@ -45,7 +45,8 @@ def _settings(data: ImageSet, cfg: ClusterConfig) -> Tuple[str, ...]:
     method = pretrain_method(cfg)
     initial = 'k-means of the contrastive embedding' if method != 'none' else 'k-means-on-pixels assignments'
     stage = (f'representation stage: {method}, {cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch_size}, '
-             f'lr {cfg.pretrain_lr}, temperature {cfg.temperature}, hflip={cfg.hflip}',) if method != 'none' else ()
+             f'lr {cfg.pretrain_lr}, temperature {cfg.temperature}, hflip={cfg.hflip}, view scale '
+             f'{cfg.view_scale[0]:g}-{cfg.view_scale[1]:g}, color jitter {cfg.color_jitter:g}',) if method != 'none' else ()
     return (
         f'data: {data.name}, {len(data)} images {tuple(data.images.shape[1:])}, {data.num_classes} classes',
         f'model: {cfg.model} {cfg.model_kwargs or ""} at {cfg.img_size}x{cfg.img_size}, '
@@ -77,6 +78,7 @@ def data_and_config(args: argparse.Namespace) -> Tuple[ImageSet, ClusterConfig]:
         pretrain=args.pretrain if args.pretrain is not None or args.dataset != 'digits' else 'none',
         pretrain_epochs=args.pretrain_epochs, pretrain_batch_size=args.pretrain_batch_size, pretrain_lr=args.pretrain_lr,
         temperature=args.temperature, hflip=args.hflip if args.hflip is not None else args.dataset != 'digits',
+        view_scale=tuple(args.view_scale), color_jitter=args.color_jitter,
         seed=args.seed, device=args.device)
     return data, cfg
 
@@ -117,6 +119,12 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
                    help=f'NT-Xent temperature (default {_DEFAULTS.temperature})')
     p.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=None,
                    help='mirror contrastive views (default: on, except for digits, where a mirrored glyph is another one)')
+    p.add_argument('--view-scale', type=float, nargs=2, metavar=('MIN', 'MAX'), default=list(_DEFAULTS.view_scale),
+                   help='crop-area fraction range of the contrastive views, as timm\'s --scale '
+                        f'(default {_DEFAULTS.view_scale[0]:g} {_DEFAULTS.view_scale[1]:g})')
+    p.add_argument('--color-jitter', type=float, default=_DEFAULTS.color_jitter,
+                   help=f'brightness/contrast strength of the contrastive views: factors in 1 ± this '
+                        f'(default {_DEFAULTS.color_jitter:g})')
     p.add_argument('--batch-size', type=int, default=_DEFAULTS.batch_size, help='global batch size (default 64)')
     p.add_argument('--lr', type=float, default=_DEFAULTS.lr, help='AdamW learning rate (default 5e-4)')
     p.add_argument('--weight-decay', type=float, default=_DEFAULTS.weight_decay,

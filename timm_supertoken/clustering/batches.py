@@ -7,7 +7,7 @@ from a seeded CPU generator (a few numbers per image), and the pixels are transf
 the global draw. No per-image PIL work.
 """
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,15 +62,16 @@ def prepare_batch(images: torch.Tensor, img_size: int, in_chans: int, device: to
     return (x - 0.5) / 0.5
 
 
-def draw_view_params(n: int, generator: torch.Generator, hflip: bool) -> torch.Tensor:
+def draw_view_params(n: int, generator: torch.Generator, hflip: bool,
+                     scale: Tuple[float, float] = VIEW_CROP_AREA, jitter: float = VIEW_JITTER) -> torch.Tensor:
     """Per-image parameters of one contrastive view, (n, 7): crop w, h, centre x, y, flip sign, brightness, contrast.
 
-    A random resized crop covers VIEW_CROP_AREA of the image at an aspect ratio in VIEW_ASPECT
+    A random resized crop covers a `scale` fraction of the image at an aspect ratio in VIEW_ASPECT
     (log-uniform, as torchvision's RandomResizedCrop), placed uniformly inside it; widths and centres
     are in affine_grid units (the whole image spans [-1, 1]). With probability VIEW_JITTER_PROB the
-    brightness and contrast factors are drawn from 1 ± VIEW_JITTER, otherwise both are 1.
+    brightness and contrast factors are drawn from 1 ± jitter, otherwise both are 1.
     """
-    area = torch.empty(n).uniform_(*VIEW_CROP_AREA, generator=generator)
+    area = torch.empty(n).uniform_(*scale, generator=generator)
     log_r = torch.empty(n).uniform_(math.log(VIEW_ASPECT[0]), math.log(VIEW_ASPECT[1]), generator=generator)
     w = (area * log_r.exp()).sqrt().clamp(max=1.0)
     h = (area / log_r.exp()).sqrt().clamp(max=1.0)
@@ -78,7 +79,7 @@ def draw_view_params(n: int, generator: torch.Generator, hflip: bool) -> torch.T
     flip = torch.ones(n)
     if hflip:
         flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    factors = torch.empty(n, 2).uniform_(1 - VIEW_JITTER, 1 + VIEW_JITTER, generator=generator)
+    factors = torch.empty(n, 2).uniform_(1 - jitter, 1 + jitter, generator=generator)
     factors[torch.rand(n, generator=generator) >= VIEW_JITTER_PROB] = 1.0
     return torch.cat([w[:, None], h[:, None], centre, flip[:, None], factors], 1)
 

@@ -7,7 +7,7 @@ under crops, flips and intensity changes, so k-means on its embedding starts the
 of shape rather than of pixel overlap. The embedding is the model's pre-logits feature (the one the
 loop clusters); a small MLP projection head carries the loss and is dropped afterwards (SimCLR §4.2).
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from ..runtime import progress
-from .batches import augmented_view, draw_view_params
+from .batches import VIEW_CROP_AREA, VIEW_JITTER, augmented_view, draw_view_params
 
 __all__ = ['ContrastiveNet', 'nt_xent', 'pretrain_contrastive', 'PROJECTION_DIM']
 
@@ -49,13 +49,15 @@ def nt_xent(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> torch.Ten
 
 def pretrain_contrastive(train_net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                          epochs: int, batch_size: int, lr: float, temperature: float, hflip: bool, img_size: int,
-                         in_chans: int, device: torch.device, seed: int, rank: int = 0,
-                         world: int = 1) -> Dict[str, float]:
+                         in_chans: int, device: torch.device, seed: int, rank: int = 0, world: int = 1,
+                         view_scale: Tuple[float, float] = VIEW_CROP_AREA,
+                         color_jitter: float = VIEW_JITTER) -> Dict[str, float]:
     """Train train_net (a ContrastiveNet, DDP-wrapped or not) on NT-Xent; returns the last epoch's mean loss.
 
     The learning rate follows one cosine cycle peaking at lr, with a 10% warm-up (OneCycleLR) over all steps. Batch
     order and view parameters come from a generator seeded by `seed` and drawn for the global batch, each
-    rank taking its slice; the projections are all-gathered, so DDP computes the one-process loss.
+    rank taking its slice; the projections are all-gathered, so DDP computes the one-process loss. view_scale
+    and color_jitter set the views' crop-area range and brightness/contrast strength (`draw_view_params`).
     """
     train_net.train()
     n = images.shape[0]
@@ -66,8 +68,9 @@ def pretrain_contrastive(train_net: nn.Module, optimizer: torch.optim.Optimizer,
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.1)
     for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        views = [draw_view_params(n, gen, hflip) for _ in range(2)]
+        # drawn on the CPU generator (reproducible on any device), then moved once per epoch, not per step
+        perm = torch.randperm(n, generator=gen).to(images.device)
+        views = [draw_view_params(n, gen, hflip, view_scale, color_jitter).to(images.device) for _ in range(2)]
         total = torch.zeros((), dtype=torch.float64, device=device)
         # off a terminal one line per epoch, as the rounds print: a log then shows how long an epoch takes
         bar = progress(range(steps), f'contrastive ep {epoch + 1}/{epochs}', enabled=rank == 0)

@@ -10,6 +10,7 @@ classifier applied to it. One process or many under `torchrun` (DDP; every rank 
 gathered embeddings). Every round is checkpointed, and `resume=True` continues a killed run.
 """
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,14 +27,14 @@ from ..checkpoint import load_checkpoint
 from ..data.image_sets import ImageSet
 from ..runtime import (create_model_at_size, progress, rng_state, save_atomic, seed_everything, set_rng_state,
                        setup_distributed, shard_range)
-from .batches import prepare_batch
+from .batches import VIEW_CROP_AREA, VIEW_JITTER, prepare_batch
 from .contrastive import ContrastiveNet, pretrain_contrastive
 from .kmeans import KMeansResult, check_embeddings, kmeans
 from .metrics import cluster_metrics, match_clusters, nmi
 from .plots import plot_cluster_grid, plot_nmi_curve
 
-__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'pretrain_method', 'create_cluster_model', 'embed',
-           'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
+__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'pretrain_method', 'pretrain_representation',
+           'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.json'
@@ -68,6 +69,8 @@ class ClusterConfig:
     pretrain_lr: float = 2e-3  # peak of the one-cycle cosine schedule
     temperature: float = 0.5  # NT-Xent temperature (SimCLR's choice for small images)
     hflip: bool = False  # mirror contrastive views: right for clothes and photos, wrong for digits
+    view_scale: Tuple[float, float] = VIEW_CROP_AREA  # crop-area fraction range of the contrastive views
+    color_jitter: float = VIEW_JITTER  # brightness/contrast factors of the views drawn from 1 ± this
     seed: int = 0
     device: str = 'auto'
 
@@ -141,13 +144,18 @@ def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     gen = torch.Generator().manual_seed(seed)
     local = cfg.batch_size // world
     use_clust = centroids is not None and cfg.gamma > 0
+    live = sys.stderr.isatty()
+    # indices and per-image tensors live where the images do: a step then copies nothing from the host
+    targets = targets.to(images.device)
+    if use_clust:
+        assignments = assignments.to(images.device)
     for epoch in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(images.device)
         aug = None
         if cfg.augment:
             scale = torch.empty(n).uniform_(*AUG_SCALE, generator=gen)
             shift = torch.empty(n, 2).uniform_(-AUG_SHIFT, AUG_SHIFT, generator=gen)
-            aug = torch.cat([scale[:, None], shift], 1)
+            aug = torch.cat([scale[:, None], shift], 1).to(images.device)
         # drop the ragged last batch so every rank gets an equal, non-empty slice
         steps = max(n // cfg.batch_size, 1)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -168,7 +176,8 @@ def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
             loss.backward()
             optimizer.step()
             sums += torch.stack([loss.detach(), loss_vit.detach(), loss_clust.detach()]).double()
-            if rank == 0 and step % 10 == 0:
+            # .item() waits for the GPU: every 10 steps on a terminal, once per epoch in a log
+            if rank == 0 and (step == steps - 1 or (live and step % 10 == 0)):
                 bar.set_postfix(loss=f'{loss.item():.3f}')
         if world > 1:
             dist.all_reduce(sums)
@@ -203,6 +212,11 @@ def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
         raise ValueError(f'batch_size={cfg.batch_size} must be a positive multiple of the {world} processes')
     if cfg.pretrain not in (None,) + PRETRAIN_METHODS:
         raise ValueError(f'pretrain must be one of {PRETRAIN_METHODS}, got {cfg.pretrain!r}')
+    low, high = cfg.view_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f'view_scale must satisfy 0 < min <= max <= 1 (fractions of the image area), got {cfg.view_scale}')
+    if not 0 <= cfg.color_jitter < 1:
+        raise ValueError(f'color_jitter must be in [0, 1) (factors 1 ± color_jitter stay positive), got {cfg.color_jitter}')
     if pretrain_method(cfg) != 'none' and (cfg.pretrain_epochs < 1 or cfg.pretrain_batch_size < 2 * world):
         raise ValueError(f'pretrain_epochs must be >= 1 and pretrain_batch_size >= 2 per process, got '
                          f'{cfg.pretrain_epochs} and {cfg.pretrain_batch_size}')
@@ -266,6 +280,7 @@ class _Run:
     device: torch.device
     out: Path
     net: EmbedNet
+    images: torch.Tensor  # data.images, moved to the device once when they fit (`_resident`)
     train_net: nn.Module  # net, or its DDP wrapper: what trains; net embeds and is checkpointed
     optimizer: torch.optim.Optimizer
     config: Dict[str, Any]  # cfg as checkpointed, with its defaults resolved
@@ -277,7 +292,7 @@ class _Run:
 
     def embed(self, desc: str) -> torch.Tensor:
         """Embeddings of every image under the current model."""
-        return embed(self.net, self.data.images, self.cfg, self.in_chans, self.device, self.rank, self.world, desc=desc)
+        return embed(self.net, self.images, self.cfg, self.in_chans, self.device, self.rank, self.world, desc=desc)
 
     def kmeans(self, x: torch.Tensor, seed: int) -> KMeansResult:
         """k-means into the run's k clusters with its number of restarts."""
@@ -305,10 +320,21 @@ def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str]
     seed_everything(cfg.seed)
     num_out = k if cfg.targets == 'pseudo' else int(data.labels.max()) + 1
     net = EmbedNet(create_cluster_model(cfg, num_out, in_chans).to(device))
-    return _Run(data, cfg, k, in_chans, rank, world, device, out, net,
+    return _Run(data, cfg, k, in_chans, rank, world, device, out, net, _resident(data.images, device),
                 train_net=nn.parallel.DistributedDataParallel(net) if world > 1 else net,
                 optimizer=torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
                 config=dict(asdict(cfg), k=k, pretrain=pretrain_method(cfg)), log=log)
+
+
+def _resident(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The uint8 images on the GPU when they take ≤ 1/4 of its free memory (Fashion-MNIST: 55 MB), else as they are.
+
+    Every training and embedding step then slices them on the device: no per-step host-to-device copy
+    from pageable memory, which would make each step wait for the host.
+    """
+    if device.type != 'cuda' or images.numel() * images.element_size() > torch.cuda.mem_get_info(device)[0] // 4:
+        return images
+    return images.to(device)
 
 
 def _resume(run: _Run) -> Optional[Dict[str, Any]]:
@@ -356,7 +382,7 @@ def _initial_state(run: _Run) -> Dict[str, Any]:
 def _baselines(run: _Run) -> Dict[str, Any]:
     """A fresh loop state with the k-means baselines: pixels (round 0's default targets) and the untrained embedding."""
     n = len(run.data)
-    pixels = run.data.images.reshape(n, -1).float().div_(255.).to(run.device)
+    pixels = run.images.reshape(n, -1).to(run.device).float().div_(255.)
     pix = run.kmeans(pixels, seed=run.cfg.seed)
     untrained = run.kmeans(run.embed('embed untrained'), seed=run.cfg.seed)
     return {
@@ -371,7 +397,8 @@ def _baselines(run: _Run) -> Dict[str, Any]:
 
 def _representation_stage(run: _Run, state: Dict[str, Any]) -> None:
     """The representation stage before the paper's loop (SimCLR); k-means on its embedding gives round 0's targets."""
-    state['pretrain'] = _pretrain(run.net, run.data.images, run.cfg, run.in_chans, run.device, run.rank, run.world)
+    state['pretrain'] = pretrain_representation(run.net, run.images, run.cfg, run.in_chans, run.device,
+                                                run.rank, run.world)
     z = run.embed('embed contrastive')
     check_embeddings(z, run.k)
     km = run.kmeans(z, seed=run.cfg.seed)
@@ -379,8 +406,8 @@ def _representation_stage(run: _Run, state: Dict[str, Any]) -> None:
     state['baselines']['kmeans_contrastive_embedding'] = _evaluate(run.data.labels, km.labels.cpu().numpy())
 
 
-def _pretrain(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans: int, device: torch.device,
-              rank: int, world: int) -> Dict[str, float]:
+def pretrain_representation(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans: int,
+                            device: torch.device, rank: int = 0, world: int = 1) -> Dict[str, float]:
     """The contrastive stage: NT-Xent through a projection head on net's embedding, with its own AdamW.
 
     The head and optimizer are dropped afterwards; the loop's optimizer starts fresh on the trained
@@ -392,8 +419,9 @@ def _pretrain(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans:
                  else contrastive)
     optimizer = torch.optim.AdamW(contrastive.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     losses = pretrain_contrastive(train_net, optimizer, images, cfg.pretrain_epochs, cfg.pretrain_batch_size,
-                                  cfg.pretrain_lr, cfg.temperature, cfg.hflip, cfg.img_size, in_chans, device, seed=cfg.seed * 100003 - 1,
-                                  rank=rank, world=world)
+                                  cfg.pretrain_lr, cfg.temperature, cfg.hflip, cfg.img_size, in_chans, device,
+                                  seed=cfg.seed * 100003 - 1, rank=rank, world=world,
+                                  view_scale=tuple(cfg.view_scale), color_jitter=cfg.color_jitter)
     return {'method': 'simclr', **losses, 'time_s': time.perf_counter() - t0}
 
 
@@ -403,7 +431,7 @@ def _train(run: _Run, state: Dict[str, Any], prev: torch.Tensor) -> Dict[str, fl
     cfg = run.cfg
     targets = prev if cfg.targets == 'pseudo' else torch.from_numpy(run.data.labels)
     centroids = state['centroids'].to(run.device) if r > 0 else None
-    return train_round(run.train_net, run.optimizer, run.data.images, targets, centroids, state['assignments'], cfg,
+    return train_round(run.train_net, run.optimizer, run.images, targets, centroids, state['assignments'], cfg,
                        run.in_chans, run.device, seed=cfg.seed * 100003 + r, rank=run.rank, world=run.world,
                        desc=f'round {r}')
 

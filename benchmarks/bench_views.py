@@ -1,0 +1,150 @@
+"""What the contrastive stage's settings change: k-means and 20-NN scores of its embedding, written to docs/clustering.md.
+
+    python benchmarks/bench_views.py [--subset 5000] [--variants '' 'view_scale=0.6,1' 'color_jitter=0' ...]
+                                     [any `cluster` option, e.g. --dataset fashion-mnist --device cuda]
+
+The deep-clustering loop starts from k-means on the representation stage's embedding and keeps that
+partition (round 0 ≈ the contrastive baseline in every measured run), so the stage decides the result.
+Each variant overrides `ClusterConfig` fields of the base settings (`field=value`, tuples as `a,b`),
+trains the stage from scratch and scores the embedding: NMI/ARI/ACC of k-means, and the share of each
+image's 20 nearest neighbours (cosine) with its label, which bounds what neighbour-based clustering can
+reach. Seeds are variants too, so the table shows the run-to-run spread next to each setting's effect.
+Only the `## Representation stage: what its settings change` section of the output is rewritten.
+"""
+import argparse
+import dataclasses
+import datetime
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from timm_supertoken.cli.clustering import add_cluster_arguments, data_and_config
+from timm_supertoken.clustering.deep_clustering import (ClusterConfig, EmbedNet, create_cluster_model, embed,
+                                                        pretrain_representation)
+from timm_supertoken.clustering.kmeans import kmeans
+from timm_supertoken.clustering.metrics import cluster_metrics
+from timm_supertoken.runtime import hardware_info, seed_everything, setup_distributed
+
+from docs_page import write_markdown_section
+
+SECTION = '## Representation stage: what its settings change'
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'clustering.md'
+NEIGHBOURS = 20
+DEFAULT_VARIANTS = ('', 'seed=1', 'seed=2', 'view_scale=0.2,1', 'view_scale=0.6,1', 'view_scale=0.8,1',
+                    'color_jitter=0', 'color_jitter=0.2', 'color_jitter=0.6', 'hflip=false', 'temperature=0.2')
+# the CPU-sized setting of bench_cluster.py, on half its images: a variant takes about a minute on 2 cores
+BENCH_DEFAULTS: Dict[str, Any] = dict(
+    dataset='fashion-mnist:test', subset=5000, model_kwargs={'depth': 2, 'embed_dim': 128, 'num_heads': 4},
+    img_size=16, pretrain_epochs=8, kmeans_restarts=4, batch_size=128)
+
+
+def parse_variant(text: str, base: ClusterConfig) -> ClusterConfig:
+    """'field=value field2=a,b' -> base with those fields replaced, typed like the base's values."""
+    changes: Dict[str, Any] = {}
+    for item in text.split():
+        name, sep, value = item.partition('=')
+        if not sep or not hasattr(base, name):
+            raise ValueError(f'variant {text!r}: {item!r} is not field=value for a ClusterConfig field')
+        current = getattr(base, name)
+        if isinstance(current, bool):
+            if value.lower() not in ('true', 'false'):
+                raise ValueError(f'variant {text!r}: {name} takes true or false, got {value!r}')
+            changes[name] = value.lower() == 'true'
+        elif isinstance(current, tuple):
+            changes[name] = tuple(type(v)(p) for v, p in zip(current, value.split(',')))
+        else:
+            changes[name] = type(current)(value)
+    return dataclasses.replace(base, **changes)
+
+
+@torch.no_grad()
+def neighbour_agreement(z: torch.Tensor, labels: np.ndarray, k: int = NEIGHBOURS, chunk: int = 4096) -> float:
+    """Share of each point's k nearest neighbours (cosine, itself excluded) that carry its label; chunked rows."""
+    zn = F.normalize(z.float(), dim=1)
+    y = torch.as_tensor(labels, device=z.device)
+    agree = 0
+    for start in range(0, zn.shape[0], chunk):
+        sim = zn[start:start + chunk] @ zn.T
+        sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = float('-inf')
+        idx = sim.topk(k, dim=1).indices
+        agree += (y[idx] == y[start:start + chunk, None]).sum().item()
+    return agree / (zn.shape[0] * k)
+
+
+def score_variant(data, cfg: ClusterConfig, device: torch.device) -> Dict[str, float]:
+    """Train the representation stage of cfg from scratch; k-means and neighbour scores of its embedding."""
+    seed_everything(cfg.seed)
+    in_chans = cfg.in_chans or data.images.shape[1]
+    net = EmbedNet(create_cluster_model(cfg, data.num_classes, in_chans).to(device))
+    stage = pretrain_representation(net, data.images, cfg, in_chans, device)
+    z = embed(net, data.images, cfg, in_chans, device)
+    km = kmeans(z, data.num_classes, n_init=cfg.kmeans_restarts, seed=cfg.seed)
+    return dict(cluster_metrics(data.labels, km.labels.cpu().numpy()), knn=neighbour_agreement(z, data.labels),
+                loss=stage['loss_contrastive'], time_s=stage['time_s'])
+
+
+def render_section(rows: List[Dict[str, Any]], data, base: ClusterConfig, command: str, device: torch.device) -> str:
+    """The docs section: machine, base settings, and one row per variant."""
+    hw = hardware_info()
+    where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{hw["cpu"]}, {hw["threads"]} torch threads'
+    lines = [
+        SECTION, '',
+        f'Generated by `{command}` on {datetime.date.today().isoformat()}: {where}; torch {hw["torch"]}, '
+        f'timm {hw["timm"]}.', '',
+        f'- Data: {data.name}, {len(data)} images, k = {data.num_classes}.',
+        f'- Base: `{base.model}` {base.model_kwargs} at {base.img_size}×{base.img_size}; SimCLR '
+        f'{base.pretrain_epochs} epochs, batch {base.pretrain_batch_size}, peak lr {base.pretrain_lr}, temperature '
+        f'{base.temperature}, hflip={base.hflip}, view scale {base.view_scale[0]:g}-{base.view_scale[1]:g}, color '
+        f'jitter {base.color_jitter:g}, seed {base.seed}.',
+        f'- Scores of the embedding: k-means ({base.kmeans_restarts} restarts) NMI/ARI/ACC, and the share of each '
+        f"image's {NEIGHBOURS} nearest neighbours (cosine) with its label.", '',
+        f'| variant | NMI | ARI | ACC | {NEIGHBOURS}-NN label agreement | NT-Xent | stage time (s) |',
+        '|---|---:|---:|---:|---:|---:|---:|',
+    ]
+    for r in rows:
+        lines.append(f'| {r["variant"] or "base"} | {r["nmi"]:.4f} | {r["ari"]:.4f} | {r["acc"]:.4f} | '
+                     f'{r["knn"]:.4f} | {r["loss"]:.3f} | {r["time_s"]:.1f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Score every variant and rewrite this benchmark's section of docs/clustering.md."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cluster_arguments(parser)
+    parser.set_defaults(**BENCH_DEFAULTS)
+    parser.add_argument('--variants', nargs='+', default=list(DEFAULT_VARIANTS),
+                        help="ClusterConfig overrides, one string per variant: '' (the base), 'view_scale=0.6,1', ...")
+    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='Markdown file to update')
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    data, base = data_and_config(args)
+    if data.labels is None:
+        parser.error('the scores need labels; this dataset has none')
+    try:  # a typo fails here, before any training
+        variants = [(text, parse_variant(text, base)) for text in args.variants]
+    except ValueError as e:
+        parser.error(str(e))
+    _, _, device = setup_distributed(base.device)
+    rows = []
+    for text, cfg in variants:
+        start = time.perf_counter()
+        row = dict(variant=text, **score_variant(data, cfg, device))
+        rows.append(row)
+        print(f'{text or "base":24s} NMI {row["nmi"]:.4f}  {NEIGHBOURS}-NN {row["knn"]:.4f}  '
+              f'{time.perf_counter() - start:.0f} s', flush=True)
+    command = shlex.join(['python', 'benchmarks/bench_views.py', *argv])
+    section = render_section(rows, data, base, command, device)
+    write_markdown_section(args.output, SECTION, section)
+    print(f'\n{section}\nwrote {args.output}')
+
+
+if __name__ == '__main__':
+    main()
