@@ -126,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     data, base = data_and_config(args)
+    base = dataclasses.replace(base, pretrain='simclr')  # the stage this benchmark measures, digits included
     if data.labels is None:
         parser.error('the scores need labels; this dataset has none')
     try:  # a typo fails here, before any training

@@ -178,3 +178,40 @@ def test_cluster_benchmark_writes_its_docs_section(tmp_path):
     assert str(page) not in text  # the command shown reproduces the numbers, wherever they were written
     assert '| kmeans pixels |' in text and '| kmeans contrastive embedding |' in text and '| round 0 |' in text
     assert 'vs k-means on the same pixels' in text and 'Wall time' in text and 'CPU time' in text
+
+
+def test_gpu_cluster_benchmark_writes_its_section_and_figures(tmp_path):
+    import bench_cluster_gpu as bench  # benchmarks/ is on sys.path (conftest.py)
+
+    page = tmp_path / 'clustering.md'
+    page.write_text('# Deep clustering\n\nkept\n')
+    bench.main(['--dataset', 'digits', '--device', 'cpu', *TINY_ARGS, '--max-rounds', '0', '--output', str(page)])
+    text = page.read_text()
+    assert text.startswith('# Deep clustering\n\nkept\n') and bench.SECTION in text
+    assert '| kmeans contrastive embedding |' in text and '| round 0 |' in text
+    assert 'target ≥ 0.70' in text and 'GPU utilisation: not sampled (not a CUDA run)' in text
+    for name in bench.FIGURES:  # the run's figures sit next to the page and the section links them
+        assert (tmp_path / 'figures' / f'fashion_mnist_gpu_{name}').stat().st_size > 0
+        assert f'(figures/fashion_mnist_gpu_{name})' in text
+
+
+def test_views_benchmark_scores_every_variant(tmp_path):
+    import bench_views as bench
+
+    page = tmp_path / 'clustering.md'
+    page.write_text('# Deep clustering\n')
+    bench.main(['--dataset', 'digits', *TINY_ARGS, '--variants', '', 'color_jitter=0 hflip=true',
+                '--output', str(page)])
+    text = page.read_text()
+    assert bench.SECTION in text and '| base |' in text and '| color_jitter=0 hflip=true |' in text
+    with pytest.raises(SystemExit):  # a typo in a variant stops the run before any training
+        bench.main(['--dataset', 'digits', *TINY_ARGS, '--variants', 'colour_jitter=0', '--output', str(page)])
+
+
+def test_neighbour_agreement_counts_label_matches_among_nearest_neighbours():
+    from bench_views import neighbour_agreement
+
+    z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert neighbour_agreement(z, np.array([0, 0, 1, 1]), k=1) == 1.0
+    assert neighbour_agreement(z, np.array([0, 1, 0, 1]), k=1) == 0.0
+    assert neighbour_agreement(z, np.array([0, 0, 1, 1]), k=1, chunk=3) == 1.0  # chunks see the whole set
