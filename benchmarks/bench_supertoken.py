@@ -249,15 +249,20 @@ def bench_models(args: argparse.Namespace, variants: Sequence[str]) -> List[Dict
 
 
 def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
-    """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128), eager and compiled."""
+    """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with the
+    conv modules instead of the fused GELU-BatchNorm epilogue (side by side, so the epilogue's gain is a ratio of
+    one run), and compiled."""
     import timm
     import timm_supertoken  # noqa: F401
+    from timm_supertoken.layers import ConvActNorm
 
     embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
     timer = Timer(args.device)
     result = {}
-    for label, fn in (('eager', embed), ('compile', None if args.skip_compile or args.smoke else torch.compile(embed))):
+    variants = (('eager', embed, True), ('eager, conv modules (no epilogue)', embed, False),
+                ('compile', None if args.skip_compile or args.smoke else torch.compile(embed), True))
+    for label, fn, epilogue in variants:
         if fn is None:
             continue
 
@@ -266,7 +271,11 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
                 out = fn(x)
             out.float().sum().backward()
 
-        result[label] = timer.median(step, args.repeats)
+        ConvActNorm.fuse_epilogue = epilogue
+        try:
+            result[label] = timer.median(step, args.repeats)
+        finally:
+            ConvActNorm.fuse_epilogue = True
     print(result, flush=True)
     return result
 

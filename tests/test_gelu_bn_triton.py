@@ -187,6 +187,8 @@ def test_conv_module_keeps_modules_where_the_epilogue_does_not_apply(monkeypatch
     sync.bn = nn.SyncBatchNorm(24).to(DEVICE)  # timm's --sync-bn
     sync.eval()(x)
     torch.jit.script(_conv_module())(x)  # TorchScript
+    monkeypatch.setattr(ConvActNorm, 'fuse_epilogue', False)  # switched off, e.g. to time it against the modules
+    _conv_module().train()(x)
     assert not calls
 
 

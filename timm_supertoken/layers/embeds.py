@@ -235,8 +235,10 @@ class ConvActNorm(nn.Sequential):
     three itself) the conv runs without its bias and bias, GELU and BN run as one fused Triton epilogue,
     forward and backward (`timm_supertoken.ops.gelu_bn_triton`): 8 passes over the map per training
     step instead of ~14, one saved copy of it instead of three, and the same parameters, state and maths.
-    $TIMM_SUPERTOKEN_BACKEND=reference keeps the modules.
+    $TIMM_SUPERTOKEN_BACKEND=reference keeps the modules (and the Triton super-token op out);
+    `ConvActNorm.fuse_epilogue = False` keeps only the modules, e.g. to time the epilogue against them.
     """
+    fuse_epilogue: bool = True
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
         dd = {'device': device, 'dtype': dtype}
@@ -262,7 +264,8 @@ class ConvActNorm(nn.Sequential):
         keep the modules.
         """
         bn = self.bn
-        if type(bn) is not nn.BatchNorm2d or self.act.approximate != 'none' or torch.compiler.is_compiling() \
+        if not self.fuse_epilogue or type(bn) is not nn.BatchNorm2d or self.act.approximate != 'none' \
+                or torch.compiler.is_compiling() \
                 or is_traced_or_exported(x):  # before reading x's dtype: a torch.fx Proxy has none
             return False
         if not bn.training and bn.running_mean is not None and torch.is_grad_enabled() and (
