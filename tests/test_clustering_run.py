@@ -102,13 +102,15 @@ def test_resume_after_the_representation_stage_skips_it(tmp_path, digits160, mon
     cfg = ClusterConfig(**TINY, max_rounds=0)
     stages = []
     pretrain = deep_clustering.pretrain_representation
-    monkeypatch.setattr(deep_clustering, 'pretrain_representation', lambda *a, **kw: stages.append(1) or pretrain(*a, **kw))
+    monkeypatch.setattr(deep_clustering, 'pretrain_representation',
+                        lambda *a, **kw: stages.append(1) or pretrain(*a, **kw))
     monkeypatch.setattr(deep_clustering, 'train_round', lambda *a, **kw: (_ for _ in ()).throw(Killed))
     with pytest.raises(Killed):  # killed in round 0, after the stage's checkpoint
         run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
     first = json.loads(json.dumps(torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)['state']['pretrain']))
     monkeypatch.undo()
-    monkeypatch.setattr(deep_clustering, 'pretrain_representation', lambda *a, **kw: stages.append(2) or pretrain(*a, **kw))
+    monkeypatch.setattr(deep_clustering, 'pretrain_representation',
+                        lambda *a, **kw: stages.append(2) or pretrain(*a, **kw))
     logged = []
     result = run_deep_clustering(digits160, cfg, str(tmp_path), resume=True, log=logged.append)
     assert stages == [1] and result['pretrain'] == first and [r['round'] for r in result['rounds']] == [0]

@@ -44,9 +44,10 @@ def _settings(data: ImageSet, cfg: ClusterConfig) -> Tuple[str, ...]:
     scaled_down = cfg.model_kwargs == DEFAULT_MODEL_KWARGS and cfg.model == DEFAULT_MODEL
     method = pretrain_method(cfg)
     initial = 'k-means of the contrastive embedding' if method != 'none' else 'k-means-on-pixels assignments'
-    stage = (f'representation stage: {method}, {cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch_size}, '
-             f'lr {cfg.pretrain_lr}, temperature {cfg.temperature}, hflip={cfg.hflip}, view scale '
-             f'{cfg.view_scale[0]:g}-{cfg.view_scale[1]:g}, color jitter {cfg.color_jitter:g}',) if method != 'none' else ()
+    stage = () if method == 'none' else (
+        f'representation stage: {method}, {cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch_size}, '
+        f'lr {cfg.pretrain_lr}, temperature {cfg.temperature}, hflip={cfg.hflip}, view scale '
+        f'{cfg.view_scale[0]:g}-{cfg.view_scale[1]:g}, color jitter {cfg.color_jitter:g}',)
     return (
         f'data: {data.name}, {len(data)} images {tuple(data.images.shape[1:])}, {data.num_classes} classes',
         f'model: {cfg.model} {cfg.model_kwargs or ""} at {cfg.img_size}x{cfg.img_size}, '

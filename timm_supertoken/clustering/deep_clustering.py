@@ -214,9 +214,11 @@ def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
         raise ValueError(f'pretrain must be one of {PRETRAIN_METHODS}, got {cfg.pretrain!r}')
     low, high = cfg.view_scale
     if not 0 < low <= high <= 1:
-        raise ValueError(f'view_scale must satisfy 0 < min <= max <= 1 (fractions of the image area), got {cfg.view_scale}')
+        raise ValueError(f'view_scale must satisfy 0 < min <= max <= 1 (fractions of the image area), '
+                         f'got {cfg.view_scale}')
     if not 0 <= cfg.color_jitter < 1:
-        raise ValueError(f'color_jitter must be in [0, 1) (factors 1 ± color_jitter stay positive), got {cfg.color_jitter}')
+        raise ValueError(f'color_jitter must be in [0, 1) (factors 1 ± color_jitter stay positive), '
+                         f'got {cfg.color_jitter}')
     if pretrain_method(cfg) != 'none' and (cfg.pretrain_epochs < 1 or cfg.pretrain_batch_size < 2 * world):
         raise ValueError(f'pretrain_epochs must be >= 1 and pretrain_batch_size >= 2 per process, got '
                          f'{cfg.pretrain_epochs} and {cfg.pretrain_batch_size}')
