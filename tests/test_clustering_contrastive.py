@@ -1,12 +1,14 @@
 """The contrastive stage's pieces: batched view augmentation, NT-Xent, and that pretraining learns."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from timm_supertoken.clustering import ClusterConfig, create_cluster_model
 from timm_supertoken.clustering.batches import augmented_view, draw_view_params, prepare_batch
 from timm_supertoken.clustering.contrastive import ContrastiveNet, nt_xent, pretrain_contrastive
+from timm_supertoken.clustering.deep_clustering import EmbedNet, pretrain_representation
 from timm_supertoken.data import load_digits_set
 
 CPU = torch.device('cpu')
@@ -77,3 +79,13 @@ def test_contrastive_pretraining_lowers_nt_xent():
     losses = [pretrain_contrastive(net, opt, images, epochs, 32, 3e-3, 0.5, False, 16, 1, CPU, seed=0)['loss_contrastive']
               for epochs in (1, 4)]
     assert losses[0] > losses[1] + 0.1, losses
+
+
+def test_representation_stage_sizes_its_head_for_a_cnn_whose_last_map_is_one_pixel():
+    # resnet10t at 16² ends on a 1×1 map: sizing the projection head in training mode would hand its
+    # BatchNorm one value per channel
+    cfg = ClusterConfig(model='resnet10t', img_size=16, pretrain_epochs=1, pretrain_batch_size=16)
+    net = EmbedNet(create_cluster_model(cfg, 10, 1)).train()
+    images = load_digits_set().subset(32, seed=0).images
+    stage = pretrain_representation(net, images, cfg, 1, CPU)
+    assert np.isfinite(stage['loss_contrastive']) and net.training

@@ -123,10 +123,19 @@ def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: in
     return torch.cat(out)[:n]
 
 
+@torch.no_grad()
 def _embed_dim(net: nn.Module, cfg: ClusterConfig, in_chans: int, device: torch.device) -> int:
-    """Embedding width, for a rank whose shard is empty (more ranks than images)."""
-    x = torch.zeros(1, in_chans, cfg.img_size, cfg.img_size, device=device)
-    return net(x)[0].shape[1]
+    """Embedding width from one image (projection head size; a rank whose shard is empty), probed in eval mode.
+
+    In training mode a CNN whose last map is 1×1 at this size (resnet at 16²) has one value per channel
+    for its BatchNorm and raises.
+    """
+    training = net.training
+    net.eval()
+    try:
+        return net(torch.zeros(1, in_chans, cfg.img_size, cfg.img_size, device=device))[0].shape[1]
+    finally:
+        net.train(training)
 
 
 def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor,
