@@ -10,6 +10,7 @@ option is accepted; only the defaults below differ from the command's.
 import argparse
 import datetime
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -44,7 +45,6 @@ def render_section(result: Dict[str, Any], command: str, wall_s: float, cpu_s: f
     wall time measures the other jobs too, while cpu_s / threads estimates the run on idle cores.
     """
     hw = hardware_info()
-    cfg = result['config']
     pixels = result['baselines']['kmeans_pixels']['nmi']
     final = result['rounds'][-1]['nmi']
     gain, minutes = final - pixels, wall_s / 60
@@ -57,14 +57,7 @@ def render_section(result: Dict[str, Any], command: str, wall_s: float, cpu_s: f
         f'- Hardware: {hw["cpu"]}, {hw["cores"]} cores, {hw["threads"]} torch threads; 1-min load average '
         f'{load[0]:.1f} at the start, {load[1]:.1f} at the end (above {hw["cores"]}: other jobs shared the cores).',
         f'- Software: torch {hw["torch"]}, timm {hw["timm"]}, Python {hw["python"]}.',
-        f'- Data: {result["dataset"]}, {result["n"]} images, k = {result["k"]}.',
-        f'- Model: `{cfg["model"]}` {cfg["model_kwargs"]} at {cfg["img_size"]}×{cfg["img_size"]}.',
-        f'- Representation stage: {pretrain_method_name(cfg)}, {cfg["pretrain_epochs"]} epochs, batch '
-        f'{cfg["pretrain_batch_size"]}, peak lr {cfg["pretrain_lr"]}, temperature {cfg["temperature"]}, '
-        f'hflip={cfg["hflip"]}.',
-        f'- Loop: targets={cfg["targets"]}, γ = {cfg["gamma"]}, ε = {cfg["eps"]}, {cfg["epochs"]} epochs per '
-        f'round, max {cfg["max_rounds"]} rounds, batch {cfg["batch_size"]}, lr {cfg["lr"]}, seed {cfg["seed"]}; '
-        f'stopped: {result["stop_reason"]}.',
+        *settings_lines(result),
         '',
         results_markdown(result),
         '',
@@ -77,13 +70,38 @@ def render_section(result: Dict[str, Any], command: str, wall_s: float, cpu_s: f
     ])
 
 
+def settings_lines(result: Dict[str, Any]) -> List[str]:
+    """Data, model, representation stage and loop of a run, a Markdown bullet each: what both clustering sections state."""
+    cfg = result['config']
+    return [
+        f'- Data: {result["dataset"]}, {result["n"]} images, k = {result["k"]}.',
+        f'- Model: `{cfg["model"]}` {cfg["model_kwargs"]} at {cfg["img_size"]}×{cfg["img_size"]}.',
+        f'- Representation stage: {pretrain_method_name(cfg)}, {cfg["pretrain_epochs"]} epochs, batch '
+        f'{cfg["pretrain_batch_size"]}, peak lr {cfg["pretrain_lr"]}, temperature {cfg["temperature"]}, '
+        f'hflip={cfg["hflip"]}, view scale {cfg["view_scale"][0]:g}-{cfg["view_scale"][1]:g}, color jitter '
+        f'{cfg["color_jitter"]:g}.',
+        f'- Loop: targets={cfg["targets"]}, γ = {cfg["gamma"]}, ε = {cfg["eps"]}, {cfg["epochs"]} epochs per '
+        f'round, max {cfg["max_rounds"]} rounds, batch {cfg["batch_size"]}, lr {cfg["lr"]}, seed {cfg["seed"]}; '
+        f'stopped: {result["stop_reason"]}.',
+    ]
+
+
+def cluster_parser(description: str, defaults: Dict[str, Any], output: Path) -> argparse.ArgumentParser:
+    """Every `cluster` option with a benchmark's own defaults, and --output: the clustering benchmarks' command line."""
+    parser = argparse.ArgumentParser(description=description)
+    add_cluster_arguments(parser)
+    parser.set_defaults(**defaults)
+    parser.add_argument('--output', type=Path, default=output, help='Markdown file to update')
+    return parser
+
+
 def pretrain_method_name(cfg: Dict[str, Any]) -> str:
     """'SimCLR (NT-Xent)' or 'none' for the table's settings line."""
     return {'simclr': 'SimCLR (NT-Xent)', 'none': 'none (round 0 starts from k-means on pixels)'}[cfg['pretrain']]
 
 
-def _without_output(argv: List[str]) -> List[str]:
-    """The arguments minus --output and its value, so the docs show the command that reproduces the numbers."""
+def reproducing_command(script: str, argv: List[str]) -> str:
+    """`python benchmarks/<script> <argv>` minus --output and its value, shell-quoted: what the docs show."""
     kept, skip = [], False
     for arg in argv:
         if skip or arg.startswith('--output='):
@@ -92,16 +110,13 @@ def _without_output(argv: List[str]) -> List[str]:
             skip = True
         else:
             kept.append(arg)
-    return kept
+    return shlex.join(['python', f'benchmarks/{script}', *kept])
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """Run the benchmark and rewrite its section of docs/clustering.md."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cluster_arguments(parser)
-    parser.set_defaults(**BENCH_DEFAULTS)
-    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='Markdown file to update')
+    parser = cluster_parser(__doc__.splitlines()[0], BENCH_DEFAULTS, DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -112,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         result = run_deep_clustering(data, cfg, args.out if args.out != parser.get_default('out') else tmp)
     wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     result['config']['pretrain'] = pretrain_method(cfg)
-    command = ' '.join(['python benchmarks/bench_cluster.py', *_without_output(argv)])
+    command = reproducing_command('bench_cluster.py', argv)
     section = render_section(result, command, wall_s, cpu_s, [load_start, os.getloadavg()[0]])
     write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')

@@ -7,7 +7,6 @@ GPU's utilisation once a second, then rewrites only the `## Measured: Fashion-MN
 the output: the GPU, every baseline and round (NMI/ARI/ACC), the wall time and the utilisation against
 the targets, and the run's two figures, copied next to the page into figures/.
 """
-import argparse
 import datetime
 import shutil
 import statistics
@@ -21,12 +20,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from timm_supertoken.cli.clustering import add_cluster_arguments, data_and_config
+from timm_supertoken.cli.clustering import data_and_config
 from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
 from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import cpu_name, hardware_info
 
-from bench_cluster import _without_output, pretrain_method_name
+from bench_cluster import cluster_parser, reproducing_command, settings_lines
 from docs_page import write_markdown_section
 
 SECTION = '## Measured: Fashion-MNIST on a GPU'
@@ -103,11 +102,9 @@ def render_section(result: Dict[str, Any], command: str, wall_s: float, device: 
                    figures: List[str]) -> str:
     """The docs section: machine, settings, the per-round table, the verdicts and the figures."""
     hw = hardware_info()
-    cfg = result['config']
     where = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{cpu_name()} (CPU)'
     final = result['rounds'][-1]['nmi'] if result['rounds'] else float('nan')
     minutes = wall_s / 60
-    stage = result['pretrain']
     return '\n'.join([
         SECTION,
         '',
@@ -115,15 +112,7 @@ def render_section(result: Dict[str, Any], command: str, wall_s: float, device: 
         '',
         f'- Device: **{where}**, {hw["cores"]} CPU cores; torch {hw["torch"]}, timm {hw["timm"]}, '
         f'Python {hw["python"]}.',
-        f'- Data: {result["dataset"]}, {result["n"]} images, k = {result["k"]}.',
-        f'- Model: `{cfg["model"]}` {cfg["model_kwargs"]} at {cfg["img_size"]}×{cfg["img_size"]}.',
-        f'- Representation stage: {pretrain_method_name(cfg)}, {cfg["pretrain_epochs"]} epochs, batch '
-        f'{cfg["pretrain_batch_size"]}, peak lr {cfg["pretrain_lr"]}, temperature {cfg["temperature"]}, '
-        f'hflip={cfg["hflip"]}, view scale {cfg["view_scale"][0]:g}-{cfg["view_scale"][1]:g}, color jitter '
-        f'{cfg["color_jitter"]:g}' + (f'; {stage["time_s"]:.0f} s.' if stage else '.'),
-        f'- Loop: targets={cfg["targets"]}, γ = {cfg["gamma"]}, ε = {cfg["eps"]}, {cfg["epochs"]} epochs per '
-        f'round, max {cfg["max_rounds"]} rounds, batch {cfg["batch_size"]}, lr {cfg["lr"]}, seed {cfg["seed"]}; '
-        f'stopped: {result["stop_reason"]}.',
+        *settings_lines(result),
         '',
         results_markdown(result),
         '',
@@ -139,10 +128,7 @@ def render_section(result: Dict[str, Any], command: str, wall_s: float, device: 
 def main(argv: Optional[List[str]] = None) -> None:
     """Run the full-size loop on the GPU and rewrite its section of docs/clustering.md."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cluster_arguments(parser)
-    parser.set_defaults(**GPU_DEFAULTS)
-    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='Markdown file to update')
+    parser = cluster_parser(__doc__.splitlines()[0], GPU_DEFAULTS, DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('no CUDA GPU found: this benchmark measures the GPU run (--device cpu runs it on the CPU)')
@@ -158,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         wall_s = time.perf_counter() - start
         figures = copy_figures(run_dir, args.output)
     result['config']['pretrain'] = pretrain_method(cfg)
-    command = ' '.join(['python benchmarks/bench_cluster_gpu.py', *_without_output(argv)])
+    command = reproducing_command('bench_cluster_gpu.py', argv)
     section = render_section(result, command, wall_s, device, sampler.summary(), figures)
     write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')

@@ -11,10 +11,8 @@ image's 20 nearest neighbours (cosine) with its label, which bounds what neighbo
 reach. Seeds are variants too, so the table shows the run-to-run spread next to each setting's effect.
 Only the `## Representation stage: what its settings change` section of the output is rewritten.
 """
-import argparse
 import dataclasses
 import datetime
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from timm_supertoken.cli.clustering import add_cluster_arguments, data_and_config
+from timm_supertoken.cli.clustering import data_and_config
 from timm_supertoken.clustering.deep_clustering import (ClusterConfig, EmbedNet, create_cluster_model, embed,
                                                         pretrain_representation)
 from timm_supertoken.clustering.kmeans import kmeans
 from timm_supertoken.clustering.metrics import cluster_metrics
 from timm_supertoken.runtime import hardware_info, seed_everything, setup_distributed
 
+from bench_cluster import cluster_parser, reproducing_command
 from docs_page import write_markdown_section
 
 SECTION = '## Representation stage: what its settings change'
@@ -117,12 +116,9 @@ def render_section(rows: List[Dict[str, Any]], data, base: ClusterConfig, comman
 def main(argv: Optional[List[str]] = None) -> None:
     """Score every variant and rewrite this benchmark's section of docs/clustering.md."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_cluster_arguments(parser)
-    parser.set_defaults(**BENCH_DEFAULTS)
+    parser = cluster_parser(__doc__.splitlines()[0], BENCH_DEFAULTS, DEFAULT_OUTPUT)
     parser.add_argument('--variants', nargs='+', default=list(DEFAULT_VARIANTS),
                         help="ClusterConfig overrides, one string per variant: '' (the base), 'view_scale=0.6,1', ...")
-    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='Markdown file to update')
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -142,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows.append(row)
         print(f'{text or "base":24s} NMI {row["nmi"]:.4f}  {NEIGHBOURS}-NN {row["knn"]:.4f}  '
               f'{time.perf_counter() - start:.0f} s', flush=True)
-    command = shlex.join(['python', 'benchmarks/bench_views.py', *argv])
+    command = reproducing_command('bench_views.py', argv)
     section = render_section(rows, data, base, command, device)
     write_markdown_section(args.output, SECTION, section)
     print(f'\n{section}\nwrote {args.output}')
