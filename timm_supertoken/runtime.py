@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import timm
 
 __all__ = ['cpu_name', 'hardware_info', 'create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state',
-           'set_rng_state', 'seed_everything', 'save_atomic', 'progress']
+           'set_rng_state', 'seed_everything', 'save_atomic', 'on_terminal', 'progress']
 
 
 def cpu_name() -> str:
@@ -145,13 +145,18 @@ class _LineProgress:
         self.postfix = values
 
 
+def on_terminal() -> bool:
+    """Whether progress shows live (stderr is a terminal) rather than as log lines."""
+    return sys.stderr.isatty()
+
+
 def progress(iterable: Iterable[Any], desc: str, enabled: bool = True, summary: bool = True) -> Iterable[Any]:
     """A tqdm bar on a terminal; off one (a log file, CI), one line when the loop ends, or none without summary.
 
     Callers that log their own line per epoch pass summary=False. Either way the result takes set_postfix.
     """
-    if not enabled or (not summary and not sys.stderr.isatty()):
+    if not enabled or (not summary and not on_terminal()):
         return tqdm(iterable, disable=True)
-    if sys.stderr.isatty():
+    if on_terminal():
         return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
     return _LineProgress(iterable, desc)

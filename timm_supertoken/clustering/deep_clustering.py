@@ -10,7 +10,6 @@ classifier applied to it. One process or many under `torchrun` (DDP; every rank 
 gathered embeddings). Every round is checkpointed, and `resume=True` continues a killed run.
 """
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +24,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import load_checkpoint
 from ..data.image_sets import ImageSet
-from ..runtime import (create_model_at_size, progress, rng_state, save_atomic, seed_everything, set_rng_state,
-                       setup_distributed, shard_range)
+from ..runtime import (create_model_at_size, on_terminal, progress, rng_state, save_atomic, seed_everything,
+                       set_rng_state, setup_distributed, shard_range)
 from .batches import VIEW_CROP_AREA, VIEW_JITTER, prepare_batch
 from .contrastive import ContrastiveNet, pretrain_contrastive
 from .kmeans import KMeansResult, check_embeddings, kmeans
@@ -153,7 +152,7 @@ def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     gen = torch.Generator().manual_seed(seed)
     local = cfg.batch_size // world
     use_clust = centroids is not None and cfg.gamma > 0
-    live = sys.stderr.isatty()
+    live = on_terminal()
     # indices and per-image tensors live where the images do: a step then copies nothing from the host
     targets = targets.to(images.device)
     if use_clust:
