@@ -13,13 +13,14 @@ when TRITON_INTERPRET=1 is set at import, which breaks code generation: compile 
 """
 import contextlib
 import io
+import math
 import re
 import subprocess
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import triton
@@ -33,7 +34,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from . import gelu_bn_triton as gbn
 from .super_token_triton import INTERPRET, Launch, backward_plan, forward_plan
 
-__all__ = ['ARCHS', 'KernelFacts', 'compile_gelu_bn_kernels', 'compile_kernels', 'kernel_facts']
+__all__ = ['ARCHS', 'KernelFacts', 'LaunchGeometry', 'compile_gelu_bn_kernels', 'compile_kernels', 'kernel_facts',
+           'launch_geometry']
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,11 @@ def _config_label(config: triton.Config) -> str:
 
 
 def _launch_variants(launch: Launch):
-    """(key, JIT function, kwargs) for each kernel a launch may run: every config an autotuner may pick."""
+    """(key, JIT function, kwargs) for each kernel a launch may run: every config its autotuner may pick for its arguments."""
     if isinstance(launch.kernel, Autotuner):
         name = launch.label or launch.kernel.fn.__name__
-        for config in launch.kernel.configs:
+        named_args = dict(zip(launch.kernel.arg_names, launch.args))
+        for config in launch.kernel.early_config_prune(launch.kernel.configs, named_args, **launch.constexprs):
             yield f'{name}[{_config_label(config)}]', launch.kernel.fn, {**launch.constexprs, **config.all_kwargs()}
     else:
         yield launch.label or launch.kernel.__name__, launch.kernel, launch.constexprs
@@ -112,9 +115,32 @@ def compile_kernels(
     """
     _check_can_compile(arch)
     x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
-    launches, (out, aff, norm) = forward_plan(x, grid, iters)
-    bwd_launches, _ = backward_plan(torch.empty_like(out), aff, norm, grid)
+    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
+    bwd_launches, _ = backward_plan(torch.empty_like(out), aff, inv_norm, grid)
     return _compile_launches(launches + bwd_launches, arch)
+
+
+@dataclass(frozen=True)
+class LaunchGeometry:
+    """How often a compiled kernel runs in its launch: programs in the grid, and its loops' trip counts."""
+    programs: int
+    loop_trips: Tuple[int, ...]
+
+
+def launch_geometry(
+        shape: Tuple[int, int, int, int],
+        dtype: torch.dtype,
+        *,
+        grid: int = 2,
+        iters: int = 3,
+        memory_format: torch.memory_format = torch.contiguous_format,
+) -> Dict[str, LaunchGeometry]:
+    """The geometry of every kernel `compile_kernels` compiles for the same arguments, by the same keys."""
+    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
+    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
+    launches += backward_plan(torch.empty_like(out), aff, inv_norm, grid)[0]
+    return {key: LaunchGeometry(math.prod(launch.grid(kwargs)), launch.loops)
+            for launch in launches for key, _, kwargs in _launch_variants(launch)}
 
 
 def compile_gelu_bn_kernels(shape: Tuple[int, int, int, int], dtype: torch.dtype, *, arch: int = 90
@@ -164,6 +190,8 @@ class KernelFacts:
     ffma: int
     global_loads: Dict[int, int]  # access width in bits -> count of LDG
     global_stores: Dict[int, int]
+    loop_depth: int  # nested loops left in the SASS
+    issued: int  # instructions one warp issues per program, loops run at the launch's trip counts
 
     @property
     def local_memory(self) -> bool:
@@ -179,14 +207,48 @@ def _ptxas_numbers(log: str) -> Tuple[int, int, int, int]:
     return int(regs.group(1)), int(frame.group(1)), int(frame.group(2)), int(frame.group(3))
 
 
-def _sass_opcodes(cubin: bytes) -> Counter:
-    """Opcode (with modifiers) counts of a cubin's SASS, disassembled by the cuobjdump in Triton's wheel."""
+def _sass(cubin: bytes) -> List[Tuple[int, str]]:
+    """(address, instruction without its predicate) of a cubin's SASS, disassembled by the cuobjdump in Triton's wheel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'kernel.cubin'
         path.write_bytes(cubin)
         sass = subprocess.run([knobs.nvidia.cuobjdump.path, '-sass', str(path)], check=True,
                               capture_output=True, text=True).stdout
-    return Counter(re.findall(r'^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)', sass, re.M))
+    return [(int(address, 16), instruction) for address, instruction in
+            re.findall(r'^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][^;]*);', sass, re.M)]
+
+
+def _opcode(instruction: str) -> str:
+    return instruction.split()[0]
+
+
+def _loops(sass: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
+    """(first, last) address of each loop: a branch back to an earlier address (a branch to itself ends the kernel)."""
+    loops = []
+    for address, instruction in sass:
+        target = re.match(r'BRA\S* (?:`\()?(0x[0-9a-f]+)', instruction)
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    return loops
+
+
+def _issued(sass: List[Tuple[int, str]], loop_trips: Sequence[int]) -> Tuple[int, int]:
+    """(instructions one warp issues per program, loop depth of the SASS) with each loop run `loop_trips` times.
+
+    `loop_trips` are the kernel's loops as written, outer to inner. The compiler may unroll an inner loop
+    whose trip count is a constant (its body then appears that many times in the SASS) but not an outer
+    one of runtime length, so the SASS keeps the outer `depth` of them.
+    """
+    loops = _loops(sass)
+    depth = max((sum(first <= address <= last for first, last in loops) for address, _ in sass), default=0)
+    if depth > len(loop_trips):
+        raise ValueError(f'the SASS has {depth} nested loops, the launch declares {len(loop_trips)}: {loop_trips}')
+    issued = 0
+    for address, instruction in sass:
+        if _opcode(instruction) == 'NOP' or instruction == f'BRA {address:#x}':
+            continue  # alignment padding and the branch-to-self after the last EXIT never issue
+        issued += math.prod(loop_trips[:sum(first <= address <= last for first, last in loops)])
+    return issued, depth
 
 
 def _access_bits(opcode: str) -> int:
@@ -215,12 +277,18 @@ def _resident_warps(registers: int, shared: int, warps: int, limits: SMLimits) -
     return caps[limiter] * warps, limiter
 
 
-def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int) -> KernelFacts:
-    """Registers, local memory, shared memory, occupancy and instruction mix of a kernel from `compile_kernels`."""
+def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int, loop_trips: Sequence[int] = ()) -> KernelFacts:
+    """Registers, local memory, shared memory, occupancy and instruction mix of a kernel from `compile_kernels`.
+
+    `loop_trips` are the trip counts of the kernel's loops, outer to inner (`launch_geometry`); without them a
+    loop body counts once in `issued`.
+    """
     if kernel.hash not in _PTXAS_LOGS:
         raise ValueError('kernel_facts reads the ptxas log that compile_kernels keeps: compile the kernel with it')
     registers, stack, spill_stores, spill_loads = _ptxas_numbers(_PTXAS_LOGS[kernel.hash])
-    ops = _sass_opcodes(kernel.asm['cubin'])
+    sass = _sass(kernel.asm['cubin'])
+    ops = Counter(_opcode(instruction) for _, instruction in sass)
+    issued, depth = _issued(sass, tuple(loop_trips) or (1,) * len(_loops(sass)))
     warps, shared = kernel.metadata.num_warps, kernel.metadata.shared
     resident, limiter = _resident_warps(registers, shared, warps, ARCHS[arch])
     loads, stores = Counter(), Counter()
@@ -236,4 +304,5 @@ def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int) -> KernelFac
         mma=sum(c for op, c in ops.items() if re.match(r'[HIDBQ]G?MMA', op)),
         ffma=sum(c for op, c in ops.items() if op.split('.')[0] == 'FFMA'),
         global_loads=dict(sorted(loads.items())), global_stores=dict(sorted(stores.items())),
+        loop_depth=depth, issued=issued,
     )

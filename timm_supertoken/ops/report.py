@@ -49,16 +49,17 @@ SHAPES = {
 
 def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, int]) -> List[Dict]:
     """Compile one (shape, arch, dtype) in each layout and return one row of facts per kernel and layout."""
-    from .aot import compile_gelu_bn_kernels, compile_kernels, kernel_facts
+    from .aot import compile_gelu_bn_kernels, compile_kernels, kernel_facts, launch_geometry
     shape_name, shape, arch, dtype, layouts, grid, iters = job
     rows = []
     for layout in layouts:  # one worker per layout group: kernels that two layouts share compile once
-        kernels = compile_kernels(shape, DTYPES[dtype], grid=grid, iters=iters, arch=arch,
-                                  memory_format=LAYOUTS[layout])
-        for key, kernel in kernels.items():
-            facts = dataclasses.asdict(kernel_facts(kernel, arch))
+        plan = dict(shape=shape, dtype=DTYPES[dtype], grid=grid, iters=iters, memory_format=LAYOUTS[layout])
+        kernels = compile_kernels(arch=arch, **plan)
+        for key, geometry in launch_geometry(**plan).items():
+            facts = dataclasses.asdict(kernel_facts(kernels[key], arch, geometry.loop_trips))
             rows.append(dict(op='super_token', shape_name=shape_name, shape=list(shape), arch=arch, dtype=dtype,
-                             layout=layout, grid=grid, iters=iters, kernel=key, **facts))
+                             layout=layout, grid=grid, iters=iters, kernel=key, programs=geometry.programs,
+                             **facts))
     if shape_name == 'model':  # the stem's conv epilogue runs in the same model: its maps, channels_last
         for stem_shape in stem_map_shapes(shape[0]):
             for key, kernel in compile_gelu_bn_kernels(stem_shape, DTYPES[dtype], arch=arch).items():

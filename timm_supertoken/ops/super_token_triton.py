@@ -65,6 +65,7 @@ The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd reg
 `torch.compile` keep the fused op in its graph; `register_autograd` plays the role of the
 `torch.autograd.Function` of Liger-Kernel-style ops.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -83,24 +84,31 @@ __all__ = [
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
 
 
-def _interpreter_prune(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs) -> List[triton.Config]:
-    """The interpreter cannot time configs (and gives the same numbers for each): keep the first."""
-    return configs[:1] if INTERPRET else configs
+def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: str, tile_bytes: int
+                  ) -> Dict[str, Any]:
+    """`triton.autotune` arguments: `rows` per program × warps, keeping the configs whose [rows, BLOCK_C] tile
+    of the `tile` argument holds ≤ `tile_bytes` per thread.
 
-
-def _row_configs(name: str) -> List[triton.Config]:
-    """Rows per program × warps for a row kernel; the first is the interpreter's.
-
-    Each keeps a [rows, BLOCK_C ≤ 64] tile at ≤ 16 elements per thread (two 128-bit loads in bf16), so
-    the loaded tiles, their fp32 products and the partial sums stay in registers at ≤ 128 per thread.
+    The budget is in bytes, so a half-precision input also tries tiles twice as tall as fp32 does. The
+    interpreter cannot time configs (it gives the same numbers for each): it keeps the first that fits.
     """
-    return [triton.Config({name: rows}, num_warps=warps, num_stages=1)
-            for rows, warps in ((32, 4), (16, 2), (32, 8), (64, 8))]
+    configs = [triton.Config({rows: n}, num_warps=warps, num_stages=1) for n, warps in rows_and_warps]
+
+    def fitting(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs) -> List[triton.Config]:
+        per_row = named_args[tile].element_size() * kwargs['BLOCK_C']
+        fit = [c for c in configs if c.kwargs[rows] * per_row <= tile_bytes * c.num_warps * 32]
+        return fit[:1] if INTERPRET else fit
+
+    return dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
 
 
-_PIXEL_CONFIGS = _row_configs('BLOCK_M')
-_TOKEN_CONFIGS = _row_configs('BLOCK_N')
-_AUTOTUNE = dict(key=['C', 'H', 'W'], prune_configs_by={'early_config_prune': _interpreter_prune})
+# The loaded tiles, their fp32 products and the partial sums stay in registers (≤ 128 per thread). The
+# affinity's X tile holds ≤ 32 bytes per thread (two 128-bit loads) and the token kernels' ≤ 64. The
+# backward's nine dS tiles are all in flight at once, so its tile holds 16 (at 32: 166 registers in bf16).
+_TOKEN_AUTOTUNE = _row_autotune('BLOCK_N', ((32, 4), (16, 2), (32, 8), (64, 8)), 'x_ptr', 64)
+_AFFINITY_AUTOTUNE = _row_autotune('BLOCK_M', ((32, 4), (64, 8), (32, 8), (16, 4)), 'x_ptr', 32)
+_BACKWARD_AUTOTUNE = _row_autotune(
+    'BLOCK_M', ((32, 8), (16, 4), (8, 2), (64, 16), (16, 8), (8, 4), (32, 16)), 'grad_ptr', 16)
 
 
 @triton.jit
@@ -113,33 +121,78 @@ def _token_rows(h, w, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _pixel_rows(H, W, GRID: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's pixels of image program_id(1): (image, pixel index m, m in range, its cell's row, column)."""
+    """This program's pixels of image program_id(1): (image, pixel index p, p in range, its cell's row, column).
+
+    Rows past the map take the map's last pixel, so every address they form is in bounds and only their
+    stores need a mask.
+    """
     b = tl.program_id(1).to(tl.int64)
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return b, m, m < H * W, (m // W) // GRID, (m % W) // GRID
+    p = tl.minimum(m, H * W - 1)
+    return b, p, m < H * W, (p // W) // GRID, (p % W) // GRID
 
 
 @triton.jit
-def _neighbour(i, j, kk, row_ok, h, w):
-    """Cell (i, j)'s neighbour in slot kk = (dy + 1)·3 + (dx + 1): (row, column, on the grid and in a real row)."""
-    ti = i + (kk // 3 - 1)
-    tj = j + (kk % 3 - 1)
-    return ti, tj, row_ok & (ti >= 0) & (ti < h) & (tj >= 0) & (tj < w)
+def _on_grid(i, n, D: tl.constexpr):
+    """Cell coordinate i + D lies in [0, n) for i in [0, n): one comparison, none for D = 0 (D is -1, 0 or 1)."""
+    if D < 0:
+        return i > 0
+    elif D > 0:
+        return i < n - 1
+    else:
+        return i >= 0
 
 
 @triton.jit
-def _cell_pixel(y0, x0, q, cell_ok, H, W, GRID: tl.constexpr):
-    """Pixel q (row-major) of the cell starting at pixel (y0, x0): (y, x, in the map: border cells may be partial)."""
+def _clamped(i, n, D: tl.constexpr):
+    """Cell coordinate i + D clamped onto [0, n): an off-grid slot reads a real token and gets weight A = 0."""
+    if D < 0:
+        return tl.maximum(i - 1, 0)
+    elif D > 0:
+        return tl.minimum(i + 1, n - 1)
+    else:
+        return i
+
+
+@triton.jit
+def _load_rows(ptrs, cm, EVEN_C: tl.constexpr):
+    """A [rows, BLOCK_C] tile whose rows are all in bounds: masked only where C is not a multiple of BLOCK_C."""
+    if EVEN_C:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=cm[None, :], other=0.0)
+
+
+@triton.jit
+def _neighbour_token(base, i, j, h, w, c, cm, C, DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
+    """The [rows, BLOCK_C] tile of the token at cell offset (DY, DX) from each row's cell, clamped onto the grid.
+
+    Unmasked: the caller gives an off-grid slot weight 0 (a -inf logit, or the A = 0 that such a logit made).
+    """
+    n = _clamped(i, h, DY) * w + _clamped(j, w, DX)
+    return _load_rows(base + (n * C)[:, None] + c[None, :], cm, EVEN_C)
+
+
+@triton.jit
+def _cell_pixel(y0, x0, q, cell_ok, H, W, GRID: tl.constexpr, EVEN_MAP: tl.constexpr):
+    """Pixel q (row-major) of the cell whose first pixel is (y0, x0): (y·W + x, the pixel is real).
+
+    A border cell of a map that the grid does not divide is partial: its missing pixels are clamped onto
+    the map, so their address is in bounds, and are not real.
+    """
     y = y0 + q // GRID
     x = x0 + q % GRID
-    return y, x, cell_ok & (y < H) & (x < W)
+    if EVEN_MAP:
+        return y * W + x, cell_ok
+    else:
+        return tl.minimum(y, H - 1) * W + tl.minimum(x, W - 1), cell_ok & (y < H) & (x < W)
 
 
 @triton.jit
 def _cell_mean_kernel(
         x_ptr, tok_ptr,
         C, H, W, h, w,
-        GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_MAP: tl.constexpr,
 ):
     """S⁰_j = mean of the real pixels of cell j, into the fp32 tokens. Rows: tokens of image program_id(1)."""
     b, n, row_ok, i, j = _token_rows(h, w, BLOCK_N)
@@ -152,114 +205,182 @@ def _cell_mean_kernel(
         cm = c < C
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for q in tl.static_range(GRID * GRID):
-            y, x, ok = _cell_pixel(i * GRID, j * GRID, q, row_ok, H, W, GRID)
-            acc += tl.load(x_base + ((y * W + x) * C)[:, None] + c[None, :],
+            pixel, ok = _cell_pixel(i * GRID, j * GRID, q, row_ok, H, W, GRID, EVEN_MAP)
+            acc += tl.load(x_base + (pixel * C)[:, None] + c[None, :],
                            mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
         tl.store(tok_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / count[:, None],
                  mask=row_ok[:, None] & cm[None, :])
 
 
-@triton.autotune(configs=_PIXEL_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _logit(xt, t_base, i, j, h, w, c, cm, C, DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
+    """⟨x_p, s_k⟩ over one channel block for the token k at cell offset (DY, DX) from p's cell (clamped onto the grid)."""
+    return tl.sum(xt * _neighbour_token(t_base, i, j, h, w, c, cm, C, DY, DX, EVEN_C), axis=1)
+
+
+@triton.jit
+def _slot_logit(logit, i, j, h, w, DY: tl.constexpr, DX: tl.constexpr):
+    """The logit of slot (DY, DX) where its token exists, -inf (A = 0) where it is off the grid."""
+    return tl.where(_on_grid(i, h, DY) & _on_grid(j, w, DX), logit, float('-inf'))
+
+
+@triton.jit
+def _store_slot(a_base, e, inv_den, p, row_ok, HW, K: tl.constexpr):
+    tl.store(a_base + K * HW + p, e * inv_den, mask=row_ok)
+
+
+@triton.autotune(**_AFFINITY_AUTOTUNE)
 @triton.jit
 def _affinity_kernel(
         x_ptr, tok_ptr, aff_ptr,
-        C, H, W, h, w, scale,
-        GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        C, H, W, h, w, scale_log2e,
+        GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
 ):
-    """A_pk = softmax_k(⟨x_p, s_k⟩·scale) over the 3×3 tokens k around p's cell, into aff (B, 9, H, W).
+    """A_pk = softmax_k(⟨x_p, s_k⟩·C^-½) over the 3×3 tokens k around p's cell, into aff (B, 9, H, W).
 
     Rows: pixels of image program_id(1). Slot k = (dy + 1)·3 + (dx + 1) for the token at cell offset
-    (dy, dx); slots off the grid get A = 0. The 9 logits live in one [BLOCK_M, 16] tile.
+    (dy, dx); slots off the grid get A = 0. The stencil is unrolled: each slot's logit is a [rows] vector
+    and the softmax runs over the nine of them, so no [rows, 9] tile is built, masked or reduced.
+    The logits are scaled by C^-½·log₂e so that the softmax's exponentials are exp2.
     """
-    b, m, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
-    k = tl.arange(0, 16)
-    slot_ok = (k[None, :] < 9) & row_ok[:, None] & (i[:, None] + k[None, :] // 3 >= 1) \
-        & (i[:, None] + k[None, :] // 3 <= h) & (j[:, None] + k[None, :] % 3 >= 1) & (j[:, None] + k[None, :] % 3 <= w)
+    b, p, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
     x_base = x_ptr + b * H * W * C
     t_base = tok_ptr + b * h * w * C
-    logits = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    l0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    l1 = l0
+    l2 = l0
+    l3 = l0
+    l4 = l0
+    l5 = l0
+    l6 = l0
+    l7 = l0
+    l8 = l0
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        xt = tl.load(x_base + (m * C)[:, None] + c[None, :], mask=row_ok[:, None] & cm[None, :],
-                     other=0.0).to(tl.float32)
-        for kk in range(9):
-            ti, tj, ok = _neighbour(i, j, kk, row_ok, h, w)
-            tok = tl.load(t_base + ((ti * w + tj) * C)[:, None] + c[None, :],
-                          mask=ok[:, None] & cm[None, :], other=0.0)
-            logits += tl.where(k[None, :] == kk, tl.sum(xt * tok, axis=1)[:, None], 0.0)
-    logits = tl.where(slot_ok, logits * scale, float('-inf'))
-    row_max = tl.where(row_ok, tl.max(logits, axis=1), 0.0)  # rows past the map: keep exp() NaN-free
-    e = tl.where(slot_ok, tl.exp(logits - row_max[:, None]), 0.0)
-    den = tl.sum(e, axis=1)
-    aff = e / tl.where(den > 0, den, 1.0)[:, None]  # a real pixel always sees its own cell: den ≥ 1
-    tl.store(aff_ptr + b * 9 * H * W + k[None, :] * (H * W) + m[:, None], aff,
-             mask=(k[None, :] < 9) & row_ok[:, None])
+        xt = _load_rows(x_base + (p * C)[:, None] + c[None, :], cm, EVEN_C).to(tl.float32)
+        l0 += _logit(xt, t_base, i, j, h, w, c, cm, C, -1, -1, EVEN_C)
+        l1 += _logit(xt, t_base, i, j, h, w, c, cm, C, -1, 0, EVEN_C)
+        l2 += _logit(xt, t_base, i, j, h, w, c, cm, C, -1, 1, EVEN_C)
+        l3 += _logit(xt, t_base, i, j, h, w, c, cm, C, 0, -1, EVEN_C)
+        l4 += _logit(xt, t_base, i, j, h, w, c, cm, C, 0, 0, EVEN_C)
+        l5 += _logit(xt, t_base, i, j, h, w, c, cm, C, 0, 1, EVEN_C)
+        l6 += _logit(xt, t_base, i, j, h, w, c, cm, C, 1, -1, EVEN_C)
+        l7 += _logit(xt, t_base, i, j, h, w, c, cm, C, 1, 0, EVEN_C)
+        l8 += _logit(xt, t_base, i, j, h, w, c, cm, C, 1, 1, EVEN_C)
+    # a pixel always sees its own cell (slot 4, finite even past the map): the max is finite and den ≥ 1
+    l0 = _slot_logit(l0 * scale_log2e, i, j, h, w, -1, -1)
+    l1 = _slot_logit(l1 * scale_log2e, i, j, h, w, -1, 0)
+    l2 = _slot_logit(l2 * scale_log2e, i, j, h, w, -1, 1)
+    l3 = _slot_logit(l3 * scale_log2e, i, j, h, w, 0, -1)
+    l4 = l4 * scale_log2e
+    l5 = _slot_logit(l5 * scale_log2e, i, j, h, w, 0, 1)
+    l6 = _slot_logit(l6 * scale_log2e, i, j, h, w, 1, -1)
+    l7 = _slot_logit(l7 * scale_log2e, i, j, h, w, 1, 0)
+    l8 = _slot_logit(l8 * scale_log2e, i, j, h, w, 1, 1)
+    top = tl.maximum(tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3)),
+                     tl.maximum(tl.maximum(l4, l5), tl.maximum(tl.maximum(l6, l7), l8)))
+    e0 = tl.exp2(l0 - top)
+    e1 = tl.exp2(l1 - top)
+    e2 = tl.exp2(l2 - top)
+    e3 = tl.exp2(l3 - top)
+    e4 = tl.exp2(l4 - top)
+    e5 = tl.exp2(l5 - top)
+    e6 = tl.exp2(l6 - top)
+    e7 = tl.exp2(l7 - top)
+    e8 = tl.exp2(l8 - top)
+    inv_den = 1.0 / (((e0 + e1) + (e2 + e3)) + ((e4 + e5) + ((e6 + e7) + e8)))
+    a_base = aff_ptr + b * 9 * H * W
+    _store_slot(a_base, e0, inv_den, p, row_ok, H * W, 0)
+    _store_slot(a_base, e1, inv_den, p, row_ok, H * W, 1)
+    _store_slot(a_base, e2, inv_den, p, row_ok, H * W, 2)
+    _store_slot(a_base, e3, inv_den, p, row_ok, H * W, 3)
+    _store_slot(a_base, e4, inv_den, p, row_ok, H * W, 4)
+    _store_slot(a_base, e5, inv_den, p, row_ok, H * W, 5)
+    _store_slot(a_base, e6, inv_den, p, row_ok, H * W, 6)
+    _store_slot(a_base, e7, inv_den, p, row_ok, H * W, 7)
+    _store_slot(a_base, e8, inv_den, p, row_ok, H * W, 8)
 
 
-@triton.autotune(configs=_TOKEN_CONFIGS, **_AUTOTUNE)
+@triton.autotune(**_TOKEN_AUTOTUNE)
 @triton.jit
 def _aggregate_kernel(
-        x_ptr, aff_ptr, out_ptr, norm_ptr,
+        x_ptr, aff_ptr, out_ptr, inv_norm_ptr,
         C, H, W, h, w,
-        GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        GRID: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+        EVEN_MAP: tl.constexpr,
 ):
     """Z_j = Σ_p A_pj + ε and s_j = Σ_p A_pj x_p / Z_j over the pixels p of the 3×3 cells around j.
 
     Rows: tokens of image program_id(1). The pixel in cell j + (dy, dx) saw token j in its slot 8 - k,
-    where k is that cell's slot seen from j. Writes s to out (fp32 tokens, or the output's dtype) and Z to norm.
+    where k is that cell's slot seen from j. Writes s to out (fp32 tokens, or the output's dtype) and
+    1/Z to inv_norm, the factor the backward multiplies by. Cells off the grid are clamped onto it and
+    their pixels weighted 0, so only A's loads are masked; a cell's GRID² pixels are unrolled.
     """
     b, n, row_ok, i, j = _token_rows(h, w, BLOCK_N)
     x_base = x_ptr + b * H * W * C
     a_base = aff_ptr + b * 9 * H * W
-    norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    inv_norm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         norm = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the same in every channel block: cheaper than a pass
         for kk in range(9):
-            cy = (i + kk // 3 - 1) * GRID  # first pixel of the neighbour cell
-            cx = (j + kk % 3 - 1) * GRID
-            cell_ok = row_ok & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
+            ci = i + kk // 3 - 1  # the neighbour cell
+            cj = j + kk % 3 - 1
+            cell_ok = row_ok & (ci >= 0) & (ci < h) & (cj >= 0) & (cj < w)
+            y0 = tl.minimum(tl.maximum(ci, 0), h - 1) * GRID
+            x0 = tl.minimum(tl.maximum(cj, 0), w - 1) * GRID
             a_kk = a_base + (8 - kk) * (H * W)
-            for q in range(GRID * GRID):
-                y, x, ok = _cell_pixel(cy, cx, q, cell_ok, H, W, GRID)
-                a = tl.load(a_kk + y * W + x, mask=ok, other=0.0)
-                xt = tl.load(x_base + ((y * W + x) * C)[:, None] + c[None, :], mask=ok[:, None] & cm[None, :],
-                             other=0.0)
+            for q in tl.static_range(GRID * GRID):
+                pixel, ok = _cell_pixel(y0, x0, q, cell_ok, H, W, GRID, EVEN_MAP)
+                a = tl.load(a_kk + pixel, mask=ok, other=0.0)
+                xt = _load_rows(x_base + (pixel * C)[:, None] + c[None, :], cm, EVEN_C)
                 acc += a[:, None] * xt.to(tl.float32)
                 norm += a
-        norm += _NORM_EPS
-        tl.store(out_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / norm[:, None],
+        inv_norm = 1.0 / (norm + _NORM_EPS)
+        tl.store(out_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc * inv_norm[:, None],
                  mask=row_ok[:, None] & cm[None, :])
-    tl.store(norm_ptr + b * h * w + n, norm, mask=row_ok)
+    tl.store(inv_norm_ptr + b * h * w + n, inv_norm, mask=row_ok)
 
 
-@triton.autotune(configs=_PIXEL_CONFIGS, **_AUTOTUNE)
+@triton.jit
+def _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, HW,
+                 DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
+    """acc + A_pk / Z_k · dS_k for the token k at cell offset (DY, DX) from p's cell (A_pk = 0 off the grid)."""
+    g = _neighbour_token(g_base, i, j, h, w, c, cm, C, DY, DX, EVEN_C)
+    weight = tl.load(a_base + ((DY + 1) * 3 + DX + 1) * HW + p) \
+        * tl.load(r_base + _clamped(i, h, DY) * w + _clamped(j, w, DX))
+    return acc + weight[:, None] * g.to(tl.float32)
+
+
+@triton.autotune(**_BACKWARD_AUTOTUNE)
 @triton.jit
 def _backward_kernel(
-        grad_ptr, aff_ptr, norm_ptr, dx_ptr,
+        grad_ptr, aff_ptr, inv_norm_ptr, dx_ptr,
         C, H, W, h, w,
-        GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+        GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
 ):
-    """dX_p = Σ_k A_pk / Z_k · dS_k over the 3×3 tokens k around p's cell. Rows: pixels of image program_id(1)."""
-    b, m, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
+    """dX_p = Σ_k A_pk / Z_k · dS_k over the 3×3 tokens k around p's cell, unrolled. Rows: pixels of image program_id(1)."""
+    b, p, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
     g_base = grad_ptr + b * h * w * C
     a_base = aff_ptr + b * 9 * H * W
-    n_base = norm_ptr + b * h * w
+    r_base = inv_norm_ptr + b * h * w
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for kk in range(9):
-            ti, tj, ok = _neighbour(i, j, kk, row_ok, h, w)
-            weight = tl.load(a_base + kk * (H * W) + m, mask=ok, other=0.0) \
-                / tl.load(n_base + ti * w + tj, mask=ok, other=1.0)
-            g = tl.load(g_base + ((ti * w + tj) * C)[:, None] + c[None, :],
-                        mask=ok[:, None] & cm[None, :], other=0.0)
-            acc += weight[:, None] * g.to(tl.float32)
-        tl.store(dx_ptr + b * H * W * C + (m * C)[:, None] + c[None, :], acc, mask=row_ok[:, None] & cm[None, :])
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, -1, -1, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, -1, 0, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, -1, 1, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 0, -1, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 0, 0, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 0, 1, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, -1, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, 0, EVEN_C)
+        acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, 1, EVEN_C)
+        tl.store(dx_ptr + b * H * W * C + (p * C)[:, None] + c[None, :], acc, mask=row_ok[:, None] & cm[None, :])
 
 
 # the kernels were built as interpreter functions iff TRITON_INTERPRET=1 was set when Triton loaded
@@ -271,12 +392,15 @@ class Launch:
     """One kernel launch of the fused op: what both the launcher and `compile_kernels` read.
 
     `grid` maps the chosen meta-parameters (BLOCK_M / BLOCK_N of an autotuned kernel) to the program grid.
-    `label` names the launch where one kernel is compiled twice with different argument types.
+    `loops` are the trip counts of the kernel's loops, outer to inner: what the kernel report needs to count
+    the instructions a program issues. `label` names the launch where one kernel is compiled twice with
+    different argument types.
     """
     kernel: Any
     grid: Callable[[Dict[str, Any]], Tuple[int, ...]]
     args: Tuple[Any, ...]
     constexprs: Dict[str, Any] = field(default_factory=dict)
+    loops: Tuple[int, ...] = ()
     label: str = ''
 
     def __call__(self) -> None:
@@ -298,7 +422,7 @@ def _rows(count: int, block: str, images: int) -> Callable[[Dict[str, Any]], Tup
 
 
 def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], Tuple[torch.Tensor, ...]]:
-    """The launches of the fused forward for x (made channels_last), and its outputs (S, A, Z), allocated.
+    """The launches of the fused forward for x (made channels_last), and its outputs (S, A, 1/Z), allocated.
 
     x may be a meta tensor: `timm_supertoken.ops.compile_kernels` compiles exactly these launches.
     """
@@ -308,27 +432,30 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
     tokens = [_nhwc(x, (B, C, h, w), torch.float32), _nhwc(x, (B, C, h, w), torch.float32)]
     out = _nhwc(x, (B, C, h, w), x.dtype)
     aff = torch.empty((B, 9, H, W), device=x.device, dtype=torch.float32)
-    norm = torch.empty((B, h, w), device=x.device, dtype=torch.float32)
+    inv_norm = torch.empty((B, h, w), device=x.device, dtype=torch.float32)
     block_c = _block_c(C)
+    channel_blocks, even_c, even_map = triton.cdiv(C, block_c), C % block_c == 0, H % grid == 0 and W % grid == 0
     launches = [Launch(
         _cell_mean_kernel, _rows(h * w, 'BLOCK_N', B),
         (x, tokens[0], C, H, W, h, w),
-        dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, num_warps=4, num_stages=1))]
+        dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, EVEN_MAP=even_map, num_warps=4, num_stages=1),
+        loops=(channel_blocks,))]
     for step in range(iters):
         last = step == iters - 1
         src, dst = tokens[step % 2], out if last else tokens[(step + 1) % 2]
         launches.append(Launch(
             _affinity_kernel, _rows(H * W, 'BLOCK_M', B),
-            (x, src, aff, C, H, W, h, w, C ** -0.5),
-            dict(GRID=grid, BLOCK_C=block_c)))
+            (x, src, aff, C, H, W, h, w, C ** -0.5 * math.log2(math.e)),
+            dict(GRID=grid, BLOCK_C=block_c, EVEN_C=even_c), loops=(channel_blocks,)))
         launches.append(Launch(
             _aggregate_kernel, _rows(h * w, 'BLOCK_N', B),
-            (x, aff, dst, norm, C, H, W, h, w),
-            dict(GRID=grid, BLOCK_C=block_c), label='_aggregate_kernel(output)' if last else ''))
-    return launches, (out, aff, norm)
+            (x, aff, dst, inv_norm, C, H, W, h, w),
+            dict(GRID=grid, BLOCK_C=block_c, EVEN_C=even_c, EVEN_MAP=even_map), loops=(channel_blocks, 9),
+            label='_aggregate_kernel(output)' if last else ''))
+    return launches, (out, aff, inv_norm)
 
 
-def backward_plan(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, grid: int
+def backward_plan(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int
                   ) -> Tuple[List[Launch], torch.Tensor]:
     """The launch of the fused backward for dS (made channels_last), and dX (B, C, H, W) channels_last."""
     grad = grad.contiguous(memory_format=torch.channels_last)
@@ -337,8 +464,8 @@ def backward_plan(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, gri
     dx = _nhwc(grad, (B, C, H, W), grad.dtype)
     launch = Launch(
         _backward_kernel, _rows(H * W, 'BLOCK_M', B),
-        (grad, aff, norm, dx, C, H, W, h, w),
-        dict(GRID=grid, BLOCK_C=_block_c(C)))
+        (grad, aff, inv_norm, dx, C, H, W, h, w),
+        dict(GRID=grid, BLOCK_C=_block_c(C), EVEN_C=C % _block_c(C) == 0), loops=(triton.cdiv(C, _block_c(C)),))
     return [launch], dx
 
 
@@ -383,7 +510,7 @@ def _check_fused(x: torch.Tensor, grid: int) -> None:
 
 @torch.library.custom_op('timm_supertoken::super_token_clustering', mutates_args=())
 def _super_token_fwd(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns the super tokens S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), Z (B, h, w) fp32."""
+    """Returns the super tokens S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), 1/Z (B, h, w) fp32."""
     _check_fused(x, grid)
     launches, outputs = forward_plan(x, grid, iters)
     for launch in launches:
@@ -400,31 +527,31 @@ def _(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tenso
 
 
 @torch.library.custom_op('timm_supertoken::super_token_clustering_backward', mutates_args=())
-def _super_token_bwd(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, grid: int) -> torch.Tensor:
-    """dX (B, C, H, W) in grad's dtype, channels_last, from dS (B, C, h, w) and the saved A and Z."""
-    launches, dx = backward_plan(grad, aff, norm, grid)
+def _super_token_bwd(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int) -> torch.Tensor:
+    """dX (B, C, H, W) in grad's dtype, channels_last, from dS (B, C, h, w) and the saved A and 1/Z."""
+    launches, dx = backward_plan(grad, aff, inv_norm, grid)
     for launch in launches:
         launch()
     return dx
 
 
 @_super_token_bwd.register_fake
-def _(grad: torch.Tensor, aff: torch.Tensor, norm: torch.Tensor, grid: int) -> torch.Tensor:
+def _(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int) -> torch.Tensor:
     return _nhwc(grad, (grad.shape[0], grad.shape[1], aff.shape[2], aff.shape[3]), grad.dtype)
 
 
 def _setup_context(ctx, inputs: Tuple[torch.Tensor, int, int], output: Tuple[torch.Tensor, ...]) -> None:
     _, grid, _ = inputs
-    _, aff, norm = output
-    ctx.mark_non_differentiable(aff, norm)
-    ctx.save_for_backward(aff, norm)
+    _, aff, inv_norm = output
+    ctx.mark_non_differentiable(aff, inv_norm)
+    ctx.save_for_backward(aff, inv_norm)
     ctx.grid = grid
 
 
-def _backward(ctx, grad: torch.Tensor, _grad_aff: torch.Tensor, _grad_norm: torch.Tensor):
+def _backward(ctx, grad: torch.Tensor, _grad_aff: torch.Tensor, _grad_inv_norm: torch.Tensor):
     # STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather
-    aff, norm = ctx.saved_tensors
-    return _super_token_bwd(grad, aff, norm, ctx.grid), None, None
+    aff, inv_norm = ctx.saved_tensors
+    return _super_token_bwd(grad, aff, inv_norm, ctx.grid), None, None
 
 
 _super_token_fwd.register_autograd(_backward, setup_context=_setup_context)
