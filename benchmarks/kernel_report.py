@@ -91,9 +91,21 @@ def _widths(counts: Dict) -> str:
     return ', '.join(f'{n}×{bits}b' for bits, n in sorted(counts.items(), key=lambda kv: int(kv[0]))) or '—'
 
 
-def detail_table(rows: List[Dict], shape_name: str, arch: int, dtype: str, layout: str) -> str:
+def _launches(kernel: str, iters: int) -> int:
+    return {'_cell_mean_kernel': 1, '_affinity_kernel': iters, '_aggregate_kernel': iters - 1,
+            '_aggregate_kernel(output)': 1, '_backward_kernel': 1}[kernel]
+
+
+def warp_instructions(row: Dict) -> int:
+    """Warp instructions one launch of a compiled kernel issues: per program per warp × warps × programs."""
+    return row['issued'] * row['warps'] * row['programs']
+
+
+def detail_table(rows: List[Dict], shape_name: str, shape, arch: int, dtype: str, layout: str) -> str:
+    pixels = shape[0] * shape[2] * shape[3]
     lines = ['| kernel [config] | registers | spill stores B | stack B | shared B | warps | resident warps/SM '
-             '(limit) | MMA | FFMA | LDG | STG |', '|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|']
+             '(limit) | MMA | FFMA | LDG | STG | warp instructions per pixel |',
+             '|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|']
     for r in rows:
         if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout']) != ('super_token', shape_name, arch, dtype,
                                                                              layout):
@@ -101,7 +113,8 @@ def detail_table(rows: List[Dict], shape_name: str, arch: int, dtype: str, layou
         config = r['kernel'].replace(',num_ctas=1', '').replace(',num_stages=1', '')
         lines.append(f"| `{config}` | {r['registers']} | {r['spill_store_bytes']} | {r['stack_bytes']} | "
                      f"{r['shared_bytes']} | {r['warps']} | {r['resident_warps']} ({r['occupancy_limiter']}) | "
-                     f"{r['mma']} | {r['ffma']} | {_widths(r['global_loads'])} | {_widths(r['global_stores'])} |")
+                     f"{r['mma']} | {r['ffma']} | {_widths(r['global_loads'])} | {_widths(r['global_stores'])} | "
+                     f"{warp_instructions(r) / pixels:.1f} |")
     return '\n'.join(lines)
 
 
@@ -127,6 +140,49 @@ def traffic_table(shape, dtype: str, grid: int, iters: int) -> str:
         lines.append(f'| **{label}** | | | | | ' + ' | '.join(f'**{totals[(a, bwd)]:.1f}**' for a in sorted(ARCHS)) + ' |')
     lines.append(f'| ideal forward: read X + write S once, {ideal / 1e6:.1f} MB | | | | | ' +
                  ' | '.join(f'{ideal / ARCHS[a].hbm_bytes_per_s * 1e6:.1f}' for a in sorted(ARCHS)) + ' |')
+    return '\n'.join(lines)
+
+
+def fewest_instructions(rows: List[Dict], shape_name: str, arch: int, dtype: str) -> Dict[str, Dict]:
+    """Per kernel, the autotune config that issues the fewest instructions (channels_last input)."""
+    best = {}
+    for r in rows:
+        if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout']) == ('super_token', shape_name, arch, dtype,
+                                                                             'channels_last'):
+            name = r['kernel'].split('[')[0]
+            if name not in best or warp_instructions(r) < warp_instructions(best[name]):
+                best[name] = r
+    return best
+
+
+def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, iters: int) -> str:
+    """Instructions each kernel issues, the floor the GPU's issue rate puts under it, and its bytes' floor beside it."""
+    B, C, H, W = shape
+    pixels = B * H * W
+    costs = {c.kernel: c for c in traffic_model(B, C, H, W, 2, iters, ELEM[dtype])}
+    best = {a: fewest_instructions(rows, shape_name, a, dtype) for a in sorted(ARCHS)}
+    gpus = [ARCHS[a].name.split(' ', 1)[1].strip('()').replace(' 80GB', '') for a in sorted(ARCHS)]
+    lines = ['| kernel (fewest-instruction config on sm_90) | launches | warp instructions per pixel | '
+             + ' | '.join(f'issue floor {g} µs | bytes floor {g} µs' for g in gpus) + ' |',
+             '|---|---:|---:|' + '---:|' * 2 * len(ARCHS)]
+    totals = defaultdict(float)
+    for name in KERNELS:
+        r90, launches = best[90][name], _launches(name, iters)
+        cost = costs[name.replace('(output)', '')]
+        config = r90['kernel'][len(name):].replace(',num_ctas=1', '').replace(',num_stages=1', '')
+        cells = []
+        for a in sorted(ARCHS):
+            issue = warp_instructions(best[a][name]) / ARCHS[a].warp_instructions_per_s * 1e6
+            traffic = max(cost.bytes / ARCHS[a].hbm_bytes_per_s, cost.flops / ARCHS[a].fp32_flops_per_s) * 1e6
+            cells += [f'{issue:.1f}', f'{traffic:.1f}']
+            totals[(a, name == '_backward_kernel', 'issue')] += issue * launches
+            totals[(a, name == '_backward_kernel', 'bytes')] += traffic * launches
+        label = f'`{name}` {config}'.rstrip()
+        lines.append(f'| {label} | {launches} | {warp_instructions(r90) / pixels:.1f} | '
+                     + ' | '.join(cells) + ' |')
+    for label, bwd in (('forward, all launches', False), ('backward', True)):
+        lines.append(f'| **{label}** | | | ' + ' | '.join(
+            f'**{totals[(a, bwd, kind)]:.1f}**' for a in sorted(ARCHS) for kind in ('issue', 'bytes')) + ' |')
     return '\n'.join(lines)
 
 
@@ -156,10 +212,11 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
     ]
     if model:
         parts += [f'### Detail: the model\'s map ({_shape(model)}), bf16, channels_last, sm_90', '',
-                  detail_table(rows, 'model', 90, 'bf16', 'channels_last'), '',
+                  detail_table(rows, 'model', model, 90, 'bf16', 'channels_last'), '',
                   'MMA, FFMA, LDG and STG are static counts of those instructions in the SASS (a loop body counts '
                   'once); LDG/STG are given by access width (count × bits): the 128-bit ones move the pixel and '
-                  'token tiles, the 32-bit ones A and Z, one value per row.', '']
+                  'token tiles, the 32-bit ones A and 1/Z, one value per row. Warp instructions per pixel count '
+                  'what the launch issues (below).', '']
     if any(r['op'] == 'gelu_bn' for r in rows):
         parts += ['### Conv epilogue (bias → GELU → BatchNorm) at the stem\'s maps: registers per thread / resident '
                   'warps per SM', '',
@@ -176,6 +233,18 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
     for name, shape in shapes.items():
         for dtype in ('bf16', 'fp32'):
             parts += [f'{name} map, {_shape(shape)}, {dtype}:', '', traffic_table(shape, dtype, grid, iters), '']
+    parts += ['### Instructions issued and the issue floor', '',
+              'Bytes are one floor; instructions are the other. An SM issues at most one warp instruction per '
+              'clock from each of its 4 schedulers, so a launch cannot take less than its warp instructions / '
+              '(SMs × 4 × boost clock): 108 SMs at 1.41 GHz on an A100 SXM4, 132 at 1.98 GHz on an H100 SXM5. '
+              'The count is read off the SASS: the instructions of one program, each loop run at the trip '
+              'counts its launch declares (`Launch.loops`: the channel blocks, and the aggregation\'s nine '
+              'neighbour cells), × warps × programs, for the autotune config that issues fewest. Where the '
+              'issue floor is above the bytes floor (the traffic model\'s, repeated here), the kernel is bound '
+              'by the instructions it issues: fewer instructions per pixel is what makes it faster.', '']
+    for name, shape in shapes.items():
+        for dtype in ('bf16', 'fp32'):
+            parts += [f'{name} map, {_shape(shape)}, {dtype}:', '', issue_table(rows, name, shape, dtype, iters), '']
     return '\n'.join(parts).rstrip() + '\n'
 
 

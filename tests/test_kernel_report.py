@@ -21,6 +21,10 @@ from timm_supertoken.ops.super_token_triton import traffic_model  # noqa: E402
 
 KERNEL_REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'kernel_report.py'
 MIN_RESIDENT_WARPS = 16  # of 64 per SM: enough loads in flight to keep HBM busy (module docstring)
+# Warp instructions per pixel that each stencil may issue at the model's map (bf16, sm_90, its fewest-instruction
+# config). The kernels are bound by issue (docs/benchmarks.md); with a [rows, 16] slot tile and masked token
+# loads they issued 231 (affinity), 146 (aggregation) and 153 (backward).
+MAX_WARP_INSTRUCTIONS_PER_PIXEL = {'_affinity_kernel': 130, '_aggregate_kernel': 120, '_backward_kernel': 115}
 
 
 @pytest.fixture(scope='module')
@@ -104,6 +108,31 @@ def test_compile_kernels_in_process():
         kernels = ops.compile_kernels((1, 8, 4, 4), torch.float32, arch=90)
         assert '_cell_mean_kernel' in kernels
         assert ops.kernel_facts(kernels['_cell_mean_kernel'], 90).registers > 0
+
+
+def test_stencils_issue_within_their_instruction_budget(facts):
+    failures = []
+    for name, budget in MAX_WARP_INSTRUCTIONS_PER_PIXEL.items():
+        rows = [r for r in _op(facts, 'super_token') if r['kernel'].split('[')[0] == name
+                and (r['arch'], r['dtype'], r['layout']) == (90, 'bf16', 'channels_last')]
+        B, _, H, W = rows[0]['shape']
+        fewest = min(r['issued'] * r['warps'] * r['programs'] for r in rows) / (B * H * W)
+        if fewest > budget:
+            failures.append(f'{name} on sm_90 (bf16): {fewest:.1f} warp instructions per pixel > {budget}')
+    assert not failures, '\n'.join(failures)
+
+
+def test_issued_instructions_run_each_loop_at_its_trip_count():
+    from timm_supertoken.ops.aot import _issued
+    # as `_sass` gives it: predicates stripped
+    sass = [(0x00, 'MOV R1, R2'), (0x10, 'FADD R1, R1, R3'), (0x20, 'FFMA R1, R1, R3, R4'),
+            (0x30, 'BRA 0x20'), (0x40, 'BRA 0x10'), (0x50, 'EXIT'), (0x60, 'BRA 0x60'), (0x70, 'NOP')]
+    # MOV and EXIT once; FADD and the outer branch 3 times; FFMA and the inner branch 3 × 5 times
+    assert _issued(sass, (3, 5)) == (1 + 3 + 15 + 15 + 3 + 1, 2)
+    # an inner loop of constant trip count that the compiler unrolled: the outer loop alone is left
+    assert _issued(sass[1:2] + [(0x20, 'BRA 0x10')], (3, 9)) == (6, 1)
+    with pytest.raises(ValueError, match='2 nested loops, the launch declares 1'):
+        _issued(sass, (3,))
 
 
 def test_traffic_model_counts_every_launch():

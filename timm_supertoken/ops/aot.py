@@ -49,13 +49,21 @@ class SMLimits:
     reserved_shared_per_block: int = 1024  # what the system keeps per block (CUDA 11+)
     hbm_bytes_per_s: float = 0.0  # the flagship part's datasheet figures, for the report's time floors
     fp32_flops_per_s: float = 0.0
+    sms: int = 0
+    boost_clock_hz: float = 0.0
+    issue_per_clock: int = 4  # warp instructions an SM issues per clock: one per scheduler
+
+    @property
+    def warp_instructions_per_s(self) -> float:
+        """The issue rate of the whole GPU: the floor of a launch that is bound by instructions, not bytes."""
+        return self.sms * self.issue_per_clock * self.boost_clock_hz
 
 
 ARCHS: Dict[int, SMLimits] = {
     80: SMLimits('sm_80 (A100 SXM4 80GB)', shared_bytes=164 * 1024, hbm_bytes_per_s=2.039e12,
-                 fp32_flops_per_s=19.5e12),
+                 fp32_flops_per_s=19.5e12, sms=108, boost_clock_hz=1.41e9),
     90: SMLimits('sm_90 (H100 SXM5 80GB)', shared_bytes=228 * 1024, hbm_bytes_per_s=3.35e12,
-                 fp32_flops_per_s=66.9e12),
+                 fp32_flops_per_s=66.9e12, sms=132, boost_clock_hz=1.98e9),
 }
 
 _PTXAS_LOGS: Dict[str, str] = {}  # CompiledKernel.hash -> what ptxas -v said when it built the kernel
@@ -88,7 +96,7 @@ def _config_label(config: triton.Config) -> str:
 
 
 def _launch_variants(launch: Launch):
-    """(key, JIT function, kwargs) for each kernel a launch may run: every config its autotuner may pick for its arguments."""
+    """(key, JIT function, kwargs) of each kernel a launch may run: each config its autotuner keeps for its args."""
     if isinstance(launch.kernel, Autotuner):
         name = launch.label or launch.kernel.fn.__name__
         named_args = dict(zip(launch.kernel.arg_names, launch.args))
@@ -208,7 +216,7 @@ def _ptxas_numbers(log: str) -> Tuple[int, int, int, int]:
 
 
 def _sass(cubin: bytes) -> List[Tuple[int, str]]:
-    """(address, instruction without its predicate) of a cubin's SASS, disassembled by the cuobjdump in Triton's wheel."""
+    """(address, instruction without its predicate) of a cubin's SASS, disassembled by Triton's cuobjdump."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'kernel.cubin'
         path.write_bytes(cubin)

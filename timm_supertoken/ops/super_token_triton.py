@@ -16,17 +16,26 @@ Traffic and FLOPs (n = B·H·W pixels, T = B·h·w ≈ n/g² tokens, e = bytes p
   FP32 FFMA balances its HBM at 20 (66.9 TFLOP/s over 3.35 TB/s) and an A100's at 9.6. Every launch is
   memory-bound on plain FFMA, so tensor cores could not shorten it.
 
-As compiled for sm_90 (`benchmarks/kernel_report.py`, docs/benchmarks.md), at the model's map (B=128,
-28×28×64, bf16, channels_last), first config of each kernel; the floor is the launch's bytes at 3.35 TB/s:
+Instructions: an SM issues one warp instruction per clock per scheduler (4 per SM), so a launch also takes
+at least (warp instructions) / (SMs × 4 × clock); the higher of its two floors bounds it. Triton's lowering of
+the first design issued 231 (affinity), 146 (aggregation) and 153 (backward) warp instructions per pixel,
+against 18 FFMA's worth of useful work each: at B=256, 56×56×64, the forward issued 0.92 G warp
+instructions, 0.88 ms at an H200's issue rate (132 SMs × 4 × 1.98 GHz), and measured 1.17 ms in its
+kernels: it was bound by issue, not by bytes (2.6% of HBM bandwidth).
 
-    kernel               registers  resident warps/SM  local memory  MB per launch  floor
-    _cell_mean_kernel        69           28                0            19.3       5.8 µs
-    _affinity_kernel         71           28                0            22.9       6.8 µs  (×t)
-    _aggregate_kernel        48           40                0            23.0       6.9 µs  (×t)
-    _backward_kernel         48           40                0            19.8       5.9 µs
+As compiled for sm_90 (`benchmarks/kernel_report.py`, docs/benchmarks.md), at the model's map (B=128,
+28×28×64, bf16, channels_last), first config of each kernel; the bytes floor is the launch's traffic at
+3.35 TB/s, the issue floor its warp instructions at an H100 SXM5's 1.05 T per second:
+
+    kernel               registers  resident warps/SM  local memory  warp instr/pixel  bytes floor  issue floor
+    _cell_mean_kernel        71           28                0              16.7           5.8 µs      1.6 µs
+    _affinity_kernel        104           16                0             115.3           6.8 µs     11.1 µs  (×t)
+    _aggregate_kernel        64           32                0             113.1           6.9 µs     10.8 µs  (×t)
+    _backward_kernel         80           24                0             103.1           5.9 µs      9.9 µs
 
 Every config of every kernel, in fp32/bf16/fp16 and on sm_80 too, uses no local memory and keeps
-≥ 16 warps resident (fp32 is the tightest: ≤ 104 registers); tests/test_kernel_report.py holds that.
+≥ 16 warps resident (≤ 128 registers); tests/test_kernel_report.py holds that, and the instruction budget
+of each stencil.
 
 Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads the compiled kernels):
 - Each pixel's 9 logits and softmax are computed exactly once per iteration (`_affinity_kernel`, one
@@ -34,10 +43,18 @@ Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads
   (`_aggregate_kernel`, one row per token). Two launches per iteration is the least the dependence
   allows without recomputation: a token needs the affinities of pixels in the 3×3 cells around it,
   which need the tokens around those cells, i.e. other programs' results of the same iteration.
+- The stencils are written for few instructions, since issue is their floor. The nine slots are
+  unrolled: each logit is a [rows] vector and the softmax (exp2, logits pre-scaled by log₂e) runs over
+  nine of them, with no [rows, 16] slot tile to build, mask and reduce. A token off the grid is read
+  at its clamped, in-grid position with no mask and weighted 0 (a -inf logit, then A = 0), so the
+  token loads need no predicates and no zero fill. Rows past the map take its last pixel and mask only
+  their stores. The aggregation unrolls a cell's g² pixels with clamped addresses and masks only A.
+  It saves 1/Z, so the backward multiplies where it divided. `EVEN_C` / `EVEN_MAP` drop the
+  channel and border masks where C fills the channel blocks and the grid divides the map.
 - It is a 9-point stencil, not a matrix product: the 9 tokens differ for every cell, so tensor cores
   would need a dense [pixels × window] product that is ≥ 75% zeros (a 3×(TW+2)-token window per strip
-  of TW cells), for launches that are memory-bound on FFMA already (above). The kernels use no tensor
-  cores, in any dtype, and the kernel report checks the SASS for it.
+  of TW cells). The kernels use no tensor cores, in any dtype, and the kernel report checks the SASS
+  for it.
 - Half-precision inputs are read as they are and converted in registers; all arithmetic is fp32, and
   the running super tokens are fp32 (the reference's compute dtype).
 - Rows are pixels or tokens of one image (program axis 1 is the image), so per-row offsets are int32
@@ -51,15 +68,13 @@ Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads
   (so that a chunk's launches re-read X from L2) was measured on an H200 (docs/benchmarks.md): every shape
   took 35-57 µs per launch, so the time followed the launch count (8 chunks at B=256 56×56×64 made 56
   launches and 2.99 ms), while re-reading X from HBM instead of L2 costs about 0.03 ms per launch there.
-  Unchunked, the same forward took 1.26 ms, 1.17 ms of it in kernels: it is now bound by the kernels,
-  at ~3.5× the 7-launch HBM floor. What the floor leaves out is the gathers: a pixel row of
-  `_affinity_kernel` loads its 9 fp32 tokens (9 × 4C bytes, from L1/L2) for C·e bytes of X, and each of
-  the g² pixels of a cell loads the same 9 again; `_aggregate_kernel` loads each pixel for 9 tokens.
 - The backward is a gather of 9 dS tokens per pixel (no atomics): deterministic.
 
 Block sizes and warps are autotuned per shape among configs that the report proves free of local
 memory and at ≥ 16 resident warps per SM on sm_80 and sm_90 (tests/test_kernel_report.py holds
-every config to that in CI). Under Triton's interpreter only the first config of each list runs.
+every config to that in CI). A config runs only where its tile fits a per-thread byte budget at the
+input's dtype (`_row_autotune`): the unrolled stencils keep all nine token loads in flight, so an fp32
+input takes tiles half as tall as a bf16 one. Under Triton's interpreter only the first fitting config runs.
 
 The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd registrations) lets
 `torch.compile` keep the fused op in its graph; `register_autograd` plays the role of the
@@ -214,7 +229,7 @@ def _cell_mean_kernel(
 
 @triton.jit
 def _logit(xt, t_base, i, j, h, w, c, cm, C, DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
-    """⟨x_p, s_k⟩ over one channel block for the token k at cell offset (DY, DX) from p's cell (clamped onto the grid)."""
+    """⟨x_p, s_k⟩ over one channel block, for the token k at cell offset (DY, DX) from p's cell clamped onto the grid."""
     return tl.sum(xt * _neighbour_token(t_base, i, j, h, w, c, cm, C, DY, DX, EVEN_C), axis=1)
 
 
@@ -362,7 +377,7 @@ def _backward_kernel(
         C, H, W, h, w,
         GRID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
 ):
-    """dX_p = Σ_k A_pk / Z_k · dS_k over the 3×3 tokens k around p's cell, unrolled. Rows: pixels of image program_id(1)."""
+    """dX_p = Σ_k A_pk / Z_k · dS_k over the 3×3 tokens k around p's cell. Rows: pixels of image program_id(1)."""
     b, p, row_ok, i, j = _pixel_rows(H, W, GRID, BLOCK_M)
     g_base = grad_ptr + b * h * w * C
     a_base = aff_ptr + b * 9 * H * W
