@@ -132,6 +132,27 @@ class Timer:
                 for e in sorted(events, key=lambda e: e.device_time_total, reverse=True)}
 
 
+def issue_shares(split: Dict[str, Tuple[float, int]], x: torch.Tensor, grid: int, iters: int) -> Dict[str, float]:
+    """Per fused kernel, the share of the GPU's issue rate its measured time achieved.
+
+    Issued warp instructions are counted as the kernel report counts them, for the config each autotuner
+    chose last, and the rate is SMs × 4 schedulers × the boost clock of the GPU's architecture in the report.
+    Near 1 a kernel is bound by the instructions it issues; far below it, by memory or latency.
+    """
+    from timm_supertoken.ops import aot, super_token_triton
+    major, minor = torch.cuda.get_device_capability(x.device)
+    arch = 10 * major + minor
+    if arch not in aot.ARCHS:
+        raise ValueError(f'the kernel report knows the issue rate of sm_{sorted(aot.ARCHS)}, this GPU is sm_{arch}')
+    chosen = {kernel.fn.__name__: kernel.best_config for kernel in (
+        super_token_triton._affinity_kernel, super_token_triton._aggregate_kernel, super_token_triton._backward_kernel)}
+    issued = aot.issued_warp_instructions(tuple(x.shape), x.dtype, chosen, grid=grid, iters=iters, arch=arch)
+    rate = torch.cuda.get_device_properties(x.device).multi_processor_count * aot.ARCHS[arch].issue_per_clock \
+        * aot.ARCHS[arch].boost_clock_hz
+    return {name: count / (ms * 1e-3 * rate) for name, count in issued.items()
+            for kernel, (ms, _) in split.items() if kernel.startswith(name)}
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large device-to-device copy (read + write): the practical peak the fused op is held to."""
     if device.type != 'cuda':
@@ -177,6 +198,11 @@ def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
                     if (H, W, C, B, dtype_name) == TARGET_OPERATOR_SHAPE:
                         row['fused fwd+bwd kernel split'] = timer.kernel_split(
                             lambda: torch.autograd.grad(impls['fused'](xg, args.grid, args.iters), xg, dy))
+                        try:  # a statistic on top of the timings: its failure must not lose them
+                            row['fused fwd+bwd issue share'] = issue_shares(
+                                row['fused fwd+bwd kernel split'], x, args.grid, args.iters)
+                        except Exception as error:  # noqa: BLE001  reported in the table's notes
+                            row['fused fwd+bwd issue share error'] = f'{type(error).__name__}: {error}'[:300]
                 row['ideal bytes'] = (B * C * H * W + B * C * h * w) * x.element_size()
                 rows.append(row)
                 print(row, flush=True)
@@ -373,6 +399,14 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
             lines += ['', f'Fused fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, GPU time by kernel (torch.profiler): '
                       + '; '.join(f'`{name[:60]}` {ms:.3f} ms in {n} launch{"es" if n > 1 else ""}'
                                   for name, (ms, n) in r['fused fwd+bwd kernel split'].items()) + '.']
+            if r.get('fused fwd+bwd issue share'):
+                lines += ['', 'Share of the GPU\'s issue rate (SMs × 4 × boost clock) each fused kernel achieved there: '
+                          'its warp instructions (counted from its SASS as the kernel report counts them, for the '
+                          'autotuned config) over its GPU time: ' + '; '.join(
+                              f'`{name}` {share:.0%}' for name, share in r['fused fwd+bwd issue share'].items())
+                          + '. Near 100% a kernel is bound by the instructions it issues.']
+            if 'fused fwd+bwd issue share error' in r:
+                lines += ['', f'The share of the issue rate could not be computed: {r["fused fwd+bwd issue share error"]}.']
     return lines + ['', f'Device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s.']
 
 

@@ -122,6 +122,35 @@ def test_stencils_issue_within_their_instruction_budget(facts):
     assert not failures, '\n'.join(failures)
 
 
+def test_issued_warp_instructions_sum_the_report_over_the_launches(facts):
+    """What the GPU benchmark divides each kernel's measured time by: the report's counts, over one fwd+bwd."""
+    code = ('import json, torch\n'
+            'from timm_supertoken.ops import super_token_triton as st\n'
+            'from timm_supertoken.ops.aot import issued_warp_instructions\n'
+            'chosen = {k.fn.__name__: k.configs[0] for k in (st._affinity_kernel, st._aggregate_kernel, '
+            'st._backward_kernel)}\n'
+            'print(json.dumps(issued_warp_instructions((128, 64, 28, 28), torch.bfloat16, chosen, arch=90)))\n')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    issued = json.loads(subprocess.run([sys.executable, '-c', code], env=env, check=True, capture_output=True,
+                                       text=True, timeout=600).stdout)
+    rows = {r['kernel']: r for r in _op(facts, 'super_token')
+            if (r['arch'], r['dtype'], r['layout']) == (90, 'bf16', 'channels_last')}
+
+    def launch(key):
+        return rows[key]['issued'] * rows[key]['warps'] * rows[key]['programs']
+
+    first = {k.fn.__name__: ','.join(f'{n}={v}' for n, v in k.configs[0].all_kwargs().items())
+             for k in (ops.super_token_triton._affinity_kernel, ops.super_token_triton._aggregate_kernel,
+                       ops.super_token_triton._backward_kernel)}
+    assert issued == {
+        '_cell_mean_kernel': launch('_cell_mean_kernel'),
+        '_affinity_kernel': 3 * launch(f"_affinity_kernel[{first['_affinity_kernel']}]"),
+        '_aggregate_kernel': 2 * launch(f"_aggregate_kernel[{first['_aggregate_kernel']}]")
+        + launch(f"_aggregate_kernel(output)[{first['_aggregate_kernel']}]"),
+        '_backward_kernel': launch(f"_backward_kernel[{first['_backward_kernel']}]"),
+    }
+
+
 def test_issued_instructions_run_each_loop_at_its_trip_count():
     from timm_supertoken.ops.aot import _issued
     # as `_sass` gives it: predicates stripped

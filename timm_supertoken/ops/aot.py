@@ -34,8 +34,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from . import gelu_bn_triton as gbn
 from .super_token_triton import INTERPRET, Launch, backward_plan, forward_plan
 
-__all__ = ['ARCHS', 'KernelFacts', 'LaunchGeometry', 'compile_gelu_bn_kernels', 'compile_kernels', 'kernel_facts',
-           'launch_geometry']
+__all__ = ['ARCHS', 'KernelFacts', 'LaunchGeometry', 'compile_gelu_bn_kernels', 'compile_kernels',
+           'issued_warp_instructions', 'kernel_facts', 'launch_geometry']
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,36 @@ def launch_geometry(
     launches += backward_plan(torch.empty_like(out), aff, inv_norm, grid)[0]
     return {key: LaunchGeometry(math.prod(launch.grid(kwargs)), launch.loops)
             for launch in launches for key, _, kwargs in _launch_variants(launch)}
+
+
+def issued_warp_instructions(
+        shape: Tuple[int, int, int, int],
+        dtype: torch.dtype,
+        configs: Dict[str, triton.Config],
+        *,
+        grid: int = 2,
+        iters: int = 3,
+        arch: int = 90,
+) -> Dict[str, int]:
+    """Warp instructions each fused kernel issues in one forward+backward of a channels_last input, by kernel name.
+
+    `configs` names the autotune config each autotuned kernel runs (its `best_config` after a timed call on
+    the GPU), so a measured GPU time per kernel divided by this count gives the issue rate it achieved.
+    """
+    _check_can_compile(arch)
+    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=torch.channels_last)
+    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
+    launches += backward_plan(torch.empty_like(out), aff, inv_norm, grid)[0]
+    issued: Dict[str, int] = Counter()
+    for launch in launches:
+        if isinstance(launch.kernel, Autotuner):
+            name, jit = launch.kernel.fn.__name__, launch.kernel.fn
+            kwargs = {**launch.constexprs, **configs[name].all_kwargs()}
+        else:
+            name, jit, kwargs = launch.kernel.__name__, launch.kernel, launch.constexprs
+        facts = kernel_facts(_compile(jit, launch.args, kwargs, arch), arch, launch.loops)
+        issued[name] += facts.issued * facts.warps * math.prod(launch.grid(kwargs))
+    return dict(issued)
 
 
 def compile_gelu_bn_kernels(shape: Tuple[int, int, int, int], dtype: torch.dtype, *, arch: int = 90

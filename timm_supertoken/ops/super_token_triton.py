@@ -102,16 +102,18 @@ _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a con
 def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: str, tile_bytes: int
                   ) -> Dict[str, Any]:
     """`triton.autotune` arguments: `rows` per program × warps, keeping the configs whose [rows, BLOCK_C] tile
-    of the `tile` argument holds ≤ `tile_bytes` per thread.
+    of the `tile` argument holds at most `tile_bytes` bytes per thread, and at least 16 where C allows.
 
-    The budget is in bytes, so a half-precision input also tries tiles twice as tall as fp32 does. The
-    interpreter cannot time configs (it gives the same numbers for each): it keeps the first that fits.
+    At most the budget, in bytes, so a half-precision input runs tiles twice as tall as fp32 does; at
+    least 16 bytes, so that each thread reads its share with 128-bit loads. The interpreter cannot time
+    configs (it gives the same numbers for each): it keeps the first that fits.
     """
     configs = [triton.Config({rows: n}, num_warps=warps, num_stages=1) for n, warps in rows_and_warps]
 
     def fitting(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs) -> List[triton.Config]:
         per_row = named_args[tile].element_size() * kwargs['BLOCK_C']
-        fit = [c for c in configs if c.kwargs[rows] * per_row <= tile_bytes * c.num_warps * 32]
+        within = [c for c in configs if c.kwargs[rows] * per_row <= tile_bytes * c.num_warps * 32]
+        fit = [c for c in within if c.kwargs[rows] * per_row >= 16 * c.num_warps * 32] or within
         return fit[:1] if INTERPRET else fit
 
     return dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
