@@ -252,7 +252,7 @@ def _sass(cubin: bytes) -> List[Tuple[int, str]]:
         path.write_bytes(cubin)
         sass = subprocess.run([knobs.nvidia.cuobjdump.path, '-sass', str(path)], check=True,
                               capture_output=True, text=True).stdout
-    return [(int(address, 16), instruction) for address, instruction in
+    return [(int(address, 16), instruction.strip()) for address, instruction in
             re.findall(r'^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][^;]*);', sass, re.M)]
 
 
