@@ -20,7 +20,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 import triton
@@ -191,6 +191,12 @@ def _ptxas_version() -> str:
     return out.strip().splitlines()[-1]
 
 
+def _per_map(shapes: Dict[str, tuple], table: Callable[[str, tuple, str], str]) -> List[str]:
+    """One titled table per map and dtype (bf16, fp32)."""
+    return [line for name, shape in shapes.items() for dtype in ('bf16', 'fp32')
+            for line in (f'{name} map, {_shape(shape)}, {dtype}:', '', table(name, shape, dtype), '')]
+
+
 def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) -> str:
     model = shapes.get('model')
     parts = [
@@ -230,9 +236,7 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
               'TFLOP/s). Where X fits in L2 (12.8 MB at the model\'s map in bf16; an H100 has 50 MB), the '
               'repeated reads of X after the first come from L2, so the measured forward can beat the sum of '
               'the per-launch floors.', '']
-    for name, shape in shapes.items():
-        for dtype in ('bf16', 'fp32'):
-            parts += [f'{name} map, {_shape(shape)}, {dtype}:', '', traffic_table(shape, dtype, grid, iters), '']
+    parts += _per_map(shapes, lambda name, shape, dtype: traffic_table(shape, dtype, grid, iters))
     parts += ['### Instructions issued and the issue floor', '',
               'Bytes are one floor; instructions are the other. An SM issues at most one warp instruction per '
               'clock from each of its 4 schedulers, so a launch cannot take less than its warp instructions / '
@@ -242,9 +246,7 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
               'neighbour cells), × warps × programs, for the autotune config that issues fewest. Where the '
               'issue floor is above the bytes floor (the traffic model\'s, repeated here), the kernel is bound '
               'by the instructions it issues: fewer instructions per pixel is what makes it faster.', '']
-    for name, shape in shapes.items():
-        for dtype in ('bf16', 'fp32'):
-            parts += [f'{name} map, {_shape(shape)}, {dtype}:', '', issue_table(rows, name, shape, dtype, iters), '']
+    parts += _per_map(shapes, lambda name, shape, dtype: issue_table(rows, name, shape, dtype, iters))
     return '\n'.join(parts).rstrip() + '\n'
 
 
