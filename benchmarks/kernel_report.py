@@ -91,11 +91,6 @@ def _widths(counts: Dict) -> str:
     return ', '.join(f'{n}×{bits}b' for bits, n in sorted(counts.items(), key=lambda kv: int(kv[0]))) or '—'
 
 
-def _launches(kernel: str, iters: int) -> int:
-    return {'_cell_mean_kernel': 1, '_affinity_kernel': iters, '_aggregate_kernel': iters - 1,
-            '_aggregate_kernel(output)': 1, '_backward_kernel': 1}[kernel]
-
-
 def warp_instructions(row: Dict) -> int:
     """Warp instructions one launch of a compiled kernel issues: per program per warp × warps × programs."""
     return row['issued'] * row['warps'] * row['programs']
@@ -155,11 +150,11 @@ def fewest_instructions(rows: List[Dict], shape_name: str, arch: int, dtype: str
     return best
 
 
-def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, iters: int) -> str:
+def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, grid: int, iters: int) -> str:
     """Instructions each kernel issues, the floor the GPU's issue rate puts under it, and its bytes' floor beside it."""
     B, C, H, W = shape
     pixels = B * H * W
-    costs = {c.kernel: c for c in traffic_model(B, C, H, W, 2, iters, ELEM[dtype])}
+    costs = {c.kernel: c for c in traffic_model(B, C, H, W, grid, iters, ELEM[dtype])}
     best = {a: fewest_instructions(rows, shape_name, a, dtype) for a in sorted(ARCHS)}
     gpus = [ARCHS[a].name.split(' ', 1)[1].strip('()').replace(' 80GB', '') for a in sorted(ARCHS)]
     lines = ['| kernel (fewest-instruction config on sm_90) | launches | warp instructions per pixel | '
@@ -167,7 +162,8 @@ def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, iters: int
              '|---|---:|---:|' + '---:|' * 2 * len(ARCHS)]
     totals = defaultdict(float)
     for name in KERNELS:
-        r90, launches = best[90][name], _launches(name, iters)
+        r90 = best[90][name]
+        launches = r90['launches']
         cost = costs[name.replace('(output)', '')]
         config = r90['kernel'][len(name):].replace(',num_ctas=1', '').replace(',num_stages=1', '')
         cells = []
@@ -246,7 +242,7 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
               'neighbour cells), × warps × programs, for the autotune config that issues fewest. Where the '
               'issue floor is above the bytes floor (the traffic model\'s, repeated here), the kernel is bound '
               'by the instructions it issues: fewer instructions per pixel is what makes it faster.', '']
-    parts += _per_map(shapes, lambda name, shape, dtype: issue_table(rows, name, shape, dtype, iters))
+    parts += _per_map(shapes, lambda name, shape, dtype: issue_table(rows, name, shape, dtype, grid, iters))
     return '\n'.join(parts).rstrip() + '\n'
 
 

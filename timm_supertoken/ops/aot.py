@@ -106,6 +106,14 @@ def _launch_variants(launch: Launch):
         yield launch.label or launch.kernel.__name__, launch.kernel, launch.constexprs
 
 
+def _super_token_launches(shape: Tuple[int, int, int, int], dtype: torch.dtype, grid: int, iters: int,
+                          memory_format: torch.memory_format) -> List[Launch]:
+    """Every launch of the fused forward and backward for a meta input of this shape, dtype and layout."""
+    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
+    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
+    return launches + backward_plan(torch.empty_like(out), aff, inv_norm, grid)[0]
+
+
 def compile_kernels(
         shape: Tuple[int, int, int, int],
         dtype: torch.dtype,
@@ -122,15 +130,13 @@ def compile_kernels(
     output) is keyed by its launch label.
     """
     _check_can_compile(arch)
-    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
-    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
-    bwd_launches, _ = backward_plan(torch.empty_like(out), aff, inv_norm, grid)
-    return _compile_launches(launches + bwd_launches, arch)
+    return _compile_launches(_super_token_launches(shape, dtype, grid, iters, memory_format), arch)
 
 
 @dataclass(frozen=True)
 class LaunchGeometry:
-    """How often a compiled kernel runs in its launch: programs in the grid, and its loops' trip counts."""
+    """How often a compiled kernel runs: launches per forward+backward, programs per launch, its loops' trip counts."""
+    launches: int
     programs: int
     loop_trips: Tuple[int, ...]
 
@@ -144,11 +150,11 @@ def launch_geometry(
         memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Dict[str, LaunchGeometry]:
     """The geometry of every kernel `compile_kernels` compiles for the same arguments, by the same keys."""
-    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=memory_format)
-    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
-    launches += backward_plan(torch.empty_like(out), aff, inv_norm, grid)[0]
-    return {key: LaunchGeometry(math.prod(launch.grid(kwargs)), launch.loops)
-            for launch in launches for key, _, kwargs in _launch_variants(launch)}
+    variants = [(key, launch, kwargs) for launch in _super_token_launches(shape, dtype, grid, iters, memory_format)
+                for key, _, kwargs in _launch_variants(launch)]
+    launches = Counter(key for key, _, _ in variants)
+    return {key: LaunchGeometry(launches[key], math.prod(launch.grid(kwargs)), launch.loops)
+            for key, launch, kwargs in variants}
 
 
 def issued_warp_instructions(
@@ -166,11 +172,8 @@ def issued_warp_instructions(
     the GPU), so a measured GPU time per kernel divided by this count gives the issue rate it achieved.
     """
     _check_can_compile(arch)
-    x = torch.empty(shape, dtype=dtype, device='meta', memory_format=torch.channels_last)
-    launches, (out, aff, inv_norm) = forward_plan(x, grid, iters)
-    launches += backward_plan(torch.empty_like(out), aff, inv_norm, grid)[0]
     issued: Dict[str, int] = Counter()
-    for launch in launches:
+    for launch in _super_token_launches(shape, dtype, grid, iters, torch.channels_last):
         if isinstance(launch.kernel, Autotuner):
             name, jit = launch.kernel.fn.__name__, launch.kernel.fn
             kwargs = {**launch.constexprs, **configs[name].all_kwargs()}
@@ -273,20 +276,19 @@ def _loops(sass: List[Tuple[int, str]]) -> List[Tuple[int, int]]:
 def _issued(sass: List[Tuple[int, str]], loop_trips: Sequence[int]) -> Tuple[int, int]:
     """(instructions one warp issues per program, loop depth of the SASS) with each loop run `loop_trips` times.
 
-    `loop_trips` are the kernel's loops as written, outer to inner. The compiler may unroll an inner loop
-    whose trip count is a constant (its body then appears that many times in the SASS) but not an outer
-    one of runtime length, so the SASS keeps the outer `depth` of them.
+    `loop_trips` are the kernel's loops as written, outer to inner; empty, every loop runs once. The compiler
+    may unroll an inner loop whose trip count is a constant (its body then appears that many times in the
+    SASS) but not an outer one of runtime length, so the SASS keeps the outer `depth` of them.
     """
     loops = _loops(sass)
-    depth = max((sum(first <= address <= last for first, last in loops) for address, _ in sass), default=0)
+    loop_trips = tuple(loop_trips) or (1,) * len(loops)
+    depths = [sum(first <= address <= last for first, last in loops) for address, _ in sass]
+    depth = max(depths, default=0)
     if depth > len(loop_trips):
         raise ValueError(f'the SASS has {depth} nested loops, the launch declares {len(loop_trips)}: {loop_trips}')
-    issued = 0
-    for address, instruction in sass:
-        if _opcode(instruction) == 'NOP' or instruction == f'BRA {address:#x}':
-            continue  # alignment padding and the branch-to-self after the last EXIT never issue
-        issued += math.prod(loop_trips[:sum(first <= address <= last for first, last in loops)])
-    return issued, depth
+    # alignment padding and the branch-to-self after the last EXIT never issue
+    return sum(math.prod(loop_trips[:d]) for (address, instruction), d in zip(sass, depths)
+               if _opcode(instruction) != 'NOP' and instruction != f'BRA {address:#x}'), depth
 
 
 def _access_bits(opcode: str) -> int:
@@ -326,7 +328,7 @@ def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int, loop_trips: 
     registers, stack, spill_stores, spill_loads = _ptxas_numbers(_PTXAS_LOGS[kernel.hash])
     sass = _sass(kernel.asm['cubin'])
     ops = Counter(_opcode(instruction) for _, instruction in sass)
-    issued, depth = _issued(sass, tuple(loop_trips) or (1,) * len(_loops(sass)))
+    issued, depth = _issued(sass, loop_trips)
     warps, shared = kernel.metadata.num_warps, kernel.metadata.shared
     resident, limiter = _resident_warps(registers, shared, warps, ARCHS[arch])
     loads, stores = Counter(), Counter()

@@ -58,7 +58,8 @@ def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, i
         for key, geometry in launch_geometry(**plan).items():
             facts = dataclasses.asdict(kernel_facts(kernels[key], arch, geometry.loop_trips))
             rows.append(dict(op='super_token', shape_name=shape_name, shape=list(shape), arch=arch, dtype=dtype,
-                             layout=layout, grid=grid, iters=iters, kernel=key, programs=geometry.programs,
+                             layout=layout, grid=grid, iters=iters, kernel=key, launches=geometry.launches,
+                             programs=geometry.programs,
                              **facts))
     if shape_name == 'model':  # the stem's conv epilogue runs in the same model: its maps, channels_last
         for stem_shape in stem_map_shapes(shape[0]):
