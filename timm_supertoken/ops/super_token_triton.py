@@ -31,7 +31,7 @@ As compiled for sm_90 (`benchmarks/kernel_report.py`, docs/benchmarks.md), at th
     _cell_mean_kernel        71           28                0              16.7           5.8 µs      1.6 µs
     _affinity_kernel        104           16                0             115.3           6.8 µs     11.1 µs  (×t)
     _aggregate_kernel        64           32                0             113.1           6.9 µs     10.8 µs  (×t)
-    _backward_kernel         80           24                0             103.1           5.9 µs      9.9 µs
+    _backward_kernel         80           24                0             103.3           5.9 µs      9.9 µs
 
 Every config of every kernel, in fp32/bf16/fp16 and on sm_80 too, uses no local memory and keeps
 ≥ 16 warps resident (≤ 128 registers); tests/test_kernel_report.py holds that, and the instruction budget
@@ -181,12 +181,18 @@ def _load_rows(ptrs, cm, EVEN_C: tl.constexpr):
 
 
 @triton.jit
-def _neighbour_token(base, i, j, h, w, c, cm, C, DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
-    """The [rows, BLOCK_C] tile of the token at cell offset (DY, DX) from each row's cell, clamped onto the grid.
+def _neighbour(i, j, h, w, DY: tl.constexpr, DX: tl.constexpr):
+    """Token index of the cell at offset (DY, DX) from each row's cell (i, j), clamped onto the grid.
 
-    Unmasked: the caller gives an off-grid slot weight 0 (a -inf logit, or the A = 0 that such a logit made).
+    Its loads need no mask: the caller gives an off-grid slot weight 0 (a -inf logit, or the A = 0 that
+    such a logit made).
     """
-    n = _clamped(i, h, DY) * w + _clamped(j, w, DX)
+    return _clamped(i, h, DY) * w + _clamped(j, w, DX)
+
+
+@triton.jit
+def _token_tile(base, n, c, cm, C, EVEN_C: tl.constexpr):
+    """The [rows, BLOCK_C] tile of tokens n (one per row, all in bounds)."""
     return _load_rows(base + (n * C)[:, None] + c[None, :], cm, EVEN_C)
 
 
@@ -232,7 +238,7 @@ def _cell_mean_kernel(
 @triton.jit
 def _logit(xt, t_base, i, j, h, w, c, cm, C, DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
     """⟨x_p, s_k⟩ over one channel block, for the token k at cell offset (DY, DX) from p's cell clamped onto the grid."""
-    return tl.sum(xt * _neighbour_token(t_base, i, j, h, w, c, cm, C, DY, DX, EVEN_C), axis=1)
+    return tl.sum(xt * _token_tile(t_base, _neighbour(i, j, h, w, DY, DX), c, cm, C, EVEN_C), axis=1)
 
 
 @triton.jit
@@ -367,9 +373,9 @@ def _aggregate_kernel(
 def _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, HW,
                  DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
     """acc + A_pk / Z_k · dS_k for the token k at cell offset (DY, DX) from p's cell (A_pk = 0 off the grid)."""
-    g = _neighbour_token(g_base, i, j, h, w, c, cm, C, DY, DX, EVEN_C)
-    weight = tl.load(a_base + ((DY + 1) * 3 + DX + 1) * HW + p) \
-        * tl.load(r_base + _clamped(i, h, DY) * w + _clamped(j, w, DX))
+    k = _neighbour(i, j, h, w, DY, DX)
+    g = _token_tile(g_base, k, c, cm, C, EVEN_C)
+    weight = tl.load(a_base + ((DY + 1) * 3 + DX + 1) * HW + p) * tl.load(r_base + k)
     return acc + weight[:, None] * g.to(tl.float32)
 
 
@@ -425,9 +431,10 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs)
 
 
-def _block_c(C: int) -> int:
-    """Channels per block: all of them up to 64 (the model's C), so the common case is one pass."""
-    return max(16, min(triton.next_power_of_2(C), 64))
+def _channel_blocks(C: int) -> Tuple[int, int, bool]:
+    """(BLOCK_C, channel blocks, C fills them: EVEN_C): all channels in one block up to 64 (the model's C)."""
+    block_c = max(16, min(triton.next_power_of_2(C), 64))
+    return block_c, triton.cdiv(C, block_c), C % block_c == 0
 
 
 def _nhwc(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -451,8 +458,8 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
     out = _nhwc(x, (B, C, h, w), x.dtype)
     aff = torch.empty((B, 9, H, W), device=x.device, dtype=torch.float32)
     inv_norm = torch.empty((B, h, w), device=x.device, dtype=torch.float32)
-    block_c = _block_c(C)
-    channel_blocks, even_c, even_map = triton.cdiv(C, block_c), C % block_c == 0, H % grid == 0 and W % grid == 0
+    block_c, channel_blocks, even_c = _channel_blocks(C)
+    even_map = H % grid == 0 and W % grid == 0
     launches = [Launch(
         _cell_mean_kernel, _rows(h * w, 'BLOCK_N', B),
         (x, tokens[0], C, H, W, h, w),
@@ -480,10 +487,11 @@ def backward_plan(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor,
     B, C, h, w = grad.shape
     H, W = aff.shape[2], aff.shape[3]
     dx = _nhwc(grad, (B, C, H, W), grad.dtype)
+    block_c, channel_blocks, even_c = _channel_blocks(C)
     launch = Launch(
         _backward_kernel, _rows(H * W, 'BLOCK_M', B),
         (grad, aff, inv_norm, dx, C, H, W, h, w),
-        dict(GRID=grid, BLOCK_C=_block_c(C), EVEN_C=C % _block_c(C) == 0), loops=(triton.cdiv(C, _block_c(C)),))
+        dict(GRID=grid, BLOCK_C=block_c, EVEN_C=even_c), loops=(channel_blocks,))
     return [launch], dx
 
 
