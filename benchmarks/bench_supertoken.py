@@ -19,6 +19,7 @@ toy sizes (no fused kernels, no file written), so a script error surfaces in CI 
 borrowed GPU.
 """
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -147,8 +148,8 @@ def issue_shares(split: Dict[str, Tuple[float, int]], x: torch.Tensor, grid: int
     chosen = {kernel.fn.__name__: kernel.best_config for kernel in (
         super_token_triton._affinity_kernel, super_token_triton._aggregate_kernel, super_token_triton._backward_kernel)}
     issued = aot.issued_warp_instructions(tuple(x.shape), x.dtype, chosen, grid=grid, iters=iters, arch=arch)
-    rate = torch.cuda.get_device_properties(x.device).multi_processor_count * aot.ARCHS[arch].issue_per_clock \
-        * aot.ARCHS[arch].boost_clock_hz
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count  # a PCIe part has fewer than the SXM
+    rate = dataclasses.replace(aot.ARCHS[arch], sms=sms).warp_instructions_per_s
     return {name: count / (ms * 1e-3 * rate) for name, count in issued.items()
             for kernel, (ms, _) in split.items() if kernel.startswith(name)}
 

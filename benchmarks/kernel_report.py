@@ -28,7 +28,7 @@ from triton import knobs
 
 from timm_supertoken.ops.aot import ARCHS
 from timm_supertoken.ops.report import SHAPES, collect
-from timm_supertoken.ops.super_token_triton import traffic_model
+from timm_supertoken.ops.super_token_triton import LaunchCost, traffic_model
 
 from docs_page import write_markdown_section
 
@@ -96,19 +96,32 @@ def warp_instructions(row: Dict) -> int:
     return row['issued'] * row['warps'] * row['programs']
 
 
+def _super_token_rows(rows: List[Dict], shape_name: str, arch: int, dtype: str, layout: str) -> List[Dict]:
+    """The fused op's kernels (one row per kernel and config) compiled for one map, arch, dtype and layout."""
+    return [r for r in rows if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout'])
+            == ('super_token', shape_name, arch, dtype, layout)]
+
+
+def _short_config(label: str) -> str:
+    """A kernel's config label without the settings every config shares."""
+    return label.replace(',num_ctas=1', '').replace(',num_stages=1', '')
+
+
+def _bytes_floor_us(cost: LaunchCost, arch: int) -> float:
+    """A launch's floor from its bytes and FLOPs on the arch's flagship GPU, in µs."""
+    return max(cost.bytes / ARCHS[arch].hbm_bytes_per_s, cost.flops / ARCHS[arch].fp32_flops_per_s) * 1e6
+
+
 def detail_table(rows: List[Dict], shape_name: str, shape, arch: int, dtype: str, layout: str) -> str:
     pixels = shape[0] * shape[2] * shape[3]
     lines = ['| kernel [config] | registers | spill stores B | stack B | shared B | warps | resident warps/SM '
              '(limit) | MMA | FFMA | LDG | STG | warp instructions per pixel |',
              '|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|']
-    for r in rows:
-        if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout']) != ('super_token', shape_name, arch, dtype,
-                                                                             layout):
-            continue
-        config = r['kernel'].replace(',num_ctas=1', '').replace(',num_stages=1', '')
-        lines.append(f"| `{config}` | {r['registers']} | {r['spill_store_bytes']} | {r['stack_bytes']} | "
-                     f"{r['shared_bytes']} | {r['warps']} | {r['resident_warps']} ({r['occupancy_limiter']}) | "
-                     f"{r['mma']} | {r['ffma']} | {_widths(r['global_loads'])} | {_widths(r['global_stores'])} | "
+    for r in _super_token_rows(rows, shape_name, arch, dtype, layout):
+        lines.append(f"| `{_short_config(r['kernel'])}` | {r['registers']} | {r['spill_store_bytes']} | "
+                     f"{r['stack_bytes']} | {r['shared_bytes']} | {r['warps']} | "
+                     f"{r['resident_warps']} ({r['occupancy_limiter']}) | {r['mma']} | {r['ffma']} | "
+                     f"{_widths(r['global_loads'])} | {_widths(r['global_stores'])} | "
                      f"{warp_instructions(r) / pixels:.1f} |")
     return '\n'.join(lines)
 
@@ -124,7 +137,7 @@ def traffic_table(shape, dtype: str, grid: int, iters: int) -> str:
     for c in costs:
         floors = []
         for a in sorted(ARCHS):
-            floor = max(c.bytes / ARCHS[a].hbm_bytes_per_s, c.flops / ARCHS[a].fp32_flops_per_s) * 1e6
+            floor = _bytes_floor_us(c, a)
             floors.append(f'{floor:.1f}')
             totals[(a, c.kernel == '_backward_kernel')] += floor * c.launches
         lines.append(f'| `{c.kernel}` | {c.launches} | {c.bytes / 1e6:.1f} | {c.flops / 1e6:.0f} | '
@@ -141,12 +154,10 @@ def traffic_table(shape, dtype: str, grid: int, iters: int) -> str:
 def fewest_instructions(rows: List[Dict], shape_name: str, arch: int, dtype: str) -> Dict[str, Dict]:
     """Per kernel, the autotune config that issues the fewest instructions (channels_last input)."""
     best = {}
-    for r in rows:
-        if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout']) == ('super_token', shape_name, arch, dtype,
-                                                                             'channels_last'):
-            name = r['kernel'].split('[')[0]
-            if name not in best or warp_instructions(r) < warp_instructions(best[name]):
-                best[name] = r
+    for r in _super_token_rows(rows, shape_name, arch, dtype, 'channels_last'):
+        name = r['kernel'].split('[')[0]
+        if name not in best or warp_instructions(r) < warp_instructions(best[name]):
+            best[name] = r
     return best
 
 
@@ -165,11 +176,11 @@ def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, grid: int,
         r90 = best[90][name]
         launches = r90['launches']
         cost = costs[name.replace('(output)', '')]
-        config = r90['kernel'][len(name):].replace(',num_ctas=1', '').replace(',num_stages=1', '')
+        config = _short_config(r90['kernel'][len(name):])
         cells = []
         for a in sorted(ARCHS):
             issue = warp_instructions(best[a][name]) / ARCHS[a].warp_instructions_per_s * 1e6
-            traffic = max(cost.bytes / ARCHS[a].hbm_bytes_per_s, cost.flops / ARCHS[a].fp32_flops_per_s) * 1e6
+            traffic = _bytes_floor_us(cost, a)
             cells += [f'{issue:.1f}', f'{traffic:.1f}']
             totals[(a, name == '_backward_kernel', 'issue')] += issue * launches
             totals[(a, name == '_backward_kernel', 'bytes')] += traffic * launches
