@@ -20,7 +20,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -68,6 +68,7 @@ ARCHS: Dict[int, SMLimits] = {
 
 _PTXAS_LOGS: Dict[str, str] = {}  # CompiledKernel.hash -> what ptxas -v said when it built the kernel
 _COMPILED: Dict[Tuple, triton.compiler.CompiledKernel] = {}  # one compile per distinct specialisation
+_SASS: Dict[str, List[Tuple[int, str]]] = {}  # CompiledKernel.hash -> its disassembly, read once
 
 
 def _compile(jit: JITFunction, args: Tuple, kwargs: Dict, arch: int) -> triton.compiler.CompiledKernel:
@@ -95,12 +96,15 @@ def _config_label(config: triton.Config) -> str:
     return ','.join(f'{k}={v}' for k, v in config.all_kwargs().items())
 
 
-def _launch_variants(launch: Launch):
-    """(key, JIT function, kwargs) of each kernel a launch may run: each config its autotuner keeps for its args."""
+def _launch_variants(launch: Launch, chosen: Optional[Dict[str, triton.Config]] = None):
+    """(key, JIT function, kwargs) of each kernel a launch may run: each config its autotuner keeps for its args,
+    or only the one `chosen` names for the kernel."""
     if isinstance(launch.kernel, Autotuner):
         name = launch.label or launch.kernel.fn.__name__
         named_args = dict(zip(launch.kernel.arg_names, launch.args))
-        for config in launch.kernel.early_config_prune(launch.kernel.configs, named_args, **launch.constexprs):
+        configs = ([chosen[launch.kernel.fn.__name__]] if chosen is not None else
+                   launch.kernel.early_config_prune(launch.kernel.configs, named_args, **launch.constexprs))
+        for config in configs:
             yield f'{name}[{_config_label(config)}]', launch.kernel.fn, {**launch.constexprs, **config.all_kwargs()}
     else:
         yield launch.label or launch.kernel.__name__, launch.kernel, launch.constexprs
@@ -174,13 +178,9 @@ def issued_warp_instructions(
     _check_can_compile(arch)
     issued: Dict[str, int] = Counter()
     for launch in _super_token_launches(shape, dtype, grid, iters, torch.channels_last):
-        if isinstance(launch.kernel, Autotuner):
-            name, jit = launch.kernel.fn.__name__, launch.kernel.fn
-            kwargs = {**launch.constexprs, **configs[name].all_kwargs()}
-        else:
-            name, jit, kwargs = launch.kernel.__name__, launch.kernel, launch.constexprs
+        (_, jit, kwargs), = _launch_variants(launch, configs)
         facts = kernel_facts(_compile(jit, launch.args, kwargs, arch), arch, launch.loops)
-        issued[name] += facts.issued * facts.warps * math.prod(launch.grid(kwargs))
+        issued[jit.__name__] += facts.issued * facts.warps * math.prod(launch.grid(kwargs))
     return dict(issued)
 
 
@@ -326,7 +326,9 @@ def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int, loop_trips: 
     if kernel.hash not in _PTXAS_LOGS:
         raise ValueError('kernel_facts reads the ptxas log that compile_kernels keeps: compile the kernel with it')
     registers, stack, spill_stores, spill_loads = _ptxas_numbers(_PTXAS_LOGS[kernel.hash])
-    sass = _sass(kernel.asm['cubin'])
+    if kernel.hash not in _SASS:
+        _SASS[kernel.hash] = _sass(kernel.asm['cubin'])
+    sass = _SASS[kernel.hash]
     ops = Counter(_opcode(instruction) for _, instruction in sass)
     issued, depth = _issued(sass, loop_trips)
     warps, shared = kernel.metadata.num_warps, kernel.metadata.shared
