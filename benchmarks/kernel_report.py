@@ -27,7 +27,7 @@ import triton
 from triton import knobs
 
 from timm_supertoken.ops.aot import ARCHS
-from timm_supertoken.ops.report import SHAPES, collect
+from timm_supertoken.ops.report import SHAPES, collect, warp_instructions
 from timm_supertoken.ops.super_token_triton import LaunchCost, traffic_model
 
 from docs_page import write_markdown_section
@@ -89,11 +89,6 @@ def epilogue_table(rows: List[Dict]) -> str:
 
 def _widths(counts: Dict) -> str:
     return ', '.join(f'{n}×{bits}b' for bits, n in sorted(counts.items(), key=lambda kv: int(kv[0]))) or '—'
-
-
-def warp_instructions(row: Dict) -> int:
-    """Warp instructions one launch of a compiled kernel issues: per program per warp × warps × programs."""
-    return row['issued'] * row['warps'] * row['programs']
 
 
 def _super_token_rows(rows: List[Dict], shape_name: str, arch: int, dtype: str, layout: str) -> List[Dict]:

@@ -18,6 +18,7 @@ import torch
 triton = pytest.importorskip('triton')
 from timm_supertoken import ops  # noqa: E402
 from timm_supertoken.ops.aot import _config_label, _issued  # noqa: E402
+from timm_supertoken.ops.report import warp_instructions  # noqa: E402
 from timm_supertoken.ops.super_token_triton import traffic_model  # noqa: E402
 
 KERNEL_REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'kernel_report.py'
@@ -43,11 +44,6 @@ def _where(row):
 
 def _op(facts, op):
     return [r for r in facts if r['op'] == op]
-
-
-def _warp_instructions(row):
-    """What one launch of the row's kernel issues: per program per warp × warps × programs."""
-    return row['issued'] * row['warps'] * row['programs']
 
 
 def test_every_kernel_of_the_matrix_is_compiled(facts):
@@ -122,7 +118,7 @@ def test_stencils_issue_within_their_instruction_budget(facts):
         rows = [r for r in _op(facts, 'super_token') if r['kernel'].split('[')[0] == name
                 and (r['arch'], r['dtype'], r['layout']) == (90, 'bf16', 'channels_last')]
         B, _, H, W = rows[0]['shape']
-        fewest = min(_warp_instructions(r) for r in rows) / (B * H * W)
+        fewest = min(warp_instructions(r) for r in rows) / (B * H * W)
         if fewest > budget:
             failures.append(f'{name} on sm_90 (bf16): {fewest:.1f} warp instructions per pixel > {budget}')
     assert not failures, '\n'.join(failures)
@@ -143,7 +139,7 @@ def test_issued_warp_instructions_sum_the_report_over_the_launches(facts):
             if (r['arch'], r['dtype'], r['layout']) == (90, 'bf16', 'channels_last')}
 
     def launch(key):
-        return _warp_instructions(rows[key])
+        return warp_instructions(rows[key])
 
     first = {k.fn.__name__: _config_label(k.configs[0])
              for k in (ops.super_token_triton._affinity_kernel, ops.super_token_triton._aggregate_kernel,

@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ['DTYPES', 'LAYOUTS', 'SHAPES', 'model_map_shape', 'stem_map_shapes', 'collect']
+__all__ = ['DTYPES', 'LAYOUTS', 'SHAPES', 'model_map_shape', 'stem_map_shapes', 'collect', 'warp_instructions']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LAYOUTS = {'NCHW': torch.contiguous_format, 'channels_last': torch.channels_last}
@@ -45,6 +45,11 @@ SHAPES = {
     'model': model_map_shape,  # vit_small_stconv at 224², B=128: the model benchmark's batch
     'operator': lambda: (256, 64, 56, 56),  # the operator benchmark's largest map
 }
+
+
+def warp_instructions(row: Dict) -> int:
+    """Warp instructions one launch of a row's kernel issues: per program per warp × warps × programs."""
+    return row['issued'] * row['warps'] * row['programs']
 
 
 def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, int]) -> List[Dict]:
