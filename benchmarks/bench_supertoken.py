@@ -145,8 +145,7 @@ def issue_shares(split: Dict[str, Tuple[float, int]], x: torch.Tensor, grid: int
     arch = 10 * major + minor
     if arch not in aot.ARCHS:
         raise ValueError(f'the kernel report knows the issue rate of sm_{sorted(aot.ARCHS)}, this GPU is sm_{arch}')
-    chosen = {kernel.fn.__name__: kernel.best_config for kernel in (
-        super_token_triton._affinity_kernel, super_token_triton._aggregate_kernel, super_token_triton._backward_kernel)}
+    chosen = {kernel.fn.__name__: kernel.best_config for kernel in super_token_triton.AUTOTUNED_KERNELS}
     issued = aot.issued_warp_instructions(tuple(x.shape), x.dtype, chosen, grid=grid, iters=iters, arch=arch)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count  # a PCIe part has fewer than the SXM
     rate = dataclasses.replace(aot.ARCHS[arch], sms=sms).warp_instructions_per_s

@@ -129,8 +129,7 @@ def test_issued_warp_instructions_sum_the_report_over_the_launches(facts):
     code = ('import json, torch\n'
             'from timm_supertoken.ops import super_token_triton as st\n'
             'from timm_supertoken.ops.aot import issued_warp_instructions\n'
-            'chosen = {k.fn.__name__: k.configs[0] for k in (st._affinity_kernel, st._aggregate_kernel, '
-            'st._backward_kernel)}\n'
+            'chosen = {k.fn.__name__: k.configs[0] for k in st.AUTOTUNED_KERNELS}\n'
             'print(json.dumps(issued_warp_instructions((128, 64, 28, 28), torch.bfloat16, chosen, arch=90)))\n')
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     issued = json.loads(subprocess.run([sys.executable, '-c', code], env=env, check=True, capture_output=True,
@@ -141,9 +140,7 @@ def test_issued_warp_instructions_sum_the_report_over_the_launches(facts):
     def launch(key):
         return warp_instructions(rows[key])
 
-    first = {k.fn.__name__: _config_label(k.configs[0])
-             for k in (ops.super_token_triton._affinity_kernel, ops.super_token_triton._aggregate_kernel,
-                       ops.super_token_triton._backward_kernel)}
+    first = {k.fn.__name__: _config_label(k.configs[0]) for k in ops.super_token_triton.AUTOTUNED_KERNELS}
     assert issued == {
         '_cell_mean_kernel': launch('_cell_mean_kernel'),
         '_affinity_kernel': 3 * launch(f"_affinity_kernel[{first['_affinity_kernel']}]"),

@@ -93,7 +93,7 @@ from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, che
 
 __all__ = [
     'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
-    'INTERPRET',
+    'INTERPRET', 'AUTOTUNED_KERNELS',
 ]
 
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
@@ -173,8 +173,12 @@ def _clamped(i, n, D: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptrs, cm, EVEN_C: tl.constexpr):
-    """A [rows, BLOCK_C] tile whose rows are all in bounds: masked only where C is not a multiple of BLOCK_C."""
+def _load_rows(base, n, c, cm, C, EVEN_C: tl.constexpr):
+    """The [rows, BLOCK_C] tile of rows n (pixels or tokens, all in bounds) of a channels-last (rows, C) plane.
+
+    Masked only where C is not a multiple of BLOCK_C.
+    """
+    ptrs = base + (n * C)[:, None] + c[None, :]
     if EVEN_C:
         return tl.load(ptrs)
     else:
@@ -189,12 +193,6 @@ def _neighbour(i, j, h, w, DY: tl.constexpr, DX: tl.constexpr):
     such a logit made).
     """
     return _clamped(i, h, DY) * w + _clamped(j, w, DX)
-
-
-@triton.jit
-def _token_tile(base, n, c, cm, C, EVEN_C: tl.constexpr):
-    """The [rows, BLOCK_C] tile of tokens n (one per row, all in bounds)."""
-    return _load_rows(base + (n * C)[:, None] + c[None, :], cm, EVEN_C)
 
 
 @triton.jit
@@ -239,7 +237,7 @@ def _cell_mean_kernel(
 @triton.jit
 def _logit(xt, t_base, i, j, h, w, c, cm, C, DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
     """⟨x_p, s_k⟩ over one channel block, for the token k at cell offset (DY, DX) from p's cell clamped onto the grid."""
-    return tl.sum(xt * _token_tile(t_base, _neighbour(i, j, h, w, DY, DX), c, cm, C, EVEN_C), axis=1)
+    return tl.sum(xt * _load_rows(t_base, _neighbour(i, j, h, w, DY, DX), c, cm, C, EVEN_C), axis=1)
 
 
 @triton.jit
@@ -283,7 +281,7 @@ def _affinity_kernel(
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cm = c < C
-        xt = _load_rows(x_base + (p * C)[:, None] + c[None, :], cm, EVEN_C).to(tl.float32)
+        xt = _load_rows(x_base, p, c, cm, C, EVEN_C).to(tl.float32)
         l0 += _logit(xt, t_base, i, j, h, w, c, cm, C, -1, -1, EVEN_C)
         l1 += _logit(xt, t_base, i, j, h, w, c, cm, C, -1, 0, EVEN_C)
         l2 += _logit(xt, t_base, i, j, h, w, c, cm, C, -1, 1, EVEN_C)
@@ -361,7 +359,7 @@ def _aggregate_kernel(
             for q in tl.static_range(GRID * GRID):
                 pixel, ok = _cell_pixel(y0, x0, q, cell_ok, H, W, GRID, EVEN_MAP)
                 a = tl.load(a_kk + pixel, mask=ok, other=0.0)
-                xt = _load_rows(x_base + (pixel * C)[:, None] + c[None, :], cm, EVEN_C)
+                xt = _load_rows(x_base, pixel, c, cm, C, EVEN_C)
                 acc += a[:, None] * xt.to(tl.float32)
                 norm += a
         inv_norm = 1.0 / (norm + _NORM_EPS)
@@ -375,7 +373,7 @@ def _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, HW,
                  DY: tl.constexpr, DX: tl.constexpr, EVEN_C: tl.constexpr):
     """acc + A_pk / Z_k · dS_k for the token k at cell offset (DY, DX) from p's cell (A_pk = 0 off the grid)."""
     k = _neighbour(i, j, h, w, DY, DX)
-    g = _token_tile(g_base, k, c, cm, C, EVEN_C)
+    g = _load_rows(g_base, k, c, cm, C, EVEN_C)
     weight = tl.load(a_base + ((DY + 1) * 3 + DX + 1) * HW + p) * tl.load(r_base + k)
     return acc + weight[:, None] * g.to(tl.float32)
 
@@ -407,6 +405,9 @@ def _backward_kernel(
         acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, 1, EVEN_C)
         tl.store(dx_ptr + b * H * W * C + (p * C)[:, None] + c[None, :], acc, mask=row_ok[:, None] & cm[None, :])
 
+
+# the kernels whose config an autotuner picks on the GPU, which the GPU benchmark reads back
+AUTOTUNED_KERNELS = (_affinity_kernel, _aggregate_kernel, _backward_kernel)
 
 # the kernels were built as interpreter functions iff TRITON_INTERPRET=1 was set when Triton loaded
 INTERPRET: bool = isinstance(_cell_mean_kernel, InterpretedFunction)
