@@ -173,16 +173,25 @@ def _clamped(i, n, D: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(base, n, c, cm, C, EVEN_C: tl.constexpr):
-    """The [rows, BLOCK_C] tile of rows n (pixels or tokens, all in bounds) of a channels-last (rows, C) plane.
+def _row_ptrs(base, n, c, C):
+    """Addresses of the [rows, BLOCK_C] tile of rows n (pixels or tokens) of a channels-last (rows, C) plane."""
+    return base + (n * C)[:, None] + c[None, :]
 
-    Masked only where C is not a multiple of BLOCK_C.
-    """
-    ptrs = base + (n * C)[:, None] + c[None, :]
+
+@triton.jit
+def _load_rows(base, n, c, cm, C, EVEN_C: tl.constexpr):
+    """The [rows, BLOCK_C] tile of rows n (all in bounds): masked only where C is not a multiple of BLOCK_C."""
+    ptrs = _row_ptrs(base, n, c, C)
     if EVEN_C:
         return tl.load(ptrs)
     else:
         return tl.load(ptrs, mask=cm[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, n, value, row_ok, c, cm, C):
+    """Store a [rows, BLOCK_C] tile to rows n of a channels-last (rows, C) plane, for real rows and channels."""
+    tl.store(_row_ptrs(base, n, c, C), value, mask=row_ok[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -228,10 +237,8 @@ def _cell_mean_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for q in tl.static_range(GRID * GRID):
             pixel, ok = _cell_pixel(i * GRID, j * GRID, q, row_ok, H, W, GRID, EVEN_MAP)
-            acc += tl.load(x_base + (pixel * C)[:, None] + c[None, :],
-                           mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
-        tl.store(tok_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc / count[:, None],
-                 mask=row_ok[:, None] & cm[None, :])
+            acc += tl.load(_row_ptrs(x_base, pixel, c, C), mask=ok[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        _store_rows(tok_ptr + b * h * w * C, n, acc / count[:, None], row_ok, c, cm, C)
 
 
 @triton.jit
@@ -363,8 +370,7 @@ def _aggregate_kernel(
                 acc += a[:, None] * xt.to(tl.float32)
                 norm += a
         inv_norm = 1.0 / (norm + _NORM_EPS)
-        tl.store(out_ptr + b * h * w * C + (n * C)[:, None] + c[None, :], acc * inv_norm[:, None],
-                 mask=row_ok[:, None] & cm[None, :])
+        _store_rows(out_ptr + b * h * w * C, n, acc * inv_norm[:, None], row_ok, c, cm, C)
     tl.store(inv_norm_ptr + b * h * w + n, inv_norm, mask=row_ok)
 
 
@@ -403,7 +409,7 @@ def _backward_kernel(
         acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, -1, EVEN_C)
         acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, 0, EVEN_C)
         acc = _gather_slot(acc, g_base, a_base, r_base, p, i, j, h, w, c, cm, C, H * W, 1, 1, EVEN_C)
-        tl.store(dx_ptr + b * H * W * C + (p * C)[:, None] + c[None, :], acc, mask=row_ok[:, None] & cm[None, :])
+        _store_rows(dx_ptr + b * H * W * C, p, acc, row_ok, c, cm, C)
 
 
 # the kernels whose config an autotuner picks on the GPU, which the GPU benchmark reads back
