@@ -6,7 +6,10 @@ shared `docs_page` module by name.
 The fused Triton kernels (timm_supertoken.ops) are tested on CPU through Triton's interpreter. Triton
 reads TRITON_INTERPRET when its modules are imported, and torch.compile imports Triton too, so the
 variable is set here, before any test module runs. Only without a GPU: there Inductor generates C++,
-not Triton, so nothing else changes; on a GPU runner the kernels are compiled and tested on CUDA tensors.
+not Triton, so nothing else changes; on a GPU runner the kernels are compiled and tested on CUDA tensors,
+each autotuned kernel with its first fitting config per shape (TIMM_SUPERTOKEN_AUTOTUNE=0, as the interpreter
+does): autotuning compiles and times every config at every new shape, and the tests' many shapes then took
+minutes on an H200. tests/test_super_token_triton.py runs every config by itself.
 """
 import os
 import sys
@@ -16,5 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 
-if not torch.cuda.is_available():
+if torch.cuda.is_available():
+    os.environ.setdefault('TIMM_SUPERTOKEN_AUTOTUNE', '0')
+else:
     os.environ.setdefault('TRITON_INTERPRET', '1')

@@ -75,7 +75,7 @@ def _assert_matches(shape, dtype=torch.float32, with_bias=True, **bn_kwargs):
 
 
 # (B, C, H, W): C a power of two, not one, above the 64-channel tile (two channel blocks), one image, and a map
-# of 4,608 rows at C = 64 (64-row tiles): 72 partials, more than one 64-partial step of the combine
+# of 4,608 rows at C = 64 (32-row tiles): 144 partials
 SHAPES = [(2, 16, 5, 7), (3, 20, 9, 7), (2, 70, 3, 4), (1, 8, 1, 2), (2, 64, 48, 48)]
 
 
@@ -89,6 +89,19 @@ def test_training_matches_modules(shape, dtype):
                                        dict(eps=1e-3, momentum=0.3)])
 def test_batch_norm_settings(bn_kwargs):
     _assert_matches((2, 12, 6, 5), **bn_kwargs)
+
+
+@pytest.mark.parametrize('shape,max_partials', [((3, 20, 9, 7), 1), ((2, 64, 48, 48), 1), ((2, 64, 48, 48), 5)])
+def test_reduction_programs_over_several_tiles(shape, max_partials, monkeypatch):
+    """Capped reductions: each program walks several tiles (a partial last tile, uneven shares), and the combine
+    and sum kernels walk the partials in several steps (a partial last step)."""
+    monkeypatch.setattr(gbn, '_MAX_PARTIALS', max_partials)
+    monkeypatch.setattr(gbn, '_PARTIAL_ROWS', 2)
+    R, C = shape[0] * shape[2] * shape[3], shape[1]
+    block_r = gbn._blocks(C)[0]
+    programs, rows_per_program = gbn._row_programs(R, block_r)
+    assert programs <= max_partials and rows_per_program > block_r and rows_per_program % block_r == 0
+    _assert_matches(shape)
 
 
 def test_conv_without_bias():

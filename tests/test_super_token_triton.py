@@ -92,6 +92,25 @@ def test_matches_reference_property(B, C, H, W, grid, iters, dtype):
     _assert_matches_reference((B, C, H, W), grid, iters, dtype=dtype, seed=B * 1000 + C)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('kernel,config', [
+    pytest.param(kernel, config, id=f'{kernel.fn.__name__}-{config}'.replace(' ', ''))
+    for kernel in st.AUTOTUNED_KERNELS for config in kernel.configs])
+def test_every_autotune_config_matches_reference(kernel, config, dtype, monkeypatch):
+    """Each config an autotuner may pick, forced: the other tests run one config per kernel and shape (the
+    interpreter's, or $TIMM_SUPERTOKEN_AUTOTUNE=0 on a GPU, tests/conftest.py)."""
+    monkeypatch.setattr(kernel, 'configs', [config])
+    _assert_matches_reference((2, 24, 9, 7), 2, 2, dtype=dtype)
+
+
+def test_autotune_setting_is_validated(monkeypatch):
+    monkeypatch.setenv(st.AUTOTUNE_ENV, 'fast')
+    with pytest.raises(ValueError, match=st.AUTOTUNE_ENV):
+        st.autotuning()
+    monkeypatch.setenv(st.AUTOTUNE_ENV, '0')
+    assert not st.autotuning()
+
+
 def test_matches_loop_reference():
     """Against the pixel-by-pixel transcription of the spec, not only the vectorised reference."""
     x = torch.randn(1, 6, 5, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -15,11 +15,15 @@ recomputed in registers, the bias gradient falls out of the backward's reduction
 combined per block with Chan's formula (stable, and deterministic: no atomics).
 
 Traffic (e = bytes per element of u; R·C·e = one pass): forward 3 passes (statistics read u; normalise reads
-u, writes out), backward 5 (reduce reads u, g; input gradient reads u, g, writes du), plus O(R/BLOCK_R · C)
-fp32 partials. For the stem's largest map, B=128 at 112×112×32 in bf16 (103 MB), that is 0.8 GB per
-fwd+bwd: ~0.2 ms at 4 TB/s.
+u, writes out), backward 5 (reduce reads u, g; input gradient reads u, g, writes du), plus at most 1024·C
+fp32 partials per reduction. For the stem's largest map, B=128 at 112×112×32 in bf16 (103 MB), that is 0.8 GB
+per fwd+bwd: ~0.2 ms at 4 TB/s.
 
 Launches: forward 3 (statistics, combine, normalise), backward 4 (reduce, sum, input gradient, sum), eval 1.
+A reduction's row programs each cover a run of whole tiles (at most `_MAX_PARTIALS` programs), so the combine
+and sum kernels, one program per 16 channels, walk at most 1024 partials in 4 steps. The first design wrote one
+partial per tile and walked them with one program per 64 channels (25-196 steps per stem module): that walk
+made the epilogue 0.9 ms per training step slower than the modules it replaces on an H200.
 """
 from typing import List, Optional, Tuple
 
@@ -33,10 +37,20 @@ from .super_token_triton import INTERPRET, Launch
 __all__ = ['gelu_batch_norm_triton', 'forward_plan', 'eval_plan', 'backward_plan', 'GELU_BN_DTYPES']
 
 GELU_BN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TILE_ELEMENTS = 4096  # rows × channels per program
-# 16 elements per thread: the input gradient keeps ~5 fp32 values per element live, and at 32 per thread
-# (4 warps) it took 147-161 registers and 12 resident warps per SM (benchmarks/kernel_report.py)
+_TILE_ELEMENTS = 2048  # rows × channels per tile
+# 8 elements per thread: the reductions keep their running sums and the per-channel constants live across the
+# tiles they walk, and at 16 per thread (4096-element tiles) they took 98-128 registers and 16 resident warps
+# (benchmarks/kernel_report.py)
 _WARPS = 8
+# Reductions run at most this many programs per channel block, each over a run of whole tiles, so the partials
+# that the combine and sum kernels then walk serially number at most 1024 per channel. At one partial per tile
+# that walk took 25-196 steps per stem module: 0.875 ms of the combine alone per training step at B=128 on an
+# H200 (docs/benchmarks.md). 1024 programs of 8 warps still fill every SM of an A100/H100/H200; a fixed number,
+# not one per SM, keeps the statistics bitwise identical across GPUs.
+_MAX_PARTIALS = 1024
+# the combine and sum kernels' tile: 16 channels per program (one program per 16 channels runs in parallel),
+# 256 partials per step, so 1024 partials take 4 steps
+_PARTIAL_CHANNELS, _PARTIAL_ROWS = 16, 256
 
 
 @triton.jit
@@ -46,41 +60,67 @@ def _normal_cdf(z):
 
 
 @triton.jit
-def _tile(R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's rows and channels: (c, channel mask, element mask, int64 offsets into the (R, C) matrix)."""
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _channels(C, BLOCK_C: tl.constexpr):
+    """This program's channel block program_id(1): (channels c, c < C)."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    return c, cm, (r < R)[:, None] & cm[None, :], r[:, None] * C + c[None, :]
+    return c, c < C
+
+
+@triton.jit
+def _tile(r0, R, c, cm, C, BLOCK_R: tl.constexpr):
+    """The [BLOCK_R, BLOCK_C] tile of rows r0.. (int64) and channels c: (element mask, int64 offsets)."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    return (r < R)[:, None] & cm[None, :], r[:, None] * C + c[None, :]
+
+
+@triton.jit
+def _row_range(R, ROWS_PER_PROGRAM):
+    """This reduction program's rows [start, end): a run of whole tiles, so its partial sums cover many tiles."""
+    start = tl.program_id(0).to(tl.int64) * ROWS_PER_PROGRAM
+    return start, tl.minimum(start + ROWS_PER_PROGRAM, R)
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, n, n_mean, n_m2):
+    """(count, mean, M2) of a group merged with n more values of mean n_mean and M2 n_m2 (Chan et al.'s formula)."""
+    total = count + n
+    delta = n_mean - mean
+    return total, mean + delta * (n / total), m2 + n_m2 + delta * delta * (count * n / total)
 
 
 @triton.jit
 def _activation(u_ptr, bias_ptr, offs, c, cm, mask):
-    """z = u + b, Φ(z) and y = GELU(z) in fp32 for one tile; y is 0 outside the matrix so sums ignore it."""
+    """z = u + b, Φ(z) and y = GELU(z) in fp32 for one tile at u_ptr; y is 0 outside the matrix so sums ignore it."""
     z = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32) + tl.load(bias_ptr + c, mask=cm, other=0.0)[None, :]
     cdf = _normal_cdf(z)
     return z, cdf, tl.where(mask, z * cdf, 0.0)
 
 
 @triton.jit
-def _stats_kernel(u_ptr, bias_ptr, part_mean_ptr, part_m2_ptr, R, C,
+def _stats_kernel(u_ptr, bias_ptr, part_mean_ptr, part_m2_ptr, R, C, ROWS_PER_PROGRAM,
                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row block: the block's mean of y and its sum of squared deviations (M2), per channel."""
-    c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
-    rows = tl.minimum(R - tl.program_id(0) * BLOCK_R, BLOCK_R).to(tl.float32)
-    mean = tl.sum(y, axis=0) / rows
-    dev = tl.where(mask, y - mean[None, :], 0.0)
+    """Per program: the mean of y over its rows and their sum of squared deviations (M2), per channel."""
+    start, end = _row_range(R, ROWS_PER_PROGRAM)
+    c, cm = _channels(C, BLOCK_C)
+    count = 0.0
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        mask, offs = _tile(r0, R, c, cm, C, BLOCK_R)
+        _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+        rows = tl.minimum(end - r0, BLOCK_R).to(tl.float32)
+        tile_mean = tl.sum(y, axis=0) / rows
+        dev = tl.where(mask, y - tile_mean[None, :], 0.0)
+        count, mean, m2 = _chan_merge(count, mean, m2, rows, tile_mean, tl.sum(dev * dev, axis=0))
     out = tl.program_id(0) * C + c
     tl.store(part_mean_ptr + out, mean, mask=cm)
-    tl.store(part_m2_ptr + out, tl.sum(dev * dev, axis=0), mask=cm)
+    tl.store(part_m2_ptr + out, m2, mask=cm)
 
 
 @triton.jit
 def _combine_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr, run_var_ptr,
-                    P, R, C, eps, factor,
-                    UPDATE_RUNNING: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
+                    P, R, C, ROWS_PER_PROGRAM, eps, factor,
+                    UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """μ and rstd from the P block partials (Chan's parallel formula, in a fixed order), and the running update."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -90,7 +130,7 @@ def _combine_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         pm = p < P
-        rows = tl.where(pm, tl.minimum(R - p * BLOCK_R, BLOCK_R), 0).to(tl.float32)
+        rows = tl.where(pm, tl.minimum(R - p.to(tl.int64) * ROWS_PER_PROGRAM, ROWS_PER_PROGRAM), 0).to(tl.float32)
         mask = pm[:, None] & cm[None, :]
         part_mean = tl.load(part_mean_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0)
         part_m2 = tl.load(part_m2_ptr + p[:, None] * C + c[None, :], mask=mask, other=0.0)
@@ -98,11 +138,7 @@ def _combine_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr
         tile_mean = tl.sum(rows[:, None] * part_mean, axis=0) / tile_count
         dev = tl.where(mask, part_mean - tile_mean[None, :], 0.0)
         tile_m2 = tl.sum(part_m2, axis=0) + tl.sum(rows[:, None] * dev * dev, axis=0)
-        total = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / total)
-        m2 += tile_m2 + delta * delta * (count * tile_count / total)
-        count = total
+        count, mean, m2 = _chan_merge(count, mean, m2, tile_count, tile_mean, tile_m2)
     var = m2 / count
     tl.store(mean_ptr + c, mean, mask=cm)
     tl.store(rstd_ptr + c, 1.0 / tl.sqrt(var + eps), mask=cm)
@@ -117,8 +153,10 @@ def _combine_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr
 @triton.jit
 def _normalize_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, weight_ptr, shift_ptr, out_ptr, R, C,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = γ·(GELU(u + b) − μ)·rstd + β, in u's dtype."""
-    c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
+    """out = γ·(GELU(u + b) − μ)·rstd + β, in u's dtype. One tile per program."""
+    c, cm = _channels(C, BLOCK_C)
+    r0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    mask, offs = _tile(r0, R, c, cm, C, BLOCK_R)
     _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
     scale = tl.load(weight_ptr + c, mask=cm, other=0.0) * tl.load(rstd_ptr + c, mask=cm, other=0.0)
     shift = tl.load(shift_ptr + c, mask=cm, other=0.0) - tl.load(mean_ptr + c, mask=cm, other=0.0) * scale
@@ -126,35 +164,48 @@ def _normalize_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, weight_ptr, shift_ptr
 
 
 @triton.jit
-def _grad_reduce_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, grad_ptr, part_ptr, P, R, C,
+def _grad_reduce_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, grad_ptr, part_ptr, P, R, C, ROWS_PER_PROGRAM,
                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per row block: Σ g and Σ g·ŷ per channel, into part[0] and part[1] (P, C) for dβ and dγ."""
-    c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+    """Per program: Σ g and Σ g·ŷ per channel over its rows, into part[0] and part[1] (P, C) for dβ and dγ."""
+    start, end = _row_range(R, ROWS_PER_PROGRAM)
+    c, cm = _channels(C, BLOCK_C)
     mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
-    y_hat = (y - mean[None, :]) * tl.load(rstd_ptr + c, mask=cm, other=0.0)[None, :]
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + c, mask=cm, other=0.0)
+    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_g_y_hat = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        mask, offs = _tile(r0, R, c, cm, C, BLOCK_R)
+        _, _, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sum_g += tl.sum(g, axis=0)
+        sum_g_y_hat += tl.sum(tl.where(mask, g * ((y - mean[None, :]) * rstd[None, :]), 0.0), axis=0)
     out = tl.program_id(0) * C + c
-    tl.store(part_ptr + out, tl.sum(g, axis=0), mask=cm)
-    tl.store(part_ptr + P * C + out, tl.sum(tl.where(mask, g * y_hat, 0.0), axis=0), mask=cm)
+    tl.store(part_ptr + out, sum_g, mask=cm)
+    tl.store(part_ptr + P * C + out, sum_g_y_hat, mask=cm)
 
 
 @triton.jit
 def _grad_input_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, weight_ptr, grad_ptr, sums_ptr, du_ptr, part_db_ptr,
-                       R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """du = GELU'(z)·γ·rstd·(g − dβ/R − ŷ·dγ/R), and per row block Σ du per channel (the conv bias gradient)."""
-    c, cm, mask, offs = _tile(R, C, BLOCK_R, BLOCK_C)
-    z, cdf, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+                       R, C, ROWS_PER_PROGRAM, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """du = GELU'(z)·γ·rstd·(g − dβ/R − ŷ·dγ/R), and per program Σ du per channel (the conv bias gradient)."""
+    start, end = _row_range(R, ROWS_PER_PROGRAM)
+    c, cm = _channels(C, BLOCK_C)
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
     rstd = tl.load(rstd_ptr + c, mask=cm, other=0.0)
-    y_hat = (y - tl.load(mean_ptr + c, mask=cm, other=0.0)[None, :]) * rstd[None, :]
     mean_g = tl.load(sums_ptr + c, mask=cm, other=0.0) / R
     mean_g_y_hat = tl.load(sums_ptr + C + c, mask=cm, other=0.0) / R
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(weight_ptr + c, mask=cm, other=0.0) * rstd
-    gelu_grad = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)  # Φ(z) + z·φ(z)
-    du = tl.where(mask, gelu_grad * scale[None, :] * (g - mean_g[None, :] - y_hat * mean_g_y_hat[None, :]), 0.0)
-    tl.store(du_ptr + offs, du, mask=mask)
-    tl.store(part_db_ptr + tl.program_id(0) * C + c, tl.sum(du, axis=0), mask=cm)
+    sum_du = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        mask, offs = _tile(r0, R, c, cm, C, BLOCK_R)
+        z, cdf, y = _activation(u_ptr, bias_ptr, offs, c, cm, mask)
+        y_hat = (y - mean[None, :]) * rstd[None, :]
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        gelu_grad = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)  # Φ(z) + z·φ(z)
+        du = tl.where(mask, gelu_grad * scale[None, :] * (g - mean_g[None, :] - y_hat * mean_g_y_hat[None, :]), 0.0)
+        tl.store(du_ptr + offs, du, mask=mask)
+        sum_du += tl.sum(du, axis=0)
+    tl.store(part_db_ptr + tl.program_id(0) * C + c, sum_du, mask=cm)
 
 
 @triton.jit
@@ -175,6 +226,16 @@ def _blocks(C: int) -> Tuple[int, int]:
     """(BLOCK_R, BLOCK_C): all channels of a row in one tile up to 64, rows filling _TILE_ELEMENTS."""
     block_c = min(triton.next_power_of_2(C), 64)
     return _TILE_ELEMENTS // block_c, block_c
+
+
+def _row_programs(R: int, block_r: int) -> Tuple[int, int]:
+    """(P, rows per program) of a reduction over R rows: at most _MAX_PARTIALS programs of whole, evenly shared tiles.
+
+    P is also the number of partials that one program per channel block then sums serially.
+    """
+    tiles = triton.cdiv(R, block_r)
+    tiles_per_program = triton.cdiv(tiles, _MAX_PARTIALS)
+    return triton.cdiv(tiles, tiles_per_program), tiles_per_program * block_r
 
 
 def _rows(u: torch.Tensor) -> torch.Tensor:
@@ -198,17 +259,18 @@ def forward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shif
     rows = _rows(u)
     R, C = rows.shape
     block_r, block_c = _blocks(C)
-    P, channel_blocks = triton.cdiv(R, block_r), triton.cdiv(C, block_c)
+    (P, rows_per_program), channel_blocks = _row_programs(R, block_r), triton.cdiv(C, block_c)
     part_mean, part_m2 = _fp32(u, 2, P, C)
     mean, rstd = _fp32(u, 2, C)
     update = running_mean is not None
     launches = [
-        Launch(_stats_kernel, lambda meta: (P, channel_blocks), (rows, bias, part_mean, part_m2, R, C),
+        Launch(_stats_kernel, lambda meta: (P, channel_blocks),
+               (rows, bias, part_mean, part_m2, R, C, rows_per_program),
                dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)),
-        Launch(_combine_kernel, lambda meta: (channel_blocks,),
+        Launch(_combine_kernel, lambda meta: (triton.cdiv(C, _PARTIAL_CHANNELS),),
                (part_mean, part_m2, mean, rstd, running_mean if update else mean, running_var if update else rstd,
-                P, R, C, eps, factor),
-               dict(UPDATE_RUNNING=update, BLOCK_R=block_r, BLOCK_P=64, BLOCK_C=block_c, num_warps=_WARPS)),
+                P, R, C, rows_per_program, eps, factor),
+               dict(UPDATE_RUNNING=update, BLOCK_P=_PARTIAL_ROWS, BLOCK_C=_PARTIAL_CHANNELS, num_warps=_WARPS)),
     ]
     normalize, out = eval_plan(u, bias, weight, shift, mean, rstd)
     return launches + normalize, (out, mean, rstd)
@@ -234,19 +296,20 @@ def backward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, mea
     R, C = rows.shape
     g = _rows(grad.contiguous(memory_format=torch.channels_last))
     block_r, block_c = _blocks(C)
-    P, channel_blocks = triton.cdiv(R, block_r), triton.cdiv(C, block_c)
+    (P, rows_per_program), channel_blocks = _row_programs(R, block_r), triton.cdiv(C, block_c)
     part, part_db = _fp32(u, 2, P, C), _fp32(u, 1, P, C)
     sums, db = _fp32(u, 2, C), _fp32(u, 1, C)
     du = torch.empty_like(u)
     tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
-    sum_tiles = dict(BLOCK_P=64, BLOCK_C=block_c, num_warps=_WARPS)
+    partial_blocks = triton.cdiv(C, _PARTIAL_CHANNELS)
+    sum_tiles = dict(BLOCK_P=_PARTIAL_ROWS, BLOCK_C=_PARTIAL_CHANNELS, num_warps=_WARPS)
     launches = [
-        Launch(_grad_reduce_kernel, lambda meta: (P, channel_blocks), (rows, bias, mean, rstd, g, part, P, R, C),
-               tiles),
-        Launch(_sum_partials_kernel, lambda meta: (2, channel_blocks), (part, sums, P, C), sum_tiles),
+        Launch(_grad_reduce_kernel, lambda meta: (P, channel_blocks),
+               (rows, bias, mean, rstd, g, part, P, R, C, rows_per_program), tiles),
+        Launch(_sum_partials_kernel, lambda meta: (2, partial_blocks), (part, sums, P, C), sum_tiles),
         Launch(_grad_input_kernel, lambda meta: (P, channel_blocks),
-               (rows, bias, mean, rstd, weight, g, sums, _rows(du), part_db, R, C), tiles),
-        Launch(_sum_partials_kernel, lambda meta: (1, channel_blocks), (part_db, db, P, C), sum_tiles),
+               (rows, bias, mean, rstd, weight, g, sums, _rows(du), part_db, R, C, rows_per_program), tiles),
+        Launch(_sum_partials_kernel, lambda meta: (1, partial_blocks), (part_db, db, P, C), sum_tiles),
     ]
     return launches, (du, sums, db[0])
 

@@ -74,13 +74,16 @@ Block sizes and warps are autotuned per shape among configs that the report prov
 memory and at ≥ 16 resident warps per SM on sm_80 and sm_90 (tests/test_kernel_report.py holds
 every config to that in CI). A config runs only where its tile fits a per-thread byte budget at the
 input's dtype (`_row_autotune`): the unrolled stencils keep all nine token loads in flight, so an fp32
-input takes tiles half as tall as a bf16 one. Under Triton's interpreter only the first fitting config runs.
+input takes tiles half as tall as a bf16 one. Under Triton's interpreter, or with
+$TIMM_SUPERTOKEN_AUTOTUNE=0, only the first fitting config runs: no timing runs, and one compile per kernel
+and shape instead of one per config (a test suite's many shapes).
 
 The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd registrations) lets
 `torch.compile` keep the fused op in its graph; `register_autograd` plays the role of the
 `torch.autograd.Function` of Liger-Kernel-style ops.
 """
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Tuple
 
@@ -93,10 +96,19 @@ from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, che
 
 __all__ = [
     'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
-    'INTERPRET', 'AUTOTUNED_KERNELS',
+    'INTERPRET', 'AUTOTUNED_KERNELS', 'AUTOTUNE_ENV', 'autotuning',
 ]
 
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
+AUTOTUNE_ENV = 'TIMM_SUPERTOKEN_AUTOTUNE'
+
+
+def autotuning() -> bool:
+    """Whether a new shape times every fitting config ($TIMM_SUPERTOKEN_AUTOTUNE, default 1) or takes the first (0)."""
+    setting = os.environ.get(AUTOTUNE_ENV, '1')
+    if setting not in ('0', '1'):
+        raise ValueError(f'${AUTOTUNE_ENV} must be 0 or 1, got {setting!r}')
+    return setting == '1'
 
 
 def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: str, tile_bytes: int
@@ -114,7 +126,7 @@ def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: 
         per_row = named_args[tile].element_size() * kwargs['BLOCK_C']
         within = [c for c in configs if c.kwargs[rows] * per_row <= tile_bytes * c.num_warps * 32]
         fit = [c for c in within if c.kwargs[rows] * per_row >= 16 * c.num_warps * 32] or within
-        return fit[:1] if INTERPRET else fit
+        return fit if autotuning() and not INTERPRET else fit[:1]
 
     return dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
 
