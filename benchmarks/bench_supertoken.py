@@ -8,9 +8,10 @@ flushed before every timed call (CUDA events, median), and the fused forward's a
 ideal bytes (read X + write S once) against this GPU's measured device-to-device copy bandwidth.
 Models at 224², bf16 autocast: inference and AdamW training steps of the three embeddings beside timm's
 vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleaved round-robin over
-repeats (median); `patch_embed` forward+backward of vit_small_stconv; training throughput against t
-(paper Table 8); whether its training step runs under CUDA graphs (`torch.compile(mode='reduce-overhead')`);
-and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
+repeats (median); `patch_embed` forward+backward of vit_small_stconv, whole and stage by stage (each
+conv module with the fused GELU-BatchNorm epilogue and with the plain modules, then the clustering);
+training throughput against t (paper Table 8); whether its training step runs under CUDA graphs
+(`torch.compile(mode='reduce-overhead')`); and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
 Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
 and the versions, after every stage (most important first, see `STAGES`); with `--budget-minutes` no
 stage starts once the budget is spent, and the section names what was not measured. `compile(reference)`
@@ -306,6 +307,46 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
     return result
 
 
+def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
+    """Forward+backward ms of each of vit_small_stconv's conv modules (fused GELU-BatchNorm epilogue and plain
+    modules, side by side) and of its clustering, each on the input it gets in the model: which stage the
+    `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input."""
+    import timm
+    import timm_supertoken  # noqa: F401
+    from timm_supertoken.layers import ConvActNorm
+
+    embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
+    x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device).contiguous(
+        memory_format=torch.channels_last)
+    timer = Timer(args.device)
+    rows = []
+    stages = [(f'conv module {i + 1}', module) for i, module in enumerate(embed.stem)]
+    for name, module in stages + [('super-token clustering', embed.cluster)]:
+        with torch.no_grad(), torch.autocast(args.device.type, dtype=torch.bfloat16):
+            out = module(x)
+        row: Dict[str, object] = {'stage': name, 'map': f'{tuple(x.shape[1:])} → {tuple(out.shape[1:])}'}
+        x_in = x.detach().requires_grad_(bool(rows))  # the image needs no gradient
+        inputs = list(module.parameters()) + ([x_in] if x_in.requires_grad else [])
+        grad = torch.randn_like(out)
+
+        def step() -> None:
+            with torch.autocast(args.device.type, dtype=torch.bfloat16):
+                y = module(x_in)
+            torch.autograd.grad(y, inputs, grad)
+
+        for label, epilogue in (('epilogue', True), ('modules', False)) if isinstance(module, ConvActNorm) \
+                else (('epilogue', True),):
+            ConvActNorm.fuse_epilogue = epilogue
+            try:
+                row[label] = timer.median(step, args.repeats)
+            finally:
+                ConvActNorm.fuse_epilogue = True
+        rows.append(row)
+        print(row, flush=True)
+        x = out
+    return rows
+
+
 def bench_iterations(args: argparse.Namespace) -> List[Tuple[int, float, float]]:
     """(t, inference img/s, training img/s) of vit_small_stconv for t = 1..4: the paper's Table 8 on this GPU."""
     import timm
@@ -428,6 +469,15 @@ def _patch_embed_lines(args, patch_embed) -> List[str]:
             '| variant | ms |', '|---|---:|'] + [f'| {k} | {v:.2f} |' for k, v in patch_embed.items()]
 
 
+def _stem_lines(args, stem) -> List[str]:
+    return [f'### vit_small_stconv `patch_embed` by stage: forward+backward ms, batch {args.model_batch_size}, '
+            'bf16 autocast, each stage on its input in the model', '',
+            '| stage | (C, H, W) in → out | with the fused GELU-BatchNorm epilogue | with the conv, GELU and BatchNorm '
+            'modules |', '|---|---|---:|---:|'] + \
+        [f"| {r['stage']} | {r['map']} | {r['epilogue']:.3f} | "
+         + (f"{r['modules']:.3f}" if 'modules' in r else '—') + ' |' for r in stem]
+
+
 def _iteration_lines(args, iterations) -> List[str]:
     return [f'### Throughput against t (paper Table 8: 766 → 718 img/s for t = 1 → 4), batch '
             f'{args.model_batch_size}, bf16', '',
@@ -452,6 +502,7 @@ STAGES: Tuple[Tuple[str, str, Callable, Callable], ...] = (
     ('operator', 'operator', bench_operator, _operator_lines),
     ('models', 'models, eager and channels_last', lambda a: bench_models(a, ['eager', 'channels_last']), None),
     ('patch_embed', 'vit_small_stconv `patch_embed` forward+backward', bench_patch_embed, _patch_embed_lines),
+    ('stem', 'vit_small_stconv `patch_embed` by stage', bench_stem, _stem_lines),
     ('kernels', 'top CUDA kernels of a training step', profile_step, _kernel_lines),
     ('iterations', 'throughput against t (Table 8)', bench_iterations, _iteration_lines),
     ('models_compiled', 'models under torch.compile',

@@ -590,12 +590,16 @@ def _setup_context(ctx, inputs: Tuple[torch.Tensor, int, int], output: Tuple[tor
     _, grid, _ = inputs
     _, aff, inv_norm = output
     ctx.mark_non_differentiable(aff, inv_norm)
+    # A and 1/Z never get a gradient: without this autograd filled a zero tensor of each (two kernel launches and
+    # a 36 B/pixel write) for the backward to ignore
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(aff, inv_norm)
     ctx.grid = grid
 
 
-def _backward(ctx, grad: torch.Tensor, _grad_aff: torch.Tensor, _grad_inv_norm: torch.Tensor):
-    # STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather
+def _backward(ctx, grad: torch.Tensor, _grad_aff: None, _grad_inv_norm: None):
+    # STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather (S is the
+    # only differentiable output, so its gradient is defined whenever autograd calls this)
     aff, inv_norm = ctx.saved_tensors
     return _super_token_bwd(grad, aff, inv_norm, ctx.grid), None, None
 
