@@ -164,6 +164,7 @@ def test_conv_module_fused_matches_modules(monkeypatch):
     # the two paths call the conv with and without its bias, for which cuDNN may pick algorithms whose TF32
     # roundings differ by ~1e-3: compare the epilogue, not TF32
     monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(ConvActNorm, 'fuse_epilogue', True)  # opt-in
     calls = []
     original = gbn.gelu_batch_norm_triton
     monkeypatch.setattr(gbn, 'gelu_batch_norm_triton', lambda *a: calls.append(1) or original(*a))
@@ -190,6 +191,7 @@ def test_conv_module_fused_matches_modules(monkeypatch):
 
 
 def test_conv_module_keeps_modules_where_the_epilogue_does_not_apply(monkeypatch):
+    monkeypatch.setattr(ConvActNorm, 'fuse_epilogue', True)
     calls = []
     monkeypatch.setattr(gbn, 'gelu_batch_norm_triton', lambda *a: calls.append(1))
     monkeypatch.setenv(BACKEND_ENV, 'triton')
@@ -200,7 +202,7 @@ def test_conv_module_keeps_modules_where_the_epilogue_does_not_apply(monkeypatch
     sync.bn = nn.SyncBatchNorm(24).to(DEVICE)  # timm's --sync-bn
     sync.eval()(x)
     torch.jit.script(_conv_module())(x)  # TorchScript
-    monkeypatch.setattr(ConvActNorm, 'fuse_epilogue', False)  # switched off, e.g. to time it against the modules
+    monkeypatch.setattr(ConvActNorm, 'fuse_epilogue', False)  # the default
     _conv_module().train()(x)
     assert not calls
 

@@ -231,14 +231,18 @@ class ConvActNorm(nn.Sequential):
     correction's dozen small ops per module cost what the in-place BN pass does; with the correction
     skipped the fold would save at most 1-2 ms of ~28.
 
-    On CUDA (Triton importable, `nn.BatchNorm2d` as built, not under torch.compile, whose Inductor fuses the
-    three itself) the conv runs without its bias and bias, GELU and BN run as one fused Triton epilogue,
-    forward and backward (`timm_supertoken.ops.gelu_bn_triton`): 8 passes over the map per training
-    step instead of ~14, one saved copy of it instead of three, and the same parameters, state and maths.
-    $TIMM_SUPERTOKEN_BACKEND=reference keeps the modules (and the Triton super-token op out);
-    `ConvActNorm.fuse_epilogue = False` keeps only the modules, e.g. to time the epilogue against them.
+    `ConvActNorm.fuse_epilogue = True` (opt-in) runs, on CUDA (Triton importable, `nn.BatchNorm2d` as built,
+    not under torch.compile, whose Inductor fuses the three itself), the conv without its bias and bias, GELU
+    and BN as one fused Triton epilogue, forward and backward (`timm_supertoken.ops.gelu_bn_triton`): 8 passes
+    over the map per training step instead of ~14, one saved copy of it instead of three, and the same
+    parameters, state and maths. It is off by default because it lost where it was meant to win: on an H200,
+    vit_small_stconv's `patch_embed` forward+backward at B=128 took 10.03 ms with it and 7.92 ms without it
+    (7.52 and 6.63 ms in an earlier run). There the stem is bound by the host's launches, not by bytes: conv
+    module 5 took 1.57 ms per forward+backward for 0.25 ms of GPU kernels, and the epilogue's seven Triton
+    launches per module cost more host time than the passes they save (docs/benchmarks.md).
+    $TIMM_SUPERTOKEN_BACKEND=reference keeps the modules whatever the setting.
     """
-    fuse_epilogue: bool = True
+    fuse_epilogue: bool = False
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
         dd = {'device': device, 'dtype': dtype}
