@@ -79,8 +79,9 @@ $TIMM_SUPERTOKEN_AUTOTUNE=0, only the first fitting config runs: no timing runs,
 and shape instead of one per config (a test suite's many shapes).
 
 The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd registrations) lets
-`torch.compile` keep the fused op in its graph; `register_autograd` plays the role of the
-`torch.autograd.Function` of Liger-Kernel-style ops.
+`torch.compile` keep the fused op in its graph. Eager calls go through `_SuperTokenClustering`, a
+`torch.autograd.Function` over the same launches, as in Liger-Kernel-style ops: the custom op's dispatch cost
+about two thirds of the op's host time, and on an H200 the stem is bound by host time.
 """
 import math
 import os
@@ -554,14 +555,30 @@ def _check_fused(x: torch.Tensor, grid: int) -> None:
             f"the Triton super-token backend supports grid <= {MAX_FUSED_GRID}, got {grid}; use backend='reference'")
 
 
-@torch.library.custom_op('timm_supertoken::super_token_clustering', mutates_args=())
-def _super_token_fwd(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns the super tokens S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), 1/Z (B, h, w) fp32."""
-    _check_fused(x, grid)
+def _run_forward(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused forward: S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), 1/Z (B, h, w) fp32."""
     launches, outputs = forward_plan(x, grid, iters)
     for launch in launches:
         launch()
     return outputs
+
+
+def _run_backward(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int) -> torch.Tensor:
+    """Launch the fused backward: dX (B, C, H, W) in grad's dtype, channels_last, from dS and the saved A and 1/Z.
+
+    STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather.
+    """
+    launches, dx = backward_plan(grad, aff, inv_norm, grid)
+    for launch in launches:
+        launch()
+    return dx
+
+
+@torch.library.custom_op('timm_supertoken::super_token_clustering', mutates_args=())
+def _super_token_fwd(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns the super tokens S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), 1/Z (B, h, w) fp32."""
+    _check_fused(x, grid)
+    return _run_forward(x, grid, iters)
 
 
 @_super_token_fwd.register_fake
@@ -575,10 +592,7 @@ def _(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tenso
 @torch.library.custom_op('timm_supertoken::super_token_clustering_backward', mutates_args=())
 def _super_token_bwd(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int) -> torch.Tensor:
     """dX (B, C, H, W) in grad's dtype, channels_last, from dS (B, C, h, w) and the saved A and 1/Z."""
-    launches, dx = backward_plan(grad, aff, inv_norm, grid)
-    for launch in launches:
-        launch()
-    return dx
+    return _run_backward(grad, aff, inv_norm, grid)
 
 
 @_super_token_bwd.register_fake
@@ -598,13 +612,33 @@ def _setup_context(ctx, inputs: Tuple[torch.Tensor, int, int], output: Tuple[tor
 
 
 def _backward(ctx, grad: torch.Tensor, _grad_aff: None, _grad_inv_norm: None):
-    # STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather (S is the
-    # only differentiable output, so its gradient is defined whenever autograd calls this)
+    # S is the only differentiable output, so its gradient is defined whenever autograd calls this
     aff, inv_norm = ctx.saved_tensors
     return _super_token_bwd(grad, aff, inv_norm, ctx.grid), None, None
 
 
 _super_token_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SuperTokenClustering(torch.autograd.Function):
+    """The fused op in eager mode: the same launches as the custom op, without its dispatch.
+
+    The custom op's dispatcher round trip and generated autograd were about two thirds of the op's host time
+    (with the launches stubbed out, on the CPU); the stem is bound by host time on an H200 (docs/benchmarks.md).
+    torch.compile and export see the custom op.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: int, iters: int) -> torch.Tensor:
+        out, aff, inv_norm = _run_forward(x, grid, iters)
+        ctx.save_for_backward(aff, inv_norm)
+        ctx.grid = grid
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
+        aff, inv_norm = ctx.saved_tensors
+        return _run_backward(grad, aff, inv_norm, ctx.grid), None, None
 
 
 def super_token_clustering_triton(
@@ -619,4 +653,6 @@ def super_token_clustering_triton(
         check_super_token_input(x, grid, iters)
         check_finite(x)
     _check_fused(x, grid)
-    return _super_token_fwd(x, grid, iters)[0]
+    if torch.compiler.is_compiling():
+        return _super_token_fwd(x, grid, iters)[0]
+    return _SuperTokenClustering.apply(x, grid, iters)
