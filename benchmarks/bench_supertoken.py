@@ -11,7 +11,8 @@ vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleave
 repeats (median); `patch_embed` forward+backward of vit_small_stconv, whole and stage by stage (each
 conv module as built and with the opt-in fused GELU-BatchNorm epilogue, then the clustering);
 training throughput against t (paper Table 8); whether its training step runs under CUDA graphs
-(`torch.compile(mode='reduce-overhead')`); and the top CUDA kernels of one vit_small_stconv training step (torch.profiler).
+(`torch.compile(mode='reduce-overhead')`); and the top CUDA kernels of one vit_small_stconv training step
+(torch.profiler).
 Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
 and the versions, after every stage (most important first, see `STAGES`); with `--budget-minutes` no
 stage starts once the budget is spent, and the section names what was not measured. `compile(reference)`
@@ -309,8 +310,8 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
 
 def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
     """Forward+backward ms of each of vit_small_stconv's conv modules (as built, and with the opt-in fused
-    GELU-BatchNorm epilogue, side by side) and of its clustering, each on the input it gets in the model: which stage the
-    `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input."""
+    GELU-BatchNorm epilogue, side by side) and of its clustering, each on the input it gets in the model: which
+    stage the `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input."""
     import timm
     import timm_supertoken  # noqa: F401
     from timm_supertoken.layers import ConvActNorm
@@ -472,7 +473,8 @@ def _patch_embed_lines(args, patch_embed) -> List[str]:
 def _stem_lines(args, stem) -> List[str]:
     return [f'### vit_small_stconv `patch_embed` by stage: forward+backward ms, batch {args.model_batch_size}, '
             'bf16 autocast, each stage on its input in the model', '',
-            '| stage | (C, H, W) in → out | as built | with the fused GELU-BatchNorm epilogue |', '|---|---|---:|---:|'] + \
+            '| stage | (C, H, W) in → out | as built | with the fused GELU-BatchNorm epilogue |',
+            '|---|---|---:|---:|'] + \
         [f"| {r['stage']} | {r['map']} | {r['default']:.3f} | "
          + (f"{r['epilogue']:.3f}" if 'epilogue' in r else '—') + ' |' for r in stem]
 

@@ -2,7 +2,8 @@
 
 With `ConvActNorm.fuse_epilogue = True` (opt-in: on an H200 the stem is bound by host launches and the plain
 modules were faster, see its docstring), `ConvActNorm` runs its convolution without bias and hands the
-(B, C, H, W) channels_last result u to this op, which is the row-major (R = B·H·W, C) matrix the kernels address. With z = u + b, y = GELU(z) (erf form):
+(B, C, H, W) channels_last result u to this op, which is the row-major (R = B·H·W, C) matrix the kernels
+address. With z = u + b, y = GELU(z) (erf form):
 
     training:  μ = mean_r y,  σ² = mean_r (y − μ)²  (biased),  ŷ = (y − μ)·rstd,  rstd = (σ² + ε)^-½
                running stats ← lerp(running, (μ, σ²·R/(R − 1)), momentum)            as nn.BatchNorm2d
