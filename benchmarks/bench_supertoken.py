@@ -21,12 +21,13 @@ toy sizes (no fused kernels, no file written), so a script error surfaces in CI 
 borrowed GPU.
 """
 import argparse
+import contextlib
 import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -278,13 +279,24 @@ def bench_models(args: argparse.Namespace, variants: Sequence[str], names: Seque
     return rows
 
 
+@contextlib.contextmanager
+def _fused_epilogue(on: bool) -> Iterator[None]:
+    """ConvActNorm.fuse_epilogue set to on for the block, then back to what it was."""
+    from timm_supertoken.layers import ConvActNorm
+
+    default, ConvActNorm.fuse_epilogue = ConvActNorm.fuse_epilogue, on
+    try:
+        yield
+    finally:
+        ConvActNorm.fuse_epilogue = default
+
+
 def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
     """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with the
     opt-in fused GELU-BatchNorm epilogue (side by side, so the epilogue's gain is a ratio of one run), and
     compiled."""
     import timm
     import timm_supertoken  # noqa: F401
-    from timm_supertoken.layers import ConvActNorm
 
     embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
@@ -301,11 +313,8 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
                 out = fn(x)
             out.float().sum().backward()
 
-        default, ConvActNorm.fuse_epilogue = ConvActNorm.fuse_epilogue, epilogue
-        try:
+        with _fused_epilogue(epilogue):
             result[label] = timer.median(step, args.repeats)
-        finally:
-            ConvActNorm.fuse_epilogue = default
     print(result, flush=True)
     return result
 
@@ -339,11 +348,8 @@ def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
 
         for label, epilogue in (('default', False), ('epilogue', True)) if isinstance(module, ConvActNorm) \
                 else (('default', False),):
-            default, ConvActNorm.fuse_epilogue = ConvActNorm.fuse_epilogue, epilogue
-            try:
+            with _fused_epilogue(epilogue):
                 row[label] = timer.median(step, args.repeats)
-            finally:
-                ConvActNorm.fuse_epilogue = default
         rows.append(row)
         print(row, flush=True)
         x = out

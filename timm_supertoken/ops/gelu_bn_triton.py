@@ -124,8 +124,7 @@ def _combine_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, rstd_ptr, run_mean_ptr
                     P, R, C, ROWS_PER_PROGRAM, eps, factor,
                     UPDATE_RUNNING: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """μ and rstd from the P block partials (Chan's parallel formula, in a fixed order), and the running update."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    c, cm = _channels(C, BLOCK_C)
     count = 0.0
     mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -214,8 +213,7 @@ def _grad_input_kernel(u_ptr, bias_ptr, mean_ptr, rstd_ptr, weight_ptr, grad_ptr
 def _sum_partials_kernel(part_ptr, out_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[k, c] = Σ_p part[k, p, c], in a fixed order: the parameter gradients come out deterministic."""
     k = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
+    c, cm = _channels(C, BLOCK_C)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
@@ -269,7 +267,7 @@ def forward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shif
         Launch(_stats_kernel, lambda meta: (P, channel_blocks),
                (rows, bias, part_mean, part_m2, R, C, rows_per_program),
                dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)),
-        Launch(_combine_kernel, lambda meta: (triton.cdiv(C, _PARTIAL_CHANNELS),),
+        Launch(_combine_kernel, lambda meta: (1, triton.cdiv(C, _PARTIAL_CHANNELS)),
                (part_mean, part_m2, mean, rstd, running_mean if update else mean, running_var if update else rstd,
                 P, R, C, rows_per_program, eps, factor),
                dict(UPDATE_RUNNING=update, BLOCK_P=_PARTIAL_ROWS, BLOCK_C=_PARTIAL_CHANNELS, num_warps=_WARPS)),
