@@ -52,6 +52,10 @@ def test_imagenet100_recipes_are_table_2(model):
 def test_fashion_mnist_and_quick_recipes():
     fashion, run = load_recipe(recipe_path('fashion_mnist'))
     assert fashion == PAPER_RECIPE.replace(epochs=100) and run['num_classes'] == 10 and 'model' not in run
+    # Fashion-MNIST's own statistics, grey like its images: train.py's --mean/--std, and compare's
+    assert run['mean'] == [0.2860] * 3 and run['std'] == [0.3530] * 3
+    cfg = build_compare_config('fashion_mnist')
+    assert (cfg.mean, cfg.std) == ((0.2860,) * 3, (0.3530,) * 3)
     quick, run = load_recipe(recipe_path(QUICK_RECIPE))
     assert (quick.opt, quick.lr, quick.weight_decay) == ('adamw', 1e-3, 0.05)
     assert quick.mixes and quick.aa.startswith('rand-') and quick.reprob > 0  # same pipeline, milder
@@ -103,7 +107,8 @@ def test_recipe_builds_timm_pieces():
     sched.step(PAPER_RECIPE.warmup_epochs)
     assert opt.param_groups[0]['lr'] == pytest.approx(1e-3, rel=1e-3)
     transform = PAPER_RECIPE.train_transform(32)
-    names = [type(t).__name__ for stage in (transform.spatial, *transform.rest.transforms) for t in stage.transforms]
+    names = [type(t).__name__ for stage in (transform.spatial, transform.augment, transform.to_tensor)
+             for t in stage.transforms]
     # the worker half of timm's prefetching pipeline: normalisation and erasing run on the device
     assert names == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybePILToTensor']
     assert PAPER_RECIPE.erasing == dict(re_prob=0.25, re_mode='pixel', re_count=1)
@@ -132,11 +137,15 @@ def test_augmentation_is_seeded_per_sample_and_leaves_global_rngs_alone():
     assert erase_seed != data[(1, 5)][2] and erase_seed == data[(0, 5)][2]
 
 
-def test_grey_images_are_resized_before_turning_rgb_bit_for_bit():
+@pytest.mark.parametrize('mean', [(0.286,) * 3, (0.485, 0.456, 0.406)], ids=['grey-fill', 'imagenet-fill'])
+@pytest.mark.parametrize('aa', ['rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', ''], ids=['randaugment', 'augmix', 'jitter'])
+def test_grey_images_match_timms_rgb_pipeline_bit_for_bit(mean, aa):
     train, _ = small_digits()
-    transform = PAPER_RECIPE.train_transform(48)
-    whole = transforms.Compose([transform.spatial, transform.rest])  # timm's pipeline on the RGB image
-    for i in range(20):
+    transform = PAPER_RECIPE.replace(aa=aa).train_transform(48, mean)
+    # a grey fill colour lets the augmentation run on the one channel; a coloured one keeps it on RGB
+    assert (transform.grey_augment is not None) == (len(set(mean)) == 1)
+    whole = transforms.Compose([transform.spatial, transform.augment, transform.to_tensor])  # timm's, on RGB
+    for i in range(40):
         random.seed(i), np.random.seed(i), torch.manual_seed(i)
         ours = transform(train.pil(i))
         random.seed(i), np.random.seed(i), torch.manual_seed(i)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..models import MODEL_NAMES
 from ..data.image_sets import ImageSet, load_splits
@@ -70,6 +71,8 @@ class CompareConfig:
     workers: Optional[int] = None  # None: training.data.default_workers(device)
     out: str = './timm-supertoken-compare'
     resume: bool = False
+    mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # normalisation, and RandAugment's fill colour; train.py's --mean
+    std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
 
 
 def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[str]] = None,
@@ -78,7 +81,7 @@ def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[s
                          device: str = 'auto', workers: Optional[int] = None, out: str = './timm-supertoken-compare',
                          resume: bool = False, log: Callable[[str], None] = print,
                          **recipe_overrides: Any) -> CompareConfig:
-    """The recipe file first, explicit values over it; the file's run keys (model, img_size, ...) fill the rest.
+    """The recipe file first, explicit values over it; the file's run keys (model, img_size, mean, ...) fill the rest.
 
     recipe_overrides are Recipe fields (train.py names); None values are ignored, and aa='none' turns
     RandAugment off. An `epochs` no longer than the recipe's warm-up scales the warm-up down unless
@@ -107,6 +110,8 @@ def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[s
         workers=workers,
         out=out,
         resume=resume,
+        mean=tuple(run.get('mean') or IMAGENET_DEFAULT_MEAN),
+        std=tuple(run.get('std') or IMAGENET_DEFAULT_STD),
     )
 
 
@@ -146,7 +151,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
 
     train_cfgs = [TrainConfig(model=name, recipe=cfg.recipe, model_kwargs={**cfg.model_kwargs, **kwargs},
                               img_size=cfg.img_size, num_classes=num_classes, seed=cfg.seed, device=cfg.device,
-                              workers=cfg.workers) for _, name, kwargs in specs]
+                              workers=cfg.workers, mean=cfg.mean, std=cfg.std) for _, name, kwargs in specs]
     with torch.device('meta'):  # every model's kwargs are checked before the first one trains, without allocating
         for train_cfg in train_cfgs:
             create_training_model(train_cfg)

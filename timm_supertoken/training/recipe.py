@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -113,19 +113,27 @@ class Recipe:
         """timm's training transform for a prefetching loader: random-resized crop, flip, RandAugment, colour
         jitter, to a uint8 tensor. Normalisation and random erasing (`erasing`) run on the device.
 
-        mean is RandAugment's fill colour for rotated and sheared corners, as in train.py.
+        mean is RandAugment's fill colour for rotated and sheared corners, as in train.py. When it is
+        grey (one value on all three channels), the transform also carries the RandAugment of one-channel
+        images, which grey datasets then run on their single channel (`SampleTransform`).
         """
-        spatial, augment, to_tensor = create_transform(
+        spatial, augment, to_tensor = self._timm_train_stages(img_size, mean)
+        grey = _grey_fill(mean)
+        grey_augment = self._timm_train_stages(img_size, (grey,))[1] if grey is not None else None
+        return SampleTransform(spatial, augment, to_tensor, grey_augment)
+
+    def _timm_train_stages(self, img_size: int, mean: Tuple[float, ...]) -> Tuple[Any, Any, Any]:
+        """create_transform's (spatial, augmentation, to-tensor) stages of this recipe, as train.py builds them."""
+        return create_transform(
             img_size, is_training=True, scale=self.scale, hflip=self.hflip, color_jitter=self.color_jitter,
             auto_augment=self.aa or None, interpolation=self.train_interpolation, mean=mean, use_prefetcher=True,
             separate=True)
-        return SampleTransform(spatial, transforms.Compose([augment, to_tensor]))
 
     def eval_transform(self, img_size: int) -> SampleTransform:
         """timm's evaluation transform for a prefetching loader: resize by crop_pct, centre crop, to a uint8 tensor."""
         steps = create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=self.crop_pct,
                                  use_prefetcher=True).transforms
-        return SampleTransform(transforms.Compose(steps[:-1]), steps[-1])
+        return SampleTransform(transforms.Compose(steps[:-1]), transforms.Compose([]), steps[-1])
 
     @property
     def erasing(self) -> Dict[str, Any]:
@@ -161,6 +169,12 @@ class Recipe:
 
 
 PAPER_RECIPE = Recipe()
+
+
+def _grey_fill(mean: Sequence[float]) -> Optional[float]:
+    """The mean's one value when timm's fill colour from it (255 × mean, rounded per channel) is grey; else None."""
+    fill = {min(255, round(255 * m)) for m in mean}
+    return mean[0] if len(fill) == 1 else None
 
 
 def load_recipe(path: Union[str, Path], base: Recipe = PAPER_RECIPE) -> Tuple[Recipe, Dict[str, Any]]:
