@@ -152,6 +152,15 @@ def test_grey_images_match_timms_rgb_pipeline_bit_for_bit(mean, aa):
         assert torch.equal(ours, whole(train.pil(i).convert('RGB')))
 
 
+def test_grey_evaluation_images_match_timms_rgb_pipeline():
+    train, _ = small_digits()
+    transform = PAPER_RECIPE.replace(crop_pct=0.875).eval_transform(48)
+    whole = transforms.Compose([transform.spatial, transform.to_tensor])
+    for i in range(5):
+        ours = transform(train.pil(i))
+        assert ours.shape == (3, 48, 48) and torch.equal(ours, whole(train.pil(i).convert('RGB')))
+
+
 def test_device_erasing_is_seeded_per_image_not_per_batch():
     train, _ = small_digits()
     data = AugmentedImageSet(train, PAPER_RECIPE.replace(reprob=1.0).train_transform(32), seed=0)

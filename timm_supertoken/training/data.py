@@ -66,7 +66,9 @@ class SampleTransform:
     `grey_augment` is `augment` built for one-channel images, given where it matches `augment` on the
     RGB version of a grey image bit for bit: when RandAugment's fill colour, the normalisation mean, is
     itself grey. Each op then treats the three equal channels alike, so it runs on one channel at 2-3×
-    less work, and the image turns RGB only for `to_tensor`.
+    less work, and the uint8 tensor of that channel is expanded to three: a view, which collation copies
+    into the batch once, where turning the image RGB and converting three channels cost as much as the
+    augmentation.
     """
     spatial: Callable[[Image.Image], Image.Image]
     augment: Callable[[Image.Image], Image.Image]
@@ -76,7 +78,7 @@ class SampleTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = self.spatial(img)
         if img.mode == 'L' and self.grey_augment is not None:
-            return self.to_tensor(self.grey_augment(img).convert('RGB'))
+            return self.to_tensor(self.grey_augment(img)).expand(3, -1, -1)
         return self.to_tensor(self.augment(img if img.mode == 'RGB' else img.convert('RGB')))
 
 

@@ -133,7 +133,8 @@ class Recipe:
         """timm's evaluation transform for a prefetching loader: resize by crop_pct, centre crop, to a uint8 tensor."""
         steps = create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=self.crop_pct,
                                  use_prefetcher=True).transforms
-        return SampleTransform(transforms.Compose(steps[:-1]), transforms.Compose([]), steps[-1])
+        no_augmentation = transforms.Compose([])
+        return SampleTransform(transforms.Compose(steps[:-1]), no_augmentation, steps[-1], no_augmentation)
 
     @property
     def erasing(self) -> Dict[str, Any]:
