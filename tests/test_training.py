@@ -4,7 +4,9 @@ import dataclasses
 import json
 import multiprocessing
 import random
+import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,10 @@ from timm_supertoken.training.compare import (
     FIGURE_NAME, QUICK_RECIPE, RESULTS_CSV, RESULTS_JSON, build_compare_config, results_markdown)
 from timm_supertoken.training.data import AugmentedImageSet, GlobalBatchSampler, create_device_loader
 from timm_supertoken.training.recipe import recipe_names, recipe_path, recipe_to_yaml
+from timm_supertoken.training.trainer import LOSS_READ_INTERVAL, train_one_epoch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from host_sync import HostSyncRecorder  # noqa: E402
 
 TINY_KWARGS = dict(depth=1, embed_dim=32, num_heads=2)
 TINY_RECIPE = Recipe(epochs=2, warmup_epochs=1, batch_size=32, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0,
@@ -247,6 +253,31 @@ def test_global_batches_split_across_ranks():
 
 
 # ---- compare ---------------------------------------------------------------------------------------------------
+
+def _linear_batches(steps, batch=4):
+    """(x, y) batches for a 2-class linear model: the training loop without a data pipeline."""
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, 3, generator=gen), torch.randint(0, 2, (batch,), generator=gen)) for _ in range(steps)]
+
+
+def test_training_reads_the_loss_on_the_host_only_every_interval():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 2 * LOSS_READ_INTERVAL + 3
+    with HostSyncRecorder() as syncs:
+        mean = train_one_epoch(model, _linear_batches(steps), optimizer, torch.nn.CrossEntropyLoss(),
+                               torch.device('cpu'), show_progress=False)
+    # steps 1, 1 + interval, 1 + 2 intervals, and the epoch's mean: a GPU may run ahead of the host in between
+    assert len(syncs.calls) == 4 and np.isfinite(mean)
+
+
+def test_a_nan_training_loss_stops_with_a_remedy():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nan_loss = lambda logits, y: logits.sum() * float('nan')  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r'training loss \(train, step 1\) became nan; lower the learning'):
+        train_one_epoch(model, _linear_batches(3), optimizer, nan_loss, torch.device('cpu'), show_progress=False)
+
 
 def test_parse_model_spec():
     assert parse_model_spec('vit_small_stconv') == ('vit_small_stconv', {})

@@ -10,6 +10,7 @@ start and per sample in the data (see `training.data`), so `resume=True` after a
 ends with the same weights as an uninterrupted run.
 """
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = ['TrainConfig', 'create_training_model', 'autocast', 'precision_name',
 
 CHECKPOINT_NAME = 'last.pth.tar'  # train.py's name for its latest checkpoint
 EVAL_BATCH_MULTIPLIER = 2  # no activations kept for backward, so twice the batch fits
+LOSS_READ_INTERVAL = 50  # training steps between host reads of the loss (train.py's default --log-interval)
 
 
 @dataclass
@@ -80,18 +82,22 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     device: torch.device, mixup_fn: Optional[Callable] = None, ema: Optional[ModelEmaV3] = None,
                     clip_grad: Optional[float] = None, world: int = 1, desc: str = 'train',
                     show_progress: bool = True) -> float:
-    """One pass over a loader of batches already on device; returns the mean training loss over all ranks."""
+    """One pass over a loader of batches already on device; returns the mean training loss over all ranks.
+
+    The host reads the loss (to check it is finite and to show it) only every LOSS_READ_INTERVAL steps, the
+    first included: a read waits for the GPU to finish the step, and the host could not then prepare the
+    next batch (random erasing, mixup) while the GPU still trains on this one.
+    """
     model.train()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     # off a terminal no bar: fit logs one line per epoch
     bar = progress(loader, desc, enabled=show_progress, summary=False)
-    for x, y in bar:
+    for step, (x, y) in enumerate(bar):
         if mixup_fn is not None:
             x, y = mixup_fn(x, y)
         with autocast(device):
             loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f'training loss became {loss.item()} ({desc}); lower the learning rate')
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad is not None:
@@ -99,25 +105,39 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         optimizer.step()
         if ema is not None:
             ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
-        total += torch.stack([loss.detach().double() * x.shape[0],
-                              torch.tensor(x.shape[0], dtype=torch.float64, device=device)])
-        bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
+        loss_sum += loss.detach().double() * x.shape[0]
+        count += x.shape[0]
+        if step % LOSS_READ_INTERVAL == 0:
+            value = loss.item()
+            _check_finite(value, f'training loss ({desc}, step {step + 1})')
+            bar.set_postfix(loss=f'{value:.3f}', refresh=False)
+    totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if world > 1:
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+        dist.all_reduce(totals)
+    mean = (totals[0] / totals[1]).item()
+    _check_finite(mean, f'mean training loss ({desc})')
+    return mean
+
+
+def _check_finite(value: float, what: str) -> None:
+    """A NaN or infinite loss stops training with the usual remedy, instead of training on garbage."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f'{what} became {value}; lower the learning rate')
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, world: int = 1) -> Dict[str, float]:
     """Top-1 accuracy (%) and cross-entropy over the whole validation set (batches on device), summed across ranks."""
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, loss sum
+    count = 0  # on the host: a device scalar per batch would be one more host-to-device copy
     for x, y in loader:
         with autocast(device):
             logits = model(x)
         loss = nn.functional.cross_entropy(logits.float(), y, reduction='sum')
-        sums += torch.stack([(logits.argmax(1) == y).sum().double(), loss.double(),
-                             torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+        sums += torch.stack([(logits.argmax(1) == y).sum().double(), loss.double()])
+        count += y.numel()
+    sums = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(sums)
     return {'top1': (100 * sums[0] / sums[2]).item(), 'val_loss': (sums[1] / sums[2]).item()}
