@@ -41,6 +41,17 @@ def test_gpu_benchmark_starts_no_stage_past_its_time_budget():
     assert f'{len(STAGES)} stage(s) skipped by the time budget' in run.stdout
 
 
+def test_compare_benchmark_runs_both_loops_on_cpu():
+    """bench_compare.py --smoke: the bare loop and compare's fit, timed and tabled, before a GPU ever runs it."""
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_compare.py'
+    run = subprocess.run([sys.executable, str(script), '--smoke'], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for row in ('| bare step, pass 2 |', '| compare, epoch 1 (starts the workers, not timed) |', '| compare, epoch 2 |'):
+        assert row in run.stdout
+    assert 'the bare step (medians;' in run.stdout and 'not judged: it is set for a GPU' in run.stdout
+    assert 'smoke run: every path ran; nothing written' in run.stdout
+
+
 @pytest.mark.parametrize('ratio,best,verdict', [(0.97, 0.96, 'met'), (0.90, 0.94, 'NOT met'), (0.967, 0.919, 'inconclusive')])
 def test_target_verdict_needs_median_and_fastest_repeat_to_agree(ratio, best, verdict):
     assert target_verdict(ratio, best, 0.95).startswith(verdict)

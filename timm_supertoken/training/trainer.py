@@ -238,7 +238,10 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
         lr = optimizer.param_groups[0]['lr']
         loss = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, mixup_fn, ema, recipe.clip_grad,
                                world, desc=f'{cfg.model} {epoch + 1}/{recipe.epochs}', show_progress=rank == 0)
-        record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss,
+        # the training pass alone (its loss read waits for the GPU): what the input pipeline has to keep fed
+        train_s = time.perf_counter() - t0
+        record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss, 'train_s': train_s,
+                                  'train_images_per_s': len(train_sampler) * recipe.batch_size / train_s,
                                   **evaluate(model, val_loader, device, world)}
         if ema is not None:
             record.update({f'ema_{k}': v for k, v in evaluate(ema.module, val_loader, device, world).items()})
