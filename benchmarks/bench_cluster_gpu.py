@@ -23,7 +23,7 @@ import torch
 from timm_supertoken.cli.clustering import data_and_config
 from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
 from timm_supertoken.clustering.report import results_markdown
-from timm_supertoken.runtime import cpu_name, hardware_info
+from timm_supertoken.runtime import cpu_name, hardware_info, use_cudnn_benchmark
 
 from bench_cluster import cluster_parser, reproducing_command, settings_lines
 from docs_page import write_markdown_section
@@ -134,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error('no CUDA GPU found: this benchmark measures the GPU run (--device cpu runs it on the CPU)')
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    use_cudnn_benchmark()  # as the cluster command does
     data, cfg = data_and_config(args)
     device = torch.device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:

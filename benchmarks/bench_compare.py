@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from timm_supertoken.data.image_sets import load_splits
-from timm_supertoken.runtime import hardware_info, setup_distributed
+from timm_supertoken.runtime import hardware_info, setup_distributed, use_cudnn_benchmark
 from timm_supertoken.training.compare import build_compare_config
 from timm_supertoken.training.data import default_workers
 from timm_supertoken.training.trainer import TrainConfig, create_training_model, fit, precision_name, train_one_epoch
@@ -139,6 +139,7 @@ def render_section(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Time both, print the section and, unless --smoke, write it into the output file."""
     args = parse_args(argv)
+    use_cudnn_benchmark()  # as the compare command does
     cfg = train_config(args)
     _, _, device = setup_distributed(cfg.device)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)

@@ -13,6 +13,8 @@ conv module as built and with the opt-in fused GELU-BatchNorm epilogue, then the
 training throughput against t (paper Table 8); vit_small_stconv and vit_small_patch16_224 under
 `torch.compile(mode='reduce-overhead')` (CUDA graphs); and the top CUDA kernels of one vit_small_stconv training
 step (torch.profiler).
+Everything runs with `torch.backends.cudnn.benchmark = True`, as under timm's train.py and our commands; the
+`patch_embed` stage also times the stem with it off (cuDNN's heuristic algorithms), side by side.
 Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
 and the versions, after every stage (most important first, see `STAGES`); with `--budget-minutes` no
 stage starts once the budget is spent, and the section names what was not measured. `compile(reference)`
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 
-from timm_supertoken.runtime import cpu_name
+from timm_supertoken.runtime import cpu_name, use_cudnn_benchmark
 
 from docs_page import write_markdown_section
 
@@ -291,10 +293,20 @@ def _fused_epilogue(on: bool) -> Iterator[None]:
         ConvActNorm.fuse_epilogue = default
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """torch.backends.cudnn.benchmark set to on for the block, then back to what it was."""
+    default, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = default
+
+
 def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
-    """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with the
-    opt-in fused GELU-BatchNorm epilogue (side by side, so the epilogue's gain is a ratio of one run), and
-    compiled."""
+    """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with
+    cuDNN's heuristic algorithms instead of its timed ones, eager with the opt-in fused GELU-BatchNorm epilogue
+    (side by side, so each one's effect is a ratio of one run), and compiled."""
     import timm
     import timm_supertoken  # noqa: F401
 
@@ -302,9 +314,10 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
     timer = Timer(args.device)
     result = {}
-    variants = (('eager', embed, False), ('eager, fused GELU-BatchNorm epilogue', embed, True),
-                ('compile', None if args.skip_compile or args.smoke else torch.compile(embed), False))
-    for label, fn, epilogue in variants:
+    compiled = None if args.skip_compile or args.smoke else torch.compile(embed)
+    variants = (('eager', embed, False, True), ('eager, cudnn.benchmark off', embed, False, False),
+                ('eager, fused GELU-BatchNorm epilogue', embed, True, True), ('compile', compiled, False, True))
+    for label, fn, epilogue, timed_algorithms in variants:
         if fn is None:
             continue
 
@@ -313,7 +326,7 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
                 out = fn(x)
             out.float().sum().backward()
 
-        with _fused_epilogue(epilogue):
+        with _fused_epilogue(epilogue), _cudnn_benchmark(timed_algorithms):
             result[label] = timer.median(step, args.repeats)
     print(result, flush=True)
     return result
@@ -526,7 +539,8 @@ def render(args, results: Dict[str, object], skipped: Sequence[str]) -> str:
         SECTION, '',
         f'GPU: **{device}**; PyTorch {torch.__version__}, Triton {triton.__version__}, '
         f'timm {timm.__version__}, CUDA {torch.version.cuda}. Produced by `benchmarks/gpu_check.sh` '
-        f'(`benchmarks/bench_supertoken.py`).', '', TARGETS,
+        f'(`benchmarks/bench_supertoken.py`), with `torch.backends.cudnn.benchmark = True` as under timm\'s train.py.',
+        '', TARGETS,
     ]
     graphed = results.get('cuda_graphs')
     models = results.get('models', []) + results.get('models_compiled', []) + \
@@ -548,6 +562,7 @@ def main(argv: Sequence[str] = None) -> int:
         print('bench_supertoken.py needs a CUDA GPU (the fused kernels are GPU-only); none found, no numbers written. '
               '--smoke runs the code paths on CPU', file=sys.stderr)
         return 2
+    use_cudnn_benchmark()  # as timm's train.py: the targets are about training under it
     start = time.monotonic()
     results: Dict[str, object] = {}
     skipped: List[str] = []

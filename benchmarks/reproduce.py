@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from timm_supertoken.runtime import hardware_info
+from timm_supertoken.runtime import hardware_info, use_cudnn_benchmark
 from timm_supertoken.training.compare import QUICK_RECIPE, build_compare_config, run_compare
 from timm_supertoken.training.recipe import recipe_to_yaml
 
@@ -165,5 +165,5 @@ def _cli_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List
 
 
 if __name__ == '__main__':
-    torch.backends.cudnn.benchmark = True
+    use_cudnn_benchmark()
     main()

@@ -426,6 +426,13 @@ def test_recipe_command(capsys):
         main(['compare', '--config', 'imagenet1000'])
 
 
+def test_commands_let_cudnn_time_its_algorithms_as_train_py_does(monkeypatch):
+    from timm_supertoken.cli import main
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)  # restored after the test
+    assert main(['recipe']) == 0
+    assert torch.backends.cudnn.benchmark
+
+
 def test_resume_names_a_damaged_checkpoint(tmp_path):
     train, val = small_digits()
     cfg = CompareConfig(models=['vit_small_patch'], model_kwargs=TINY_KWARGS, img_size=32, recipe=TINY_RECIPE,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import timm
 
 __all__ = ['cpu_name', 'hardware_info', 'create_model_at_size', 'setup_distributed', 'shard_range', 'rng_state',
-           'set_rng_state', 'seed_everything', 'save_atomic', 'on_terminal', 'progress']
+           'set_rng_state', 'seed_everything', 'use_cudnn_benchmark', 'save_atomic', 'on_terminal', 'progress']
 
 
 def cpu_name() -> str:
@@ -109,6 +109,17 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def use_cudnn_benchmark() -> None:
+    """Let cuDNN time its convolution algorithms once per input shape and keep the fastest, as timm's train.py does.
+
+    Training, clustering and the benchmarks feed the convolutions fixed shapes, so the timing is paid once per
+    shape; otherwise every conv runs cuDNN's heuristic pick, which need not be the fastest for the stem's
+    small-channel convolutions. Results stay as reproducible as a GPU run was: the fastest algorithm can
+    differ between runs, and several were never bitwise deterministic.
+    """
+    torch.backends.cudnn.benchmark = True
 
 
 def seed_everything(seed: int) -> None:

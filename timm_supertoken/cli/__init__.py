@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from .. import __version__
+from ..runtime import use_cudnn_benchmark
 from . import clustering, data, hub, info, training
 
 __all__ = ['main', 'build_parser']
@@ -46,6 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, 'threads', None) is not None:  # options.add_threads
         torch.set_num_threads(args.threads)
+    use_cudnn_benchmark()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
