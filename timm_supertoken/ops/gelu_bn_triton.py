@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from .super_token_triton import INTERPRET, Launch
+from .super_token_triton import INTERPRET, Launch, run_plan
 
 __all__ = ['gelu_batch_norm_triton', 'forward_plan', 'eval_plan', 'backward_plan', 'GELU_BN_DTYPES']
 
@@ -321,17 +321,13 @@ class _GeluBatchNorm(torch.autograd.Function):
     def forward(ctx, u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], factor: float,
                 eps: float) -> torch.Tensor:
-        launches, (out, mean, rstd) = forward_plan(u, bias, weight, shift, running_mean, running_var, factor, eps)
-        for launch in launches:
-            launch()
+        out, mean, rstd = run_plan(forward_plan(u, bias, weight, shift, running_mean, running_var, factor, eps))
         ctx.save_for_backward(u, bias, weight, mean, rstd)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        launches, (du, sums, db) = backward_plan(*ctx.saved_tensors, grad)
-        for launch in launches:
-            launch()
+        du, sums, db = run_plan(backward_plan(*ctx.saved_tensors, grad))
         return du, db, sums[1], sums[0], None, None, None, None
 
 
@@ -362,10 +358,8 @@ def gelu_batch_norm_triton(u: torch.Tensor, bias: Optional[torch.Tensor], bn: nn
         if torch.is_grad_enabled() and any(t.requires_grad for t in (u, bias, weight, shift)):
             raise RuntimeError('the Triton GELU-BatchNorm has no backward with running statistics (BatchNorm in '
                                'eval mode); run it under torch.no_grad() or use the modules')
-        launches, out = eval_plan(u, bias, weight, shift, bn.running_mean.float(),
-                                  torch.rsqrt(bn.running_var.float() + bn.eps))
-        launches[0]()
-        return out
+        return run_plan(eval_plan(u, bias, weight, shift, bn.running_mean.float(),
+                                  torch.rsqrt(bn.running_var.float() + bn.eps)))
     if u.numel() // C <= 1:
         raise ValueError(f'Expected more than 1 value per channel when training, got input size {tuple(u.shape)}')
     factor = 0.0

@@ -97,7 +97,7 @@ from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, che
 
 __all__ = [
     'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
-    'INTERPRET', 'AUTOTUNED_KERNELS', 'AUTOTUNE_ENV', 'autotuning',
+    'INTERPRET', 'AUTOTUNED_KERNELS', 'AUTOTUNE_ENV', 'autotuning', 'run_plan',
 ]
 
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
@@ -452,6 +452,14 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.constexprs)
 
 
+def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
+    """Launch a plan's kernels in order and return its outputs: how every fused op runs what a *_plan builds."""
+    launches, outputs = plan
+    for launch in launches:
+        launch()
+    return outputs
+
+
 def _channel_blocks(C: int) -> Tuple[int, int, bool]:
     """(BLOCK_C, channel blocks, C fills them: EVEN_C): all channels in one block up to 64 (the model's C)."""
     block_c = max(16, min(triton.next_power_of_2(C), 64))
@@ -503,7 +511,10 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
 
 def backward_plan(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int
                   ) -> Tuple[List[Launch], torch.Tensor]:
-    """The launch of the fused backward for dS (made channels_last), and dX (B, C, H, W) channels_last."""
+    """The launch of the fused backward for dS (made channels_last), and dX (B, C, H, W) channels_last.
+
+    STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather.
+    """
     grad = grad.contiguous(memory_format=torch.channels_last)
     B, C, h, w = grad.shape
     H, W = aff.shape[2], aff.shape[3]
@@ -555,30 +566,11 @@ def _check_fused(x: torch.Tensor, grid: int) -> None:
             f"the Triton super-token backend supports grid <= {MAX_FUSED_GRID}, got {grid}; use backend='reference'")
 
 
-def _run_forward(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the fused forward: S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), 1/Z (B, h, w) fp32."""
-    launches, outputs = forward_plan(x, grid, iters)
-    for launch in launches:
-        launch()
-    return outputs
-
-
-def _run_backward(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int) -> torch.Tensor:
-    """Launch the fused backward: dX (B, C, H, W) in grad's dtype, channels_last, from dS and the saved A and 1/Z.
-
-    STViT's rule: A and Z are constants, so S is linear in X and its adjoint is the 9-neighbour gather.
-    """
-    launches, dx = backward_plan(grad, aff, inv_norm, grid)
-    for launch in launches:
-        launch()
-    return dx
-
-
 @torch.library.custom_op('timm_supertoken::super_token_clustering', mutates_args=())
 def _super_token_fwd(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns the super tokens S (B, C, h, w) in x's dtype, channels_last, and A (B, 9, H, W), 1/Z (B, h, w) fp32."""
     _check_fused(x, grid)
-    return _run_forward(x, grid, iters)
+    return run_plan(forward_plan(x, grid, iters))
 
 
 @_super_token_fwd.register_fake
@@ -592,7 +584,7 @@ def _(x: torch.Tensor, grid: int, iters: int) -> Tuple[torch.Tensor, torch.Tenso
 @torch.library.custom_op('timm_supertoken::super_token_clustering_backward', mutates_args=())
 def _super_token_bwd(grad: torch.Tensor, aff: torch.Tensor, inv_norm: torch.Tensor, grid: int) -> torch.Tensor:
     """dX (B, C, H, W) in grad's dtype, channels_last, from dS (B, C, h, w) and the saved A and 1/Z."""
-    return _run_backward(grad, aff, inv_norm, grid)
+    return run_plan(backward_plan(grad, aff, inv_norm, grid))
 
 
 @_super_token_bwd.register_fake
@@ -630,7 +622,7 @@ class _SuperTokenClustering(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, grid: int, iters: int) -> torch.Tensor:
-        out, aff, inv_norm = _run_forward(x, grid, iters)
+        out, aff, inv_norm = run_plan(forward_plan(x, grid, iters))
         ctx.save_for_backward(aff, inv_norm)
         ctx.grid = grid
         return out
@@ -638,7 +630,7 @@ class _SuperTokenClustering(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[torch.Tensor, None, None]:
         aff, inv_norm = ctx.saved_tensors
-        return _run_backward(grad, aff, inv_norm, ctx.grid), None, None
+        return run_plan(backward_plan(grad, aff, inv_norm, ctx.grid)), None, None
 
 
 def super_token_clustering_triton(
