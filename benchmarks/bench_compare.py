@@ -18,6 +18,7 @@ The ratio is the share of the bare step's speed the input pipeline lets `compare
 docs/benchmarks.md.
 """
 import argparse
+import dataclasses
 import datetime
 import statistics
 import tempfile
@@ -27,9 +28,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from timm_supertoken.data.image_sets import load_splits
+from timm_supertoken.data.image_sets import ImageSet, load_splits
 from timm_supertoken.runtime import hardware_info, setup_distributed, use_cudnn_benchmark
-from timm_supertoken.training.compare import build_compare_config
+from timm_supertoken.training.compare import CompareConfig, build_compare_config, class_count, model_train_config
 from timm_supertoken.training.data import default_workers
 from timm_supertoken.training.trainer import TrainConfig, create_training_model, fit, precision_name, train_one_epoch
 
@@ -62,18 +63,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The run `timm-supertoken compare --config C --models M --epochs E` makes, with default flags."""
+def compare_config(args: argparse.Namespace) -> CompareConfig:
+    """The settings of `timm-supertoken compare --config C --models M --epochs E`, with default flags."""
     cfg = build_compare_config(args.config, models=[args.model], dataset=args.dataset, data_dir=args.data_dir,
                                epochs=args.epochs, device=args.device, workers=args.workers, log=lambda _: None)
-    model_kwargs = dict(cfg.model_kwargs)
-    img_size = cfg.img_size
     if args.smoke:
-        model_kwargs.update(depth=1, embed_dim=64, num_heads=2)
-        img_size = 32
-    return TrainConfig(model=args.model, recipe=cfg.recipe, model_kwargs=model_kwargs, img_size=img_size,
-                       num_classes=10, seed=cfg.seed, device=cfg.device, workers=cfg.workers, mean=cfg.mean,
-                       std=cfg.std)
+        cfg = dataclasses.replace(cfg, model_kwargs=dict(cfg.model_kwargs, depth=1, embed_dim=64, num_heads=2),
+                                  img_size=32)
+    return cfg
 
 
 def bare_images_per_s(cfg: TrainConfig, device: torch.device, steps: int, repeats: int) -> List[float]:
@@ -81,25 +78,25 @@ def bare_images_per_s(cfg: TrainConfig, device: torch.device, steps: int, repeat
     recipe = cfg.recipe
     model = create_training_model(cfg).to(device)
     optimizer = recipe.optimizer(model)
+    loss_fn, mixup_fn = recipe.train_loss(), recipe.mixup_fn(cfg.num_classes)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(recipe.batch_size, 3, cfg.img_size, cfg.img_size, generator=gen).to(device)
     y = torch.randint(0, cfg.num_classes, (recipe.batch_size,), generator=gen).to(device)
     rates = []
     for repeat in range(repeats + 1):
         start = time.perf_counter()
-        train_one_epoch(model, [(x, y)] * steps, optimizer, recipe.train_loss(), device,
-                        recipe.mixup_fn(cfg.num_classes), clip_grad=recipe.clip_grad, show_progress=False)
+        train_one_epoch(model, [(x, y)] * steps, optimizer, loss_fn, device, mixup_fn, clip_grad=recipe.clip_grad,
+                        show_progress=False)
         if repeat:  # train_one_epoch ends on a read of the mean loss, so the GPU has finished
             rates.append(steps * recipe.batch_size / (time.perf_counter() - start))
     return rates
 
 
-def compare_images_per_s(cfg: TrainConfig, args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """fit's epochs with default flags: each one's training images/s (the first one starts the workers)."""
-    train_set, val_set = load_splits(args.dataset, args.data_dir, cfg.img_size, cfg.seed)
+def compare_epochs(cfg: TrainConfig, args: argparse.Namespace, train_set: ImageSet,
+                   val_set: ImageSet) -> List[Dict[str, Any]]:
+    """fit's epoch records with default flags, each with its training images/s (the first one starts the workers)."""
     with tempfile.TemporaryDirectory() as out:
-        run = fit(cfg, train_set, val_set, out, dataset_name=args.dataset, log=print)
-    return run['history']
+        return fit(cfg, train_set, val_set, out, dataset_name=args.dataset, log=print)['history']
 
 
 def render_section(cfg: TrainConfig, args: argparse.Namespace, device: torch.device, workers: int,
@@ -140,12 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Time both, print the section and, unless --smoke, write it into the output file."""
     args = parse_args(argv)
     use_cudnn_benchmark()  # as the compare command does
-    cfg = train_config(args)
+    comparison = compare_config(args)
+    train_set, val_set = load_splits(args.dataset, args.data_dir, comparison.img_size, comparison.seed)
+    cfg = model_train_config(comparison, args.model, {}, class_count(train_set, val_set))
     _, _, device = setup_distributed(cfg.device)
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     bare = bare_images_per_s(cfg, device, args.bare_steps, args.bare_repeats)
     print(f'bare step: {", ".join(f"{r:,.0f}" for r in bare)} images/s', flush=True)
-    history = compare_images_per_s(cfg, args)
+    history = compare_epochs(cfg, args, train_set, val_set)
     section = render_section(cfg, args, device, workers, bare, history)
     print(section)
     if args.smoke:

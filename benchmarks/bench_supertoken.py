@@ -282,25 +282,15 @@ def bench_models(args: argparse.Namespace, variants: Sequence[str], names: Seque
 
 
 @contextlib.contextmanager
-def _fused_epilogue(on: bool) -> Iterator[None]:
-    """ConvActNorm.fuse_epilogue set to on for the block, then back to what it was."""
-    from timm_supertoken.layers import ConvActNorm
-
-    default, ConvActNorm.fuse_epilogue = ConvActNorm.fuse_epilogue, on
+def _temporarily(owner: object, name: str, value: object) -> Iterator[None]:
+    """owner.name set to value for the block, then back to what it was (ConvActNorm.fuse_epilogue,
+    torch.backends.cudnn.benchmark)."""
+    default = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        ConvActNorm.fuse_epilogue = default
-
-
-@contextlib.contextmanager
-def _cudnn_benchmark(on: bool) -> Iterator[None]:
-    """torch.backends.cudnn.benchmark set to on for the block, then back to what it was."""
-    default, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = default
+        setattr(owner, name, default)
 
 
 def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
@@ -309,6 +299,7 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
     (side by side, so each one's effect is a ratio of one run), and compiled."""
     import timm
     import timm_supertoken  # noqa: F401
+    from timm_supertoken.layers import ConvActNorm
 
     embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
@@ -326,7 +317,8 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
                 out = fn(x)
             out.float().sum().backward()
 
-        with _fused_epilogue(epilogue), _cudnn_benchmark(timed_algorithms):
+        with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue), \
+                _temporarily(torch.backends.cudnn, 'benchmark', timed_algorithms):
             result[label] = timer.median(step, args.repeats)
     print(result, flush=True)
     return result
@@ -361,7 +353,7 @@ def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
 
         for label, epilogue in (('default', False), ('epilogue', True)) if isinstance(module, ConvActNorm) \
                 else (('default', False),):
-            with _fused_epilogue(epilogue):
+            with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue):
                 row[label] = timer.median(step, args.repeats)
         rows.append(row)
         print(row, flush=True)

@@ -30,7 +30,8 @@ from .recipe import PAPER_RECIPE, Recipe, load_recipe, recipe_path
 from .trainer import TrainConfig, autocast, create_training_model, fit, precision_name
 
 __all__ = ['CompareConfig', 'build_compare_config', 'parse_model_spec', 'quick_recipe_note', 'run_compare',
-           'results_markdown', 'QUICK_RECIPE', 'RESULTS_CSV', 'RESULTS_JSON', 'FIGURE_NAME']
+           'class_count', 'model_train_config', 'results_markdown', 'QUICK_RECIPE', 'RESULTS_CSV', 'RESULTS_JSON',
+           'FIGURE_NAME']
 
 RESULTS_CSV = 'results.csv'
 RESULTS_JSON = 'results.json'
@@ -128,6 +129,18 @@ def _folder_name(spec: str) -> str:
     return re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec)
 
 
+def class_count(train_set: ImageSet, val_set: ImageSet) -> int:
+    """Classes of a labelled split: one more than the largest label in either part."""
+    return int(max(train_set.labels.max(), val_set.labels.max())) + 1
+
+
+def model_train_config(cfg: CompareConfig, name: str, kwargs: Dict[str, Any], num_classes: int) -> TrainConfig:
+    """One model's training run in the comparison: its name and spec kwargs over the shared settings."""
+    return TrainConfig(model=name, recipe=cfg.recipe, model_kwargs={**cfg.model_kwargs, **kwargs},
+                       img_size=cfg.img_size, num_classes=num_classes, seed=cfg.seed, device=cfg.device,
+                       workers=cfg.workers, mean=cfg.mean, std=cfg.std)
+
+
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
                 splits: Optional[Tuple[ImageSet, ImageSet]] = None) -> Dict[str, Any]:
     """Train every spec with cfg.recipe, time them side by side, write the table and figure; returns results.json's dict.
@@ -142,16 +155,14 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
         raise ValueError(f'unknown timm model {unknown[0]!r} (timm.list_models() lists the names)')
     train_set, val_set = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed)
     rank, world, device = setup_distributed(cfg.device)
-    num_classes = int(max(train_set.labels.max(), val_set.labels.max())) + 1
+    num_classes = class_count(train_set, val_set)
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         log(f'data: {cfg.dataset}, train {len(train_set):,} / val {len(val_set):,} images of '
             f'{tuple(train_set.images.shape[1:])}, {num_classes} classes, resized to {cfg.img_size}×{cfg.img_size}')
 
-    train_cfgs = [TrainConfig(model=name, recipe=cfg.recipe, model_kwargs={**cfg.model_kwargs, **kwargs},
-                              img_size=cfg.img_size, num_classes=num_classes, seed=cfg.seed, device=cfg.device,
-                              workers=cfg.workers, mean=cfg.mean, std=cfg.std) for _, name, kwargs in specs]
+    train_cfgs = [model_train_config(cfg, name, kwargs, num_classes) for _, name, kwargs in specs]
     with torch.device('meta'):  # every model's kwargs are checked before the first one trains, without allocating
         for train_cfg in train_cfgs:
             create_training_model(train_cfg)
