@@ -59,7 +59,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.epochs < 2:
         parser.error('--epochs must be at least 2: the first epoch starts the workers and is not timed')
     if args.smoke:
-        args.config, args.dataset, args.device, args.bare_steps, args.bare_repeats = 'quick_digits', 'digits', 'cpu', 4, 2
+        args.config, args.dataset, args.device = 'quick_digits', 'digits', 'cpu'
+        args.bare_steps, args.bare_repeats = 4, 2
     return args
 
 

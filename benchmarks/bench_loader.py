@@ -128,7 +128,8 @@ def render_section(results: Dict[str, Dict[str, float]], args: argparse.Namespac
         f'Python {hw["python"]}.',
         f'- Setting: the `{RECIPE}` recipe\'s training augmentation at {args.img_size}×{args.img_size} (random-resized '
         f'crop, flip, RandAugment, random erasing, normalisation with the recipe\'s mean {args.mean[0]:g} and std '
-        f'{args.std[0]:g} on each channel) on {images} Fashion-MNIST training images held in memory, batch {args.batch_size}, {args.workers} worker process(es); normalisation and erasing on '
+        f'{args.std[0]:g} on each channel) on {images} Fashion-MNIST training images held in memory, '
+        f'batch {args.batch_size}, {args.workers} worker process(es); normalisation and erasing on '
         f'the CPU as the "device". Each figure: images/s {per_worker}, median of {args.repeats} interleaved '
         f'passes after one warm-up pass per loader.',
         f'- Machine load (1-min load average, {hw["cores"]} cores) at start / end: {load[0]:.1f} / {load[1]:.1f}. '
