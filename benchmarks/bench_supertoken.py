@@ -241,7 +241,9 @@ def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: tor
 
 def bench_models(args: argparse.Namespace, variants: Sequence[str], names: Sequence[str] = MODELS
                  ) -> List[Dict[str, object]]:
-    """Images/s of the models per variant, timed round-robin (each round visits every model) and medianed."""
+    """Images/s of the models per variant, timed round-robin (each round visits every model) and medianed, and
+    each model's ratio to the baseline per round: a machine that slows down between rounds moves both times
+    of a round together, so the per-round ratios keep the comparison where the medians of images/s do not."""
     timer = Timer(args.device, flush_l2=False)
     B = args.model_batch_size
     rows = []
@@ -272,6 +274,7 @@ def bench_models(args: argparse.Namespace, variants: Sequence[str], names: Seque
             row = {'variant': variant, 'model': name}
             for mode in ('infer', 'train'):
                 row[mode] = B * args.model_steps / (statistics.median(times[name, mode]) * 1e-3)
+                row[f'{mode} ratios'] = [base / own for base, own in zip(times[BASELINE, mode], times[name, mode])]
             rows.append(row)
             print(row, flush=True)
         models.clear()  # free this variant's models before the next variant builds its own
@@ -461,14 +464,18 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
 def _model_lines(args, models) -> List[str]:
     lines = [f'### Models, 224×224, batch {args.model_batch_size}, bf16 autocast: images/s, median of '
              f'{args.model_repeats} round-robin rounds of {args.model_steps} steps', '',
+             f'A ratio is the median over the rounds of {BASELINE}\'s time over the model\'s in the same round '
+             '(lowest–highest round in brackets).', '',
              '| variant | model | inference | training (AdamW step) | inference ratio | training ratio |',
              '|---|---|---:|---:|---:|---:|']
-    base = {(r['variant']): r for r in models if r['model'] == BASELINE}
     for r in models:
-        b = base[r['variant']]
         lines.append(f'| {r["variant"]} | {r["model"]} | {r["infer"]:.0f} | {r["train"]:.0f} | '
-                     f'{r["infer"] / b["infer"]:.3f}× | {r["train"] / b["train"]:.3f}× |')
+                     f'{_ratio(r["infer ratios"])} | {_ratio(r["train ratios"])} |')
     return lines
+
+
+def _ratio(per_round: Sequence[float]) -> str:
+    return f'{statistics.median(per_round):.3f}× ({min(per_round):.2f}–{max(per_round):.2f})'
 
 
 def _patch_embed_lines(args, patch_embed) -> List[str]:

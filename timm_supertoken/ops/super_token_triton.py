@@ -75,14 +75,15 @@ memory and at ≥ 16 resident warps per SM on sm_80 and sm_90 (tests/test_kernel
 every config to that in CI). A config runs only where its tile fits a per-thread byte budget at the
 input's dtype (`_row_autotune`): the unrolled stencils keep all nine token loads in flight, so an fp32
 input takes tiles half as tall as a bf16 one. Under Triton's interpreter, or with
-$TIMM_SUPERTOKEN_AUTOTUNE=0, only the first fitting config runs: no timing runs, and one compile per kernel
-and shape instead of one per config (a test suite's many shapes).
+$TIMM_SUPERTOKEN_AUTOTUNE=0, only the first fitting config runs: one compile per kernel and shape instead of
+one per config (a test suite's many shapes), and on Triton >= 3.2 no timing runs (`_time_config`).
 
 The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd registrations) lets
 `torch.compile` keep the fused op in its graph. Eager calls go through `_SuperTokenClustering`, a
 `torch.autograd.Function` over the same launches, as in Liger-Kernel-style ops: the custom op's dispatch cost
 about two thirds of the op's host time, and on an H200 the stem is bound by host time.
 """
+import inspect
 import math
 import os
 from dataclasses import dataclass, field
@@ -129,7 +130,18 @@ def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: 
         fit = [c for c in within if c.kwargs[rows] * per_row >= 16 * c.num_warps * 32] or within
         return fit if autotuning() and not INTERPRET else fit[:1]
 
-    return dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
+    arguments = dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
+    if 'do_bench' in inspect.signature(triton.autotune).parameters:  # Triton >= 3.2
+        arguments['do_bench'] = _time_config
+    return arguments
+
+
+def _time_config(kernel_call: Callable[[], None], quantiles: Tuple[float, ...]) -> List[float]:
+    """The autotuner's timing of a config, skipped where `fitting` keeps one config: Triton 3.6 and older time
+    even a lone config (about 0.1 s of launches and a 256 MB L2 flush per kernel and new shape)."""
+    if autotuning() and not INTERPRET:
+        return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+    return [0.0] * len(quantiles)
 
 
 # The loaded tiles, their fp32 products and the partial sums stay in registers (≤ 128 per thread). The
