@@ -5,7 +5,9 @@
 
 Operator: fused vs eager reference vs `torch.compile(reference)`, forward and forward+backward, with L2
 flushed before every timed call (CUDA events, median), and the fused forward's achieved bandwidth on the
-ideal bytes (read X + write S once) against this GPU's measured device-to-device copy bandwidth.
+ideal bytes (read X + write S once) against this GPU's measured device-to-device copy bandwidth, and the
+host time it takes to issue a call (with the host ops it goes to at the model's map): a call no longer than
+its host time is bound by its launches, not by its kernels.
 Models at 224², bf16 autocast: inference and AdamW training steps of the three embeddings beside timm's
 vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleaved round-robin over
 repeats (median); `patch_embed` forward+backward of vit_small_stconv, whole and stage by stage (each
@@ -44,6 +46,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 BASELINE = 'vit_small_patch16_224'
 MODELS = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv', BASELINE)
 TARGET_OPERATOR_SHAPE = (56, 56, 64, 256, 'bfloat16')  # H, W, C, B, dtype of the "5x compile(reference)" target
+MODEL_OPERATOR_SHAPE = (28, 28, 64, 128, 'bfloat16')  # the clustering's input in vit_small_stconv at batch 128
 TARGETS = ('Targets: fused fwd+bwd ≥ 5× compile(reference) at B=256 56×56×64 bf16 and ≥ 10× the eager reference '
            'at every shape; fused forward ≥ 10% of peak bandwidth on the ideal bytes at B=256 56×56×64 bf16; '
            'vit_small_stconv ≥ 0.90× vit_small_patch16_224 in eager training and inference, ≥ 0.80× compiled; '
@@ -118,6 +121,33 @@ class Timer:
             fn()
         self.synchronize()
         return statistics.median(self.once(fn) for _ in range(repeats))
+
+    def host_ms(self, fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+        """Median milliseconds the host takes to issue one call, the GPU drained before each: a call whose
+        event time is no longer than this is bound by its launches, and faster kernels would not shorten it."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            self.synchronize()
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        self.synchronize()
+        return statistics.median(times)
+
+    def host_profile(self, fn: Callable[[], object], calls: int = 10, top: int = 8) -> List[Tuple[str, float]]:
+        """(op, host µs per call by its self time) of the ops costliest on the host, over `calls` calls: where
+        a launch-bound call spends its host time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+            self.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        return [(e.key, e.self_cpu_time_total / calls) for e in events]
 
     def kernel_ms(self, fn: Callable[[], object]) -> float:
         """Milliseconds the GPU spends in kernels during one call: the event time less the launch gaps.
@@ -197,12 +227,22 @@ def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
                         row[f'{name} fwd'] = timer.median(lambda: fn(x, args.grid, args.iters), args.repeats)
                     row[f'{name} fwd+bwd'] = timer.median(
                         lambda: torch.autograd.grad(fn(xg, args.grid, args.iters), xg, dy), args.repeats)
+                # the host side of the fused op (of the reference in a smoke run, which has no fused op)
+                host_side = 'fused' if 'fused' in impls else 'reference'
+
+                def fwd_bwd():
+                    return torch.autograd.grad(impls[host_side](xg, args.grid, args.iters), xg, dy)
+                with torch.no_grad():
+                    row[f'{host_side} fwd host'] = timer.host_ms(
+                        lambda: impls[host_side](x, args.grid, args.iters), args.repeats)
+                row[f'{host_side} fwd+bwd host'] = timer.host_ms(fwd_bwd, args.repeats)
+                if (H, W, C, B, dtype_name) == MODEL_OPERATOR_SHAPE or (args.smoke and not rows):
+                    row[f'{host_side} fwd+bwd host profile'] = timer.host_profile(fwd_bwd)
                 if 'fused' in impls:
                     with torch.no_grad():
                         row['fused fwd kernels'] = timer.kernel_ms(lambda: impls['fused'](x, args.grid, args.iters))
                     if (H, W, C, B, dtype_name) == TARGET_OPERATOR_SHAPE:
-                        row['fused fwd+bwd kernel split'] = timer.kernel_split(
-                            lambda: torch.autograd.grad(impls['fused'](xg, args.grid, args.iters), xg, dy))
+                        row['fused fwd+bwd kernel split'] = timer.kernel_split(fwd_bwd)
                         try:  # a statistic on top of the timings: its failure must not lose them
                             row['fused fwd+bwd issue share'] = issue_shares(
                                 row['fused fwd+bwd kernel split'], x, args.grid, args.iters)
@@ -431,8 +471,9 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
         'calls, L2 flushed before each', '',
         '| map | batch | dtype | ' + ' | '.join(f'{i} fwd' for i in impls) + ' | '
         + ' | '.join(f'{i} fwd+bwd' for i in impls) + ' | fused fwd+bwd speed-up vs ' + (' / '.join(impls[1:]) or '—')
-        + ' | fused fwd: ideal bytes at % of copy bandwidth | fused fwd: GPU time in kernels |',
-        '|---|---:|---|' + '---:|' * (2 * len(impls) + 3),
+        + f' | fused fwd: ideal bytes at % of copy bandwidth | fused fwd: GPU time in kernels '
+        f'| {fused}: host time to issue fwd / fwd+bwd |',
+        '|---|---:|---|' + '---:|' * (2 * len(impls) + 4),
     ]
     for r in operator:
         keys = [f'{i} fwd' for i in impls] + [f'{i} fwd+bwd' for i in impls]
@@ -441,11 +482,16 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
                            for i in impls[1:]) or '—'
         bandwidth = r['ideal bytes'] / (r[f'{fused} fwd'] * 1e-3) / copy_bw * 100
         kernels = f'{r["fused fwd kernels"]:.3f}' if 'fused fwd kernels' in r else '—'
+        host = f'{r[f"{fused} fwd host"]:.3f} / {r[f"{fused} fwd+bwd host"]:.3f}'
         lines.append(f'| {r["map"]} | {r["batch"]} | {r["dtype"]} | ' + ' | '.join(cells)
-                     + f' | {speed} | {bandwidth:.1f}% | {kernels} |')
+                     + f' | {speed} | {bandwidth:.1f}% | {kernels} | {host} |')
     if 'compile(reference)' in impls and not args.compile_all_shapes:
         lines += ['', 'compile(reference) is timed at the target shape only (`--compile-all-shapes` for every one).']
     for r in operator:
+        if f'{fused} fwd+bwd host profile' in r:
+            lines += ['', f'{fused.capitalize()} fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, host time by op '
+                      '(torch.profiler, self time per call): ' + '; '.join(
+                          f'`{name[:60]}` {us:.0f} µs' for name, us in r[f'{fused} fwd+bwd host profile']) + '.']
         if 'fused fwd+bwd kernel split' in r:
             lines += ['', f'Fused fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, GPU time by kernel (torch.profiler): '
                       + '; '.join(f'`{name[:60]}` {ms:.3f} ms in {n} launch{"es" if n > 1 else ""}'
@@ -513,18 +559,19 @@ def _kernel_lines(args, kernels) -> List[str]:
 
 
 # (key, what it measures, how to run it, how to render it), most important first: a stage starts only while
-# the time budget lasts, and the section is rewritten after every stage, so a run cut short keeps what it measured
+# the time budget lasts, and the section is rewritten after every stage, so a run cut short keeps what it
+# measured. The targets' stages come first; the stem by stage and Table 8 (reproduce.py measures it too) last
 STAGES: Tuple[Tuple[str, str, Callable, Callable], ...] = (
     ('operator', 'operator', bench_operator, _operator_lines),
     ('models', 'models, eager and channels_last', lambda a: bench_models(a, ['eager', 'channels_last']), None),
     ('patch_embed', 'vit_small_stconv `patch_embed` forward+backward', bench_patch_embed, _patch_embed_lines),
-    ('stem', 'vit_small_stconv `patch_embed` by stage', bench_stem, _stem_lines),
-    ('kernels', 'top CUDA kernels of a training step', profile_step, _kernel_lines),
-    ('iterations', 'throughput against t (Table 8)', bench_iterations, _iteration_lines),
     ('models_compiled', 'models under torch.compile',
      lambda a: [] if a.skip_compile or a.smoke else bench_models(a, ['compile']), None),
     ('cuda_graphs', 'vit_small_stconv and vit_small_patch16_224 under torch.compile(mode="reduce-overhead")',
      bench_cuda_graphs, _cuda_graph_lines),
+    ('kernels', 'top CUDA kernels of a training step', profile_step, _kernel_lines),
+    ('stem', 'vit_small_stconv `patch_embed` by stage', bench_stem, _stem_lines),
+    ('iterations', 'throughput against t (Table 8)', bench_iterations, _iteration_lines),
 )
 
 
