@@ -336,10 +336,10 @@ def _temporarily(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, default)
 
 
-def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
+def bench_patch_embed(args: argparse.Namespace) -> Dict[str, Tuple[float, float]]:
     """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with
     cuDNN's heuristic algorithms instead of its timed ones, eager with the opt-in fused GELU-BatchNorm epilogue
-    (side by side, so each one's effect is a ratio of one run), and compiled."""
+    (side by side, so each one's effect is a ratio of one run), and compiled; each with the host's time to issue it."""
     import timm
     import timm_supertoken  # noqa: F401
     from timm_supertoken.layers import ConvActNorm
@@ -362,7 +362,7 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
 
         with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue), \
                 _temporarily(torch.backends.cudnn, 'benchmark', timed_algorithms):
-            result[label] = timer.median(step, args.repeats)
+            result[label] = timer.median(step, args.repeats), timer.host_ms(step, args.repeats)
     print(result, flush=True)
     return result
 
@@ -370,7 +370,9 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, float]:
 def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
     """Forward+backward ms of each of vit_small_stconv's conv modules (as built, and with the opt-in fused
     GELU-BatchNorm epilogue, side by side) and of its clustering, each on the input it gets in the model: which
-    stage the `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input."""
+    stage the `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input.
+    Beside each time, the host's time to issue it; and the host ops of the deepest conv module as built, whose
+    kernels are the shortest, so that the host's share shows there first."""
     import timm
     import timm_supertoken  # noqa: F401
     from timm_supertoken.layers import ConvActNorm
@@ -398,6 +400,9 @@ def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
                 else (('default', False),):
             with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue):
                 row[label] = timer.median(step, args.repeats)
+                row[f'{label} host'] = timer.host_ms(step, args.repeats)
+        if module is embed.stem[-1]:
+            row['host profile'] = timer.host_profile(step)
         rows.append(row)
         print(row, flush=True)
         x = out
@@ -526,16 +531,20 @@ def _ratio(per_round: Sequence[float]) -> str:
 
 def _patch_embed_lines(args, patch_embed) -> List[str]:
     return [f'### vit_small_stconv `patch_embed` forward+backward, batch {args.model_batch_size}, bf16', '',
-            '| variant | ms |', '|---|---:|'] + [f'| {k} | {v:.2f} |' for k, v in patch_embed.items()]
+            '| variant | ms | host\'s time to issue it, ms |', '|---|---:|---:|'] + \
+        [f'| {k} | {ms:.2f} | {host:.2f} |' for k, (ms, host) in patch_embed.items()]
 
 
 def _stem_lines(args, stem) -> List[str]:
     return [f'### vit_small_stconv `patch_embed` by stage: forward+backward ms, batch {args.model_batch_size}, '
-            'bf16 autocast, each stage on its input in the model', '',
+            'bf16 autocast, each stage on its input in the model (in brackets: the host\'s time to issue it)', '',
             '| stage | (C, H, W) in → out | as built | with the fused GELU-BatchNorm epilogue |',
             '|---|---|---:|---:|'] + \
-        [f"| {r['stage']} | {r['map']} | {r['default']:.3f} | "
-         + (f"{r['epilogue']:.3f}" if 'epilogue' in r else '—') + ' |' for r in stem]
+        [f"| {r['stage']} | {r['map']} | {r['default']:.3f} ({r['default host']:.3f}) | "
+         + (f"{r['epilogue']:.3f} ({r['epilogue host']:.3f})" if 'epilogue' in r else '—') + ' |' for r in stem] + \
+        [line for r in stem if 'host profile' in r for line in (
+            '', f"{r['stage'].capitalize()} as built, host time by op (torch.profiler, self time per forward+backward): "
+            + '; '.join(f'`{name[:60]}` {us:.0f} µs' for name, us in r['host profile']) + '.')]
 
 
 def _iteration_lines(args, iterations) -> List[str]:

@@ -111,6 +111,14 @@ def test_autotune_setting_is_validated(monkeypatch):
     assert not st.autotuning()
 
 
+def test_host_integer_helpers_match_triton():
+    """The launch plans' cdiv and next_power_of_2 are Triton's, without the constexpr wrapper's host cost."""
+    for a in range(1, 300):
+        assert st.next_power_of_2(a) == triton.next_power_of_2(a)
+        for b in (1, 2, 3, 7, 16, 64):
+            assert st.cdiv(a, b) == triton.cdiv(a, b)
+
+
 def test_lone_config_is_not_timed(monkeypatch):
     """With autotuning off a kernel keeps one config, and the autotuner's timing of it launches nothing."""
     monkeypatch.setenv(st.AUTOTUNE_ENV, '0')

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from .super_token_triton import INTERPRET, Launch, run_plan
+from .super_token_triton import INTERPRET, Launch, cdiv, next_power_of_2, run_plan
 
 __all__ = ['gelu_batch_norm_triton', 'forward_plan', 'eval_plan', 'backward_plan', 'GELU_BN_DTYPES']
 
@@ -224,7 +224,7 @@ def _sum_partials_kernel(part_ptr, out_ptr, P, C, BLOCK_P: tl.constexpr, BLOCK_C
 
 def _blocks(C: int) -> Tuple[int, int]:
     """(BLOCK_R, BLOCK_C): all channels of a row in one tile up to 64, rows filling _TILE_ELEMENTS."""
-    block_c = min(triton.next_power_of_2(C), 64)
+    block_c = min(next_power_of_2(C), 64)
     return _TILE_ELEMENTS // block_c, block_c
 
 
@@ -233,9 +233,9 @@ def _row_programs(R: int, block_r: int) -> Tuple[int, int]:
 
     P is also the number of partials that one program per channel block then sums serially.
     """
-    tiles = triton.cdiv(R, block_r)
-    tiles_per_program = triton.cdiv(tiles, _MAX_PARTIALS)
-    return triton.cdiv(tiles, tiles_per_program), tiles_per_program * block_r
+    tiles = cdiv(R, block_r)
+    tiles_per_program = cdiv(tiles, _MAX_PARTIALS)
+    return cdiv(tiles, tiles_per_program), tiles_per_program * block_r
 
 
 def _rows(u: torch.Tensor) -> torch.Tensor:
@@ -259,7 +259,7 @@ def forward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shif
     rows = _rows(u)
     R, C = rows.shape
     block_r, block_c = _blocks(C)
-    (P, rows_per_program), channel_blocks = _row_programs(R, block_r), triton.cdiv(C, block_c)
+    (P, rows_per_program), channel_blocks = _row_programs(R, block_r), cdiv(C, block_c)
     part_mean, part_m2 = _fp32(u, 2, P, C)
     mean, rstd = _fp32(u, 2, C)
     update = running_mean is not None
@@ -267,7 +267,7 @@ def forward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shif
         Launch(_stats_kernel, lambda meta: (P, channel_blocks),
                (rows, bias, part_mean, part_m2, R, C, rows_per_program),
                dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)),
-        Launch(_combine_kernel, lambda meta: (1, triton.cdiv(C, _PARTIAL_CHANNELS)),
+        Launch(_combine_kernel, lambda meta: (1, cdiv(C, _PARTIAL_CHANNELS)),
                (part_mean, part_m2, mean, rstd, running_mean if update else mean, running_var if update else rstd,
                 P, R, C, rows_per_program, eps, factor),
                dict(UPDATE_RUNNING=update, BLOCK_P=_PARTIAL_ROWS, BLOCK_C=_PARTIAL_CHANNELS, num_warps=_WARPS)),
@@ -283,7 +283,7 @@ def eval_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, shift: 
     R, C = rows.shape
     block_r, block_c = _blocks(C)
     out = torch.empty_like(u)
-    launch = Launch(_normalize_kernel, lambda meta: (triton.cdiv(R, block_r), triton.cdiv(C, block_c)),
+    launch = Launch(_normalize_kernel, lambda meta: (cdiv(R, block_r), cdiv(C, block_c)),
                     (rows, bias, mean, rstd, weight, shift, _rows(out), R, C),
                     dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS))
     return [launch], out
@@ -296,12 +296,12 @@ def backward_plan(u: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor, mea
     R, C = rows.shape
     g = _rows(grad.contiguous(memory_format=torch.channels_last))
     block_r, block_c = _blocks(C)
-    (P, rows_per_program), channel_blocks = _row_programs(R, block_r), triton.cdiv(C, block_c)
+    (P, rows_per_program), channel_blocks = _row_programs(R, block_r), cdiv(C, block_c)
     part, part_db = _fp32(u, 2, P, C), _fp32(u, 1, P, C)
     sums, db = _fp32(u, 2, C), _fp32(u, 1, C)
     du = torch.empty_like(u)
     tiles = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_WARPS)
-    partial_blocks = triton.cdiv(C, _PARTIAL_CHANNELS)
+    partial_blocks = cdiv(C, _PARTIAL_CHANNELS)
     sum_tiles = dict(BLOCK_P=_PARTIAL_ROWS, BLOCK_C=_PARTIAL_CHANNELS, num_warps=_WARPS)
     launches = [
         Launch(_grad_reduce_kernel, lambda meta: (P, channel_blocks),

@@ -472,10 +472,21 @@ def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
     return outputs
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ on host ints. triton.cdiv is a constexpr function whose wrapper costs ~3 µs a call (Triton 3.6-3.8),
+    and a fused op's launches make about a dozen calls: host time, which bounds the op at the model's map."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 ≥ n ≥ 1, on host ints (as `cdiv`, without triton.next_power_of_2's wrapper)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _channel_blocks(C: int) -> Tuple[int, int, bool]:
     """(BLOCK_C, channel blocks, C fills them: EVEN_C): all channels in one block up to 64 (the model's C)."""
-    block_c = max(16, min(triton.next_power_of_2(C), 64))
-    return block_c, triton.cdiv(C, block_c), C % block_c == 0
+    block_c = max(16, min(next_power_of_2(C), 64))
+    return block_c, cdiv(C, block_c), C % block_c == 0
 
 
 def _nhwc(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -484,7 +495,7 @@ def _nhwc(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> tor
 
 
 def _rows(count: int, block: str, images: int) -> Callable[[Dict[str, Any]], Tuple[int, int]]:
-    return lambda meta: (triton.cdiv(count, meta[block]), images)
+    return lambda meta: (cdiv(count, meta[block]), images)
 
 
 def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], Tuple[torch.Tensor, ...]]:
@@ -494,7 +505,7 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
     """
     x = x.contiguous(memory_format=torch.channels_last)
     B, C, H, W = x.shape
-    h, w = triton.cdiv(H, grid), triton.cdiv(W, grid)
+    h, w = cdiv(H, grid), cdiv(W, grid)
     tokens = [_nhwc(x, (B, C, h, w), torch.float32), _nhwc(x, (B, C, h, w), torch.float32)]
     out = _nhwc(x, (B, C, h, w), x.dtype)
     aff = torch.empty((B, 9, H, W), device=x.device, dtype=torch.float32)
