@@ -100,6 +100,7 @@ def test_every_autotune_config_matches_reference(kernel, config, dtype, monkeypa
     """Each config an autotuner may pick, forced: the other tests run one config per kernel and shape (the
     interpreter's, or $TIMM_SUPERTOKEN_AUTOTUNE=0 on a GPU, tests/conftest.py)."""
     monkeypatch.setattr(kernel, 'configs', [config])
+    monkeypatch.setattr(st, '_TUNED_CONFIGS', {})  # else a launch seen before keeps the config chosen then
     _assert_matches_reference((2, 24, 9, 7), 2, 2, dtype=dtype)
 
 
@@ -117,6 +118,24 @@ def test_host_integer_helpers_match_triton():
         assert st.next_power_of_2(a) == triton.next_power_of_2(a)
         for b in (1, 2, 3, 7, 16, 64):
             assert st.cdiv(a, b) == triton.cdiv(a, b)
+
+
+def test_seen_launch_skips_the_autotuner_and_runs_its_choice(monkeypatch):
+    """A launch the autotuners have seen runs the config they chose without going through them again."""
+    from triton.runtime.autotuner import Autotuner
+
+    monkeypatch.setattr(st, '_TUNED_CONFIGS', {})
+    x = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    first = fused(x, 2, 3)
+    chosen = {kernel: kernel.best_config for kernel in st.AUTOTUNED_KERNELS[:2]}
+    through_autotuner = []
+    run = Autotuner.run
+    monkeypatch.setattr(Autotuner, 'run', lambda self, *a, **k: through_autotuner.append(self) or run(self, *a, **k))
+    for kernel in chosen:
+        monkeypatch.setattr(kernel, 'best_config', None)
+    assert torch.equal(fused(x, 2, 3), first)
+    assert through_autotuner == []
+    assert {kernel: kernel.best_config for kernel in chosen} == chosen
 
 
 def test_lone_config_is_not_timed(monkeypatch):

@@ -92,6 +92,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
 from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, check_finite, check_super_token_input
@@ -461,7 +462,24 @@ class Launch:
     label: str = ''
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs)
+        kernel = self.kernel
+        if not isinstance(kernel, Autotuner):
+            kernel[self.grid](*self.args, **self.constexprs)
+            return
+        key = (kernel, *[a.dtype if isinstance(a, torch.Tensor) else a for a in self.args], *self.constexprs.values())
+        tuned = _TUNED_CONFIGS.get(key)
+        if tuned is None:
+            kernel[self.grid](*self.args, **self.constexprs)
+            _TUNED_CONFIGS[key] = kernel.best_config, kernel.best_config.all_kwargs()
+        else:
+            kernel.best_config = tuned[0]
+            kernel.fn[self.grid](*self.args, **self.constexprs, **tuned[1])
+
+
+# (autotuner, a launch's scalar args and tensor dtypes, its constexprs) -> the config its autotuner chose, and that
+# config's launch kwargs. A launch it has seen skips triton.autotune's per-call key building (about 9 µs of host
+# time per launch on 2 EPYC cores): the op is bound by host time at the model's map (docs/benchmarks.md).
+_TUNED_CONFIGS: Dict[Tuple[Any, ...], Tuple[triton.Config, Dict[str, Any]]] = {}
 
 
 def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
