@@ -267,7 +267,7 @@ def test_backward_gets_no_zero_gradients_for_a_and_z(op):
     autograd hands the backward None for them, not zero tensors."""
 
     x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(10)).to(DEVICE).requires_grad_(True)
-    torch.autograd.grad(op(x, 2, 2).sum(), x)  # a new shape's first backward may autotune: time it elsewhere
+    torch.autograd.grad(op(x, 2, 2).sum(), x)  # a new shape's first call may autotune, and timing zeroes buffers
     y = op(x, 2, 2)
     with OpRecorder() as recorder:
         (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
