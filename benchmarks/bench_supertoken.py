@@ -13,8 +13,8 @@ vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleave
 repeats (median); `patch_embed` forward+backward of vit_small_stconv, whole and stage by stage (each
 conv module as built and with the opt-in fused GELU-BatchNorm epilogue, then the clustering);
 training throughput against t (paper Table 8); vit_small_stconv and vit_small_patch16_224 under
-`torch.compile(mode='reduce-overhead')` (CUDA graphs); and the top CUDA kernels of one vit_small_stconv training
-step (torch.profiler).
+`torch.compile(mode='reduce-overhead')` (CUDA graphs); and the CUDA kernels where one vit_small_stconv training
+step spends more GPU time than one of vit_small_patch16_224 (torch.profiler).
 Everything runs with `torch.backends.cudnn.benchmark = True`, as under timm's train.py and our commands; the
 `patch_embed` stage also times the stem with it off (cuDNN's heuristic algorithms), side by side.
 Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
@@ -443,28 +443,36 @@ def bench_cuda_graphs(args: argparse.Namespace) -> Union[List[Dict[str, object]]
         return f'fails: {type(error).__name__}: {str(error).splitlines()[0][:200]}'
 
 
-def profile_step(args: argparse.Namespace, top: int = 15) -> List[Tuple[str, float, int]]:
-    """(kernel, total ms, calls) of the most expensive device kernels in one vit_small_stconv training step."""
+def profile_step(args: argparse.Namespace, top: int = 15) -> Dict[str, object]:
+    """GPU time by kernel of one training step of vit_small_stconv and one of vit_small_patch16_224, and the
+    kernels where the first spends the most more than the second: their trunks are the same, so the
+    difference is what the embedding costs the GPU, and where a faster stem must save it."""
     import timm
     import timm_supertoken  # noqa: F401
     from torch.profiler import ProfilerActivity, profile
 
-    model = timm.create_model('vit_small_stconv', num_classes=100, **args.model_kwargs).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
-    y = torch.randint(0, 100, (args.model_batch_size,), device=args.device)
-    for _ in range(3):
-        _train_step(model, optimizer, x, y)
     cuda = args.device.type == 'cuda'
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        _train_step(model, optimizer, x, y)
-        if cuda:
-            torch.cuda.synchronize()
-    # on a GPU the kernels themselves; on CPU (smoke runs) the operators
-    events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]
-    key = 'device_time_total' if cuda else 'self_cpu_time_total'
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [(e.key, getattr(e, key) / 1e3, e.count) for e in events[:top]]
+    per_model = {}
+    for name in ('vit_small_stconv', BASELINE):
+        model = timm.create_model(name, num_classes=100, **args.model_kwargs).to(args.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
+        y = torch.randint(0, 100, (args.model_batch_size,), device=args.device)
+        for _ in range(3):
+            _train_step(model, optimizer, x, y)
+        with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+            _train_step(model, optimizer, x, y)
+            if cuda:
+                torch.cuda.synchronize()
+        # on a GPU the kernels themselves; on CPU (smoke runs) the operators
+        events = [e for e in prof.key_averages() if not cuda or e.device_type == DeviceType.CUDA]
+        key = 'device_time_total' if cuda else 'self_cpu_time_total'
+        per_model[name] = {e.key: (getattr(e, key) / 1e3, e.count) for e in events}
+    ours, base = per_model['vit_small_stconv'], per_model[BASELINE]
+    rows = [(kernel, *ours.get(kernel, (0.0, 0)), *base.get(kernel, (0.0, 0))) for kernel in {**ours, **base}]
+    rows.sort(key=lambda r: r[1] - r[3], reverse=True)
+    return {'total': {name: sum(ms for ms, _ in kernels.values()) for name, kernels in per_model.items()},
+            'rows': rows[:top]}
 
 
 def _operator_lines(args, result: Dict[str, object]) -> List[str]:
@@ -543,8 +551,8 @@ def _stem_lines(args, stem) -> List[str]:
         [f"| {r['stage']} | {r['map']} | {r['default']:.3f} ({r['default host']:.3f}) | "
          + (f"{r['epilogue']:.3f} ({r['epilogue host']:.3f})" if 'epilogue' in r else '—') + ' |' for r in stem] + \
         [line for r in stem if 'host profile' in r for line in (
-            '', f"{r['stage'].capitalize()} as built, host time by op (torch.profiler, self time per forward+backward): "
-            + '; '.join(f'`{name[:60]}` {us:.0f} µs' for name, us in r['host profile']) + '.')]
+            '', f"{r['stage'].capitalize()} as built, host time by op (torch.profiler, self time per "
+            "forward+backward): " + '; '.join(f'`{name[:60]}` {us:.0f} µs' for name, us in r['host profile']) + '.')]
 
 
 def _iteration_lines(args, iterations) -> List[str]:
@@ -561,10 +569,16 @@ def _cuda_graph_lines(args, cuda_graphs: Union[List[Dict[str, object]], str]) ->
     return [f'vit_small_stconv under `torch.compile(mode="reduce-overhead")` (CUDA graphs): {cuda_graphs}.']
 
 
-def _kernel_lines(args, kernels) -> List[str]:
-    return ['### Top CUDA kernels of one vit_small_stconv training step (eager, torch.profiler)', '',
-            '| kernel | ms | calls |', '|---|---:|---:|'] + \
-        [f'| `{name[:90]}` | {ms:.3f} | {calls} |' for name, ms, calls in kernels]
+def _kernel_lines(args, kernels: Dict[str, object]) -> List[str]:
+    total = kernels['total']
+    return ['### GPU kernels where a vit_small_stconv training step spends more than a vit_small_patch16_224 one '
+            '(eager, torch.profiler, one step each)', '',
+            f"GPU time in kernels per step: vit_small_stconv {total['vit_small_stconv']:.2f} ms, "
+            f"{BASELINE} {total[BASELINE]:.2f} ms. The trunks are the same, so the difference is the embedding's.", '',
+            f'| kernel | vit_small_stconv ms (calls) | {BASELINE} ms (calls) | difference, ms |',
+            '|---|---:|---:|---:|'] + \
+        [f'| `{name[:90]}` | {ms:.3f} ({calls}) | {base_ms:.3f} ({base_calls}) | {ms - base_ms:+.3f} |'
+         for name, ms, calls, base_ms, base_calls in kernels['rows']]
 
 
 # (key, what it measures, how to run it, how to render it), most important first: a stage starts only while
@@ -578,7 +592,7 @@ STAGES: Tuple[Tuple[str, str, Callable, Callable], ...] = (
      lambda a: [] if a.skip_compile or a.smoke else bench_models(a, ['compile']), None),
     ('cuda_graphs', 'vit_small_stconv and vit_small_patch16_224 under torch.compile(mode="reduce-overhead")',
      bench_cuda_graphs, _cuda_graph_lines),
-    ('kernels', 'top CUDA kernels of a training step', profile_step, _kernel_lines),
+    ('kernels', "GPU kernels of a training step against the baseline's", profile_step, _kernel_lines),
     ('stem', 'vit_small_stconv `patch_embed` by stage', bench_stem, _stem_lines),
     ('iterations', 'throughput against t (Table 8)', bench_iterations, _iteration_lines),
 )

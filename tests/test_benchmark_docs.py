@@ -23,7 +23,8 @@ def test_gpu_benchmark_runs_every_path_on_cpu():
     script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_supertoken.py'
     run = subprocess.run([sys.executable, str(script), '--smoke'], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    for heading in ('### Operator', '### Models', '`patch_embed`', 'Table 8', 'reduce-overhead', '### Top CUDA kernels'):
+    for heading in ('### Operator', '### Models', '`patch_embed`', 'Table 8', 'reduce-overhead',
+                    '### GPU kernels where'):
         assert heading in run.stdout
     for statistic in ('host time to issue fwd / fwd+bwd', 'host time by op', 'lowest–highest round',
                       "host's time to issue it", 'as built, host time by op'):
@@ -39,7 +40,7 @@ def test_gpu_benchmark_starts_no_stage_past_its_time_budget():
     assert run.returncode == 0, run.stderr[-3000:]
     assert 'Not measured in this run (time budget of 0 min spent): operator; models, eager and channels_last;' \
         in run.stdout
-    for heading in ('### Operator', '### Models', '### Top CUDA kernels'):
+    for heading in ('### Operator', '### Models', '### GPU kernels where'):
         assert heading not in run.stdout
     assert f'{len(STAGES)} stage(s) skipped by the time budget' in run.stdout
 
