@@ -114,6 +114,11 @@ def autotuning() -> bool:
     return setting == '1'
 
 
+def _times_configs() -> bool:
+    """Whether a new shape times its fitting configs (on a GPU, autotuning on) or keeps the first one."""
+    return autotuning() and not INTERPRET
+
+
 def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: str, tile_bytes: int
                   ) -> Dict[str, Any]:
     """`triton.autotune` arguments: `rows` per program × warps, keeping the configs whose [rows, BLOCK_C] tile
@@ -129,7 +134,7 @@ def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: 
         per_row = named_args[tile].element_size() * kwargs['BLOCK_C']
         within = [c for c in configs if c.kwargs[rows] * per_row <= tile_bytes * c.num_warps * 32]
         fit = [c for c in within if c.kwargs[rows] * per_row >= 16 * c.num_warps * 32] or within
-        return fit if autotuning() and not INTERPRET else fit[:1]
+        return fit if _times_configs() else fit[:1]
 
     arguments = dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
     if 'do_bench' in inspect.signature(triton.autotune).parameters:  # Triton >= 3.2
@@ -140,7 +145,7 @@ def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: 
 def _time_config(kernel_call: Callable[[], None], quantiles: Tuple[float, ...]) -> List[float]:
     """The autotuner's timing of a config, skipped where `fitting` keeps one config: Triton 3.6 and older time
     even a lone config (about 0.1 s of launches and a 256 MB L2 flush per kernel and new shape)."""
-    if autotuning() and not INTERPRET:
+    if _times_configs():
         return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
     return [0.0] * len(quantiles)
 
