@@ -100,7 +100,7 @@ def test_every_autotune_config_matches_reference(kernel, config, dtype, monkeypa
     """Each config an autotuner may pick, forced: the other tests run one config per kernel and shape (the
     interpreter's, or $TIMM_SUPERTOKEN_AUTOTUNE=0 on a GPU, tests/conftest.py)."""
     monkeypatch.setattr(kernel, 'configs', [config])
-    monkeypatch.setattr(st, '_TUNED_CONFIGS', {})  # else a launch seen before keeps the config chosen then
+    monkeypatch.setattr(st, '_KNOWN_LAUNCHES', {})  # else a launch seen before keeps the config chosen then
     _assert_matches_reference((2, 24, 9, 7), 2, 2, dtype=dtype)
 
 
@@ -124,7 +124,7 @@ def test_seen_launch_skips_the_autotuner_and_runs_its_choice(monkeypatch):
     """A launch the autotuners have seen runs the config they chose without going through them again."""
     from triton.runtime.autotuner import Autotuner
 
-    monkeypatch.setattr(st, '_TUNED_CONFIGS', {})
+    monkeypatch.setattr(st, '_KNOWN_LAUNCHES', {})
     x = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(12)).to(DEVICE)
     first = fused(x, 2, 3)
     chosen = {kernel: kernel.best_config for kernel in st.AUTOTUNED_KERNELS[:2]}
@@ -136,6 +136,78 @@ def test_seen_launch_skips_the_autotuner_and_runs_its_choice(monkeypatch):
     assert torch.equal(fused(x, 2, 3), first)
     assert through_autotuner == []
     assert {kernel: kernel.best_config for kernel in chosen} == chosen
+
+
+def test_seen_launch_runs_its_compiled_kernel_without_the_jit(monkeypatch):
+    """On a GPU with a Triton whose launcher convention is known (3.6-3.8) a seen launch runs the kernel compiled for
+    it without Triton's JIT, with bitwise the same result; in the interpreter, which compiles nothing, and on other
+    Tritons every launch goes through the JIT."""
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setattr(st, '_KNOWN_LAUNCHES', {})
+    x = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(13)).to(DEVICE)
+    first = fused(x, 2, 3)
+    through_jit = []
+    for jit_class in (JITFunction, st.InterpretedFunction):
+        run = jit_class.run
+        monkeypatch.setattr(jit_class, 'run', lambda self, *a, _run=run, **k: through_jit.append(self) or _run(
+            self, *a, **k))
+    assert torch.equal(fused(x, 2, 3), first)
+    compiled = [known for known in st._KNOWN_LAUNCHES.values() if known.compiled is not None]
+    forward_launches = 1 + 2 * 3
+    if st.DIRECT_LAUNCH:
+        assert through_jit == [] and len(compiled) == forward_launches
+    else:
+        assert compiled == [] and len(through_jit) == forward_launches
+
+
+def test_direct_launch_passes_the_arguments_tritons_jit_passes():
+    """What a seen launch hands the compiled kernel, its positional arguments then `_signature_tail`, is what Triton's
+    JIT binds and hands it (`bound_args.values()`), for every launch of both fused ops: bound on CPU by the binder
+    Triton generates from each kernel's signature. Its grid comes from the constexprs and config alone."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    from timm_supertoken.ops import gelu_bn_triton as gbn
+
+    x = torch.randn(2, 16, 6, 8).contiguous(memory_format=torch.channels_last)
+    forward, (s, aff, inv_norm) = st.forward_plan(x, 2, 3)
+    u, c = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), torch.ones(8)
+    epilogue, (_, mean, rstd) = gbn.forward_plan(u, c, c, c, c.clone(), c.clone(), 0.1)
+    launches = forward + st.backward_plan(torch.randn_like(s), aff, inv_norm, 2)[0] + epilogue + \
+        gbn.backward_plan(u, c, c, mean, rstd, torch.randn_like(u))[0]
+    backend = CUDABackend(GPUTarget('cuda', 90, 32))
+    for launch in launches:
+        kernel = launch.kernel
+        config = kernel.configs[0] if isinstance(kernel, st.Autotuner) else None
+        fn = (kernel.fn if config else kernel).fn  # the Python function under the JIT or the interpreter
+        kwargs = {**launch.constexprs, **(config.all_kwargs() if config else {})}
+        jit = JITFunction(fn)
+        bound, _, _ = create_function_from_signature(jit.signature, jit.params, backend)(*launch.args, **kwargs)
+        direct = (*launch.args, *st._signature_tail(jit, launch.args, kwargs))
+        assert len(direct) == len(bound) and all(a is b for a, b in zip(direct, bound.values())), fn.__name__
+        assert all(isinstance(n, int) and n > 0 for n in launch.grid(kwargs))  # the grid from the constexprs alone
+
+
+def test_launch_key_separates_what_triton_compiles_apart():
+    """Launches with one key run one compiled kernel, so the key must tell apart every argument Triton's JIT
+    specialises differently (dtype, 16-byte alignment, an int's 1 / multiple of 16 / width), checked against
+    Triton's own specialisation on tensors at every offset and ints around each boundary."""
+    if not st.DIRECT_LAUNCH_TRITON:  # no direct launches on this Triton, so no key to check against it
+        assert not st.DIRECT_LAUNCH
+        return
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    storage = torch.zeros(64)
+    args = [storage.to(dtype)[offset:] for dtype in (torch.float32, torch.bfloat16, torch.float16)
+            for offset in range(9)]
+    args += [v + d for v in (0, 16, 2 ** 31, 2 ** 63) for d in (-1, 0, 1)] + [1, 2, 0.5, 1.0, True, False, None]
+    specialisations = {}
+    for arg in args:
+        spec = native_specialize_impl(BaseBackend, arg, False, True, True)
+        assert specialisations.setdefault(st._arg_key(arg), spec) == spec, arg
 
 
 def test_lone_config_is_not_timed(monkeypatch):

@@ -86,12 +86,14 @@ about two thirds of the op's host time, and on an H200 the stem is bound by host
 import inspect
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -99,7 +101,7 @@ from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, che
 
 __all__ = [
     'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
-    'INTERPRET', 'AUTOTUNED_KERNELS', 'AUTOTUNE_ENV', 'autotuning', 'run_plan',
+    'INTERPRET', 'DIRECT_LAUNCH', 'AUTOTUNED_KERNELS', 'AUTOTUNE_ENV', 'autotuning', 'run_plan',
 ]
 
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
@@ -467,24 +469,94 @@ class Launch:
     label: str = ''
 
     def __call__(self) -> None:
-        kernel = self.kernel
-        if not isinstance(kernel, Autotuner):
-            kernel[self.grid](*self.args, **self.constexprs)
+        key = (self.kernel, _current_device(), *map(_arg_key, self.args), *self.constexprs.values())
+        known = _KNOWN_LAUNCHES.get(key)
+        if known is None:
+            _KNOWN_LAUNCHES[key] = self._through_triton()
             return
-        key = (kernel, *[a.dtype if isinstance(a, torch.Tensor) else a for a in self.args], *self.constexprs.values())
-        tuned = _TUNED_CONFIGS.get(key)
-        if tuned is None:
-            kernel[self.grid](*self.args, **self.constexprs)
-            _TUNED_CONFIGS[key] = kernel.best_config, kernel.best_config.all_kwargs()
-        else:
-            kernel.best_config = tuned[0]
-            kernel.fn[self.grid](*self.args, **self.constexprs, **tuned[1])
+        if known.config is not None:
+            self.kernel.best_config = known.config  # what the GPU benchmark reads back
+        if known.compiled is None or _launch_hooks_set():
+            known.jit[self.grid](*self.args, **known.kwargs)
+            return
+        grid, compiled = self.grid(known.kwargs), known.compiled
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     known.stream(key[1]), compiled.function, compiled.packed_metadata, None, None, None,
+                     *self.args, *known.tail)
+
+    def _through_triton(self) -> '_KnownLaunch':
+        """The first launch of its kind: Triton's JIT compiles or finds the kernel, and an autotuner picks its config."""
+        kernel = self.kernel
+        compiled = kernel[self.grid](*self.args, **self.constexprs)
+        config = kernel.best_config if isinstance(kernel, Autotuner) else None
+        jit = kernel if config is None else kernel.fn
+        kwargs = self.constexprs if config is None else {**self.constexprs, **config.all_kwargs()}
+        tail = _signature_tail(jit, self.args, kwargs)
+        if not (DIRECT_LAUNCH and isinstance(compiled, CompiledKernel) and tail is not None
+                and (config is None or config.pre_hook is None)):
+            return _KnownLaunch(jit, kwargs, config)
+        return _KnownLaunch(jit, kwargs, config, compiled, tail, triton.runtime.driver.active.get_current_stream)
 
 
-# (autotuner, a launch's scalar args and tensor dtypes, its constexprs) -> the config its autotuner chose, and that
-# config's launch kwargs. A launch it has seen skips triton.autotune's per-call key building (about 9 µs of host
-# time per launch on 2 EPYC cores): the op is bound by host time at the model's map (docs/benchmarks.md).
-_TUNED_CONFIGS: Dict[Tuple[Any, ...], Tuple[triton.Config, Dict[str, Any]]] = {}
+@dataclass(frozen=True)
+class _KnownLaunch:
+    """A launch seen before: its JIT function and keyword arguments (the autotuner's chosen `config` included) and,
+    where it can run without Triton's JIT, its compiled kernel, the constexpr values that follow the positional
+    arguments in the kernel's signature, and the current-stream getter that Triton's JIT itself calls."""
+    jit: Any
+    kwargs: Dict[str, Any]
+    config: Optional[triton.Config]
+    compiled: Optional[CompiledKernel] = None
+    tail: Tuple[Any, ...] = ()
+    stream: Optional[Callable[[int], int]] = None
+
+
+# A launch's key -> what its first launch found. A seen launch skips Triton's JIT: on an H200 host with Triton
+# 3.6, the JIT took 19 µs to launch a 3-argument kernel and its compiled kernel's own launcher 7.6 µs, and the
+# fused ops are bound by host time at the model's map (docs/benchmarks.md). The key holds what makes Triton
+# compile a different kernel (`_arg_key`), the autotuners' keys (the int arguments) and the current device.
+_KNOWN_LAUNCHES: Dict[Tuple[Any, ...], _KnownLaunch] = {}
+
+
+def _triton_minor() -> Tuple[int, ...]:
+    return tuple(int(v) for v in re.match(r'(\d+)\.(\d+)', triton.__version__).groups())
+
+
+# The Tritons whose compiled kernels are launched directly: `CompiledKernel.run(gx, gy, gz, stream, function,
+# packed_metadata, launch_metadata, enter_hook, exit_hook, *every argument in signature order, constexprs
+# included)` is the call their JIT makes, read in the source of 3.6-3.8 and run on an H200 with 3.6. Others, and
+# the interpreter (which compiles nothing), go through the JIT at every launch.
+DIRECT_LAUNCH_TRITON: bool = (3, 6) <= _triton_minor() <= (3, 8)
+DIRECT_LAUNCH: bool = DIRECT_LAUNCH_TRITON and not INTERPRET
+
+
+def _current_device() -> int:
+    """The CUDA device Triton launches on (the current one, as its JIT reads it); -1 where nothing is compiled."""
+    return torch.cuda.current_device() if DIRECT_LAUNCH else -1
+
+
+def _arg_key(arg: Any) -> Any:
+    """What a seen launch must match an argument on to reuse its kernel: a tensor's dtype and 16-byte alignment (what
+    Triton's JIT specialises a pointer on), a float's type (Triton specialises no float), an int's value, and any
+    other value with its type (True == 1, but Triton compiles a bool and the int 1 apart)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, float):
+        return float
+    return arg if type(arg) is int else (type(arg), arg)
+
+
+def _signature_tail(jit: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+    """The values that follow a launch's positional arguments in its kernel's signature (its constexprs), in order:
+    the rest of what Triton's JIT hands the compiled kernel. None where one is not given (a default: keep the JIT)."""
+    names = jit.arg_names[len(args):]
+    return tuple(kwargs[name] for name in names) if all(name in kwargs for name in names) else None
+
+
+def _launch_hooks_set() -> bool:
+    """Whether something (a profiler such as Triton's proton) hooks Triton's launches: those launches keep its JIT."""
+    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
+    return any(hook is not None and getattr(hook, 'calls', True) for hook in hooks)
 
 
 def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
