@@ -243,6 +243,8 @@ def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
                 row[f'{host_side} fwd+bwd host'] = timer.host_ms(fwd_bwd, args.repeats)
                 if (H, W, C, B, dtype_name) == MODEL_OPERATOR_SHAPE or (args.smoke and not rows):
                     row[f'{host_side} fwd+bwd host profile'] = timer.host_profile(fwd_bwd)
+                    if 'fused' in impls:
+                        row['fused fwd+bwd host, direct / JIT'] = direct_launch_ab(timer, fwd_bwd, args.repeats)
                 if 'fused' in impls:
                     with torch.no_grad():
                         row['fused fwd kernels'] = timer.kernel_ms(lambda: impls['fused'](x, args.grid, args.iters))
@@ -257,6 +259,22 @@ def bench_operator(args: argparse.Namespace) -> Dict[str, object]:
                 rows.append(row)
                 print(row, flush=True)
     return {'copy_bw': copy_bandwidth(args.device), 'rows': rows}
+
+
+def direct_launch_ab(timer: Timer, fwd_bwd: Callable[[], object], repeats: int, rounds: int = 3
+                     ) -> Dict[str, object]:
+    """Host ms to issue the fused op with its seen launches run directly, and with every launch through Triton's
+    JIT, in interleaved rounds: what the direct launches save, on one host in one run (`enabled`: whether this
+    Triton launches directly at all)."""
+    from timm_supertoken.ops import super_token_triton
+
+    direct, jit = [], []
+    for _ in range(rounds):
+        direct.append(timer.host_ms(fwd_bwd, repeats))
+        with _temporarily(super_token_triton, 'DIRECT_LAUNCH', False), \
+                _temporarily(super_token_triton, '_KNOWN_LAUNCHES', {}):
+            jit.append(timer.host_ms(fwd_bwd, repeats))
+    return {'direct': direct, 'jit': jit, 'enabled': super_token_triton.DIRECT_LAUNCH}
 
 
 def _models(args: argparse.Namespace, variant: str, names: Sequence[str] = MODELS) -> Dict[str, torch.nn.Module]:
@@ -345,10 +363,11 @@ def _temporarily(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, default)
 
 
-def bench_patch_embed(args: argparse.Namespace) -> Dict[str, Tuple[float, float]]:
+def bench_patch_embed(args: argparse.Namespace, top: int = 10) -> Dict[str, Tuple[float, float, float, list]]:
     """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with
     cuDNN's heuristic algorithms instead of its timed ones, eager with the opt-in fused GELU-BatchNorm epilogue
-    (side by side, so each one's effect is a ratio of one run), and compiled; each with the host's time to issue it."""
+    (side by side, so each one's effect is a ratio of one run), and compiled; each with the host's time to issue it,
+    its GPU time in kernels and its `top` kernels: where the epilogue's GPU time goes beside the modules'."""
     import timm
     import timm_supertoken  # noqa: F401
     from timm_supertoken.layers import ConvActNorm
@@ -371,7 +390,9 @@ def bench_patch_embed(args: argparse.Namespace) -> Dict[str, Tuple[float, float]
 
         with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue), \
                 _temporarily(torch.backends.cudnn, 'benchmark', timed_algorithms):
-            result[label] = timer.median(step, args.repeats), timer.host_ms(step, args.repeats), timer.kernel_ms(step)
+            split = timer.kernel_split(step)
+            result[label] = (timer.median(step, args.repeats), timer.host_ms(step, args.repeats),
+                             sum(ms for ms, _ in split.values()), list(split.items())[:top])
     print(result, flush=True)
     return result
 
@@ -514,6 +535,13 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
             lines += ['', f'{fused.capitalize()} fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, host time by op '
                       '(torch.profiler, self time per call): ' + '; '.join(
                           f'`{name[:60]}` {us:.0f} µs' for name, us in r[f'{fused} fwd+bwd host profile']) + '.']
+        if 'fused fwd+bwd host, direct / JIT' in r:
+            ab = r['fused fwd+bwd host, direct / JIT']
+            lines += ['', f'Host time to issue the fused fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, ms per '
+                      'round (median of its calls), rounds interleaved: launches seen before run through the '
+                      f'compiled kernel\'s launcher ({", ".join(f"{v:.3f}" for v in ab["direct"])}; `DIRECT_LAUNCH` '
+                      f'{ab["enabled"]}) against every launch through Triton\'s JIT '
+                      f'({", ".join(f"{v:.3f}" for v in ab["jit"])}).']
         if 'fused fwd+bwd kernel split' in r:
             lines += ['', f'Fused fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, GPU time by kernel (torch.profiler): '
                       + '; '.join(f'`{name[:60]}` {ms:.3f} ms in {n} launch{"es" if n > 1 else ""}'
@@ -551,9 +579,9 @@ def _model_lines(args, models) -> List[str]:
     return lines
 
 
-def _ms_or_dash(ms: float) -> str:
+def _ms_or_dash(ms: float, digits: int = 1) -> str:
     """A profiled GPU time, or a dash where there is none to profile (a CPU smoke run)."""
-    return f'{ms:.1f}' if ms else '—'
+    return f'{ms:.{digits}f}' if ms else '—'
 
 
 def _ratio(per_round: Sequence[float]) -> str:
@@ -563,9 +591,12 @@ def _ratio(per_round: Sequence[float]) -> str:
 def _patch_embed_lines(args, patch_embed) -> List[str]:
     return [f'### vit_small_stconv `patch_embed` forward+backward, batch {args.model_batch_size}, bf16', '',
             'Event time, the host\'s time to issue it with the GPU idle, and the GPU time in its kernels '
-            '(torch.profiler, one call): the target is about the event time, which is the larger of the other two.',
+            '(torch.profiler, one call): the target is about the event time, which is at least the larger of the other two.',
             '', '| variant | ms | host\'s time to issue it, ms | GPU time in kernels, ms |', '|---|---:|---:|---:|'] + \
-        [f'| {k} | {ms:.2f} | {host:.2f} | {_ms_or_dash(gpu)} |' for k, (ms, host, gpu) in patch_embed.items()]
+        [f'| {k} | {ms:.2f} | {host:.2f} | {_ms_or_dash(gpu, 2)} |' for k, (ms, host, gpu, _) in patch_embed.items()] + \
+        [line for k, (*_, kernels) in patch_embed.items() if kernels and k.startswith('eager') for line in (
+            '', f'{k.capitalize()}, GPU ms by kernel (launches): ' + '; '.join(
+                f'`{name[:70]}` {ms:.3f} ({n})' for name, (ms, n) in kernels) + '.')]
 
 
 def _stem_lines(args, stem) -> List[str]:
