@@ -8,9 +8,15 @@ Three experiments, each one `compare` run per seed under a single recipe:
 - Table 6: the three embeddings (top-1 mean ± std over seeds, parameters, throughput);
 - Table 7: vit_small_stconv with 0, 1, 2, 4, 6 conv modules and 6 + an extra conv (`conv_modules=7`);
 - Table 8: vit_small_stconv with t = 1..4 clustering iterations, with throughput.
-Every model of one experiment is timed side by side in the same process after training. Only the
-generated section of the page is rewritten (hardware, recipe, tables, with the paper's numbers beside
-ours); the reading of the results above it is written by hand. Runs resume from --work-dir.
+Every model of one experiment is timed side by side in the same process after training. `--tables` picks
+the experiments; `--speed-only` times an ablation's models untrained instead (throughput does not depend on
+the weights), which is how Table 8's throughput side fits beside Table 6 in a GPU budget:
+
+    python benchmarks/reproduce.py --config fashion_mnist --dataset fashion-mnist --seeds 0 --epochs 10 \
+        --tables 6 8 --speed-only 8                                    # one H100/H200: ~12 min
+
+Only the generated section of the page is rewritten (hardware, recipe, tables, with the paper's numbers
+beside ours); the reading of the results above it is written by hand. Runs resume from --work-dir.
 """
 import argparse
 import datetime
@@ -21,8 +27,11 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from timm_supertoken.runtime import hardware_info, use_cudnn_benchmark
-from timm_supertoken.training.compare import QUICK_RECIPE, build_compare_config, run_compare
+from timm_supertoken.data.image_sets import load_splits
+from timm_supertoken.runtime import hardware_info, setup_distributed, use_cudnn_benchmark
+from timm_supertoken.training.compare import (QUICK_RECIPE, build_compare_config, class_count, model_train_config,
+                                              parse_model_spec, run_compare, time_side_by_side)
+from timm_supertoken.training.trainer import create_training_model
 from timm_supertoken.training.recipe import recipe_to_yaml
 
 from docs_page import write_markdown_section
@@ -54,8 +63,29 @@ def run_experiment(name: str, specs: Sequence[str], seeds: Sequence[int], args: 
     return {'per_spec': per_spec, 'config': cfg, 'throughput': results['throughput']}
 
 
+def time_experiment(name: str, specs: Sequence[str], args: argparse.Namespace) -> Dict[str, Any]:
+    """The specs built untrained and timed side by side as `compare` times trained ones: the throughput column of
+    an ablation without its training runs."""
+    cfg = build_compare_config(args.config, models=specs, dataset=args.dataset, data_dir=args.data_dir,
+                               img_size=args.img_size, seed=args.ablation_seeds[0], device=args.device,
+                               workers=args.workers, out=str(Path(args.work_dir) / name), epochs=args.epochs)
+    _, _, device = setup_distributed(cfg.device)
+    num_classes = class_count(*load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed))
+    models = {spec: create_training_model(model_train_config(cfg, *parse_model_spec(spec), num_classes)).to(device).eval()
+              for spec in specs}
+    timing, throughput = time_side_by_side(models, cfg, device)
+    per_spec = {spec: [{'params': sum(p.numel() for p in model.parameters()),
+                        'embed_params': sum(p.numel() for p in model.patch_embed.parameters()),
+                        'img_per_s': timing[spec]['img_per_s'], 'throughput_ratio': timing[spec]['ratio']}]
+                for spec, model in models.items()}
+    print(f'{name} (untrained): ' + ', '.join(f'{s} {t["img_per_s"]:.0f} img/s' for s, t in timing.items()), flush=True)
+    return {'per_spec': per_spec, 'config': cfg, 'throughput': throughput}
+
+
 def _top1(runs: List[Dict[str, Any]]) -> str:
-    """Mean ± std of the last-epoch top-1 over seeds (just the value for one seed)."""
+    """Mean ± std of the last-epoch top-1 over seeds (just the value for one seed); a dash for untrained models."""
+    if 'top1' not in runs[0]:
+        return '— (timed untrained)'
     values = [r['top1'] for r in runs]
     return f'{values[0]:.2f}' if len(values) == 1 else f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
@@ -97,6 +127,16 @@ def table_8(exp: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
+# table -> (its model specs, its heading); and how each is rendered
+TABLES = {
+    6: (EMBEDDINGS, 'the three embeddings'),
+    7: ([f'vit_small_stconv:conv_modules={n}' for n in CONV_MODULES],
+        'conv modules before the super-token clustering (vit_small_stconv)'),
+    8: ([f'vit_small_stconv:cluster_iters={t}' for t in ITERS], 'clustering iterations t (vit_small_stconv)'),
+}
+RENDERERS = {6: table_6, 7: table_7, 8: table_8}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--config', default=QUICK_RECIPE, help=f'recipe (default {QUICK_RECIPE})')
@@ -110,29 +150,44 @@ def main() -> None:
     parser.add_argument('--workers', type=int, default=None)
     parser.add_argument('--work-dir', default='./reproduction-runs', help='compare outputs and checkpoints (resumable)')
     parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument('--tables', type=int, nargs='+', choices=sorted(TABLES), default=sorted(TABLES),
+                        help='experiments to run (default 6 7 8)')
+    parser.add_argument('--speed-only', type=int, nargs='+', choices=(7, 8), default=[],
+                        help='ablations whose models are timed untrained instead of trained (their top-1 is not '
+                             'measured): Table 8\'s throughput beside Table 6 in a GPU budget')
     args = parser.parse_args()
+    if not set(args.speed_only) <= set(args.tables):
+        parser.error(f'--speed-only {args.speed_only} names tables that --tables {args.tables} does not run')
 
-    t6 = run_experiment('table6', EMBEDDINGS, args.seeds, args)
-    t7 = run_experiment('table7', [f'vit_small_stconv:conv_modules={n}' for n in CONV_MODULES], args.ablation_seeds, args)
-    t8 = run_experiment('table8', [f'vit_small_stconv:cluster_iters={t}' for t in ITERS], args.ablation_seeds, args)
-    section = render(t6, t7, t8, args, ' '.join(['python benchmarks/reproduce.py', *_cli_args(args, parser)]))
+    experiments = {}
+    for table in sorted(args.tables):
+        specs, title = TABLES[table]
+        if table in args.speed_only:
+            experiments[table] = time_experiment(f'table{table}', specs, args)
+        else:
+            experiments[table] = run_experiment(f'table{table}', specs, args.seeds if table == 6 else args.ablation_seeds,
+                                                args)
+    section = render(experiments, args, ' '.join(['python benchmarks/reproduce.py', *_cli_args(args, parser)]))
     write_markdown_section(args.output, SECTION, section)
     print(section)
     print(f'wrote {args.output}')
 
 
-def render(t6: Dict[str, Any], t7: Dict[str, Any], t8: Dict[str, Any], args: argparse.Namespace, command: str) -> str:
-    """The generated section of docs/reproduction.md: settings, hardware, the three tables."""
-    cfg, tp, hw = t6['config'], t6['throughput'], hardware_info()
-    train_min = sum(r['train_time_s'] for exp in (t6, t7, t8) for runs in exp['per_spec'].values() for r in runs) / 60
+def render(experiments: Dict[int, Dict[str, Any]], args: argparse.Namespace, command: str) -> str:
+    """The generated section of docs/reproduction.md: settings, hardware, the tables that ran."""
+    first = experiments[min(experiments)]
+    cfg, tp, hw = first['config'], first['throughput'], hardware_info()
+    train_min = sum(r.get('train_time_s', 0.0) for exp in experiments.values() for runs in exp['per_spec'].values()
+                    for r in runs) / 60
+    untrained = [t for t in experiments if t in args.speed_only]
+    tables = '\n\n'.join(f'### Table {t}: {TABLES[t][1]}\n\n{RENDERERS[t](exp)}' for t, exp in experiments.items())
     return f"""{SECTION}
 
 `{command}`, {datetime.date.today()}: {train_min:.0f} min of training in all. Hardware: {tp['device']};
 torch {hw['torch']}, timm {hw['timm']}. Dataset `{cfg.dataset}` at {cfg.img_size}×{cfg.img_size}; model kwargs
-for every model: {cfg.model_kwargs or 'none'}. Table 6: seeds {', '.join(map(str, args.seeds))}, mean ± std of
-the last epoch's top-1; Tables 7-8: seed {', '.join(map(str, args.ablation_seeds))}. Throughput: inference in
+for every model: {cfg.model_kwargs or 'none'}.{_seeds_note(experiments, untrained, args)} Throughput: inference in
 {tp['precision']}, batch {tp['batch']}, the models of one table timed side by side after training (median over seeds); the
-ratio is to the table's first row.
+ratio is to the table's first row.{_untrained_note(untrained)}
 
 Recipe `{args.config}` as run:
 
@@ -140,24 +195,32 @@ Recipe `{args.config}` as run:
 {recipe_to_yaml(cfg.recipe).strip()}
 ```
 
-### Table 6: the three embeddings
-
-{table_6(t6)}
-
-### Table 7: conv modules before the super-token clustering (vit_small_stconv)
-
-{table_7(t7)}
-
-### Table 8: clustering iterations t (vit_small_stconv)
-
-{table_8(t8)}
+{tables}
 """
+
+
+def _seeds_note(experiments: Dict[int, Dict[str, Any]], untrained: Sequence[int], args: argparse.Namespace) -> str:
+    """The seeds of the tables that trained."""
+    notes = []
+    if 6 in experiments:
+        notes.append(f"Table 6: seeds {', '.join(map(str, args.seeds))}, mean ± std of the last epoch's top-1")
+    ablations = [str(t) for t in experiments if t != 6 and t not in untrained]
+    if ablations:
+        notes.append(f"Table {' and '.join(ablations)}: seed {', '.join(map(str, args.ablation_seeds))}")
+    return ''.join(f' {note}.' for note in notes)
+
+
+def _untrained_note(tables: Sequence[int]) -> str:
+    if not tables:
+        return ''
+    names = ' and '.join(f'Table {t}' for t in tables)
+    return f' {names}: timed untrained (`--speed-only`), so no top-1; throughput does not depend on the weights.'
 
 
 def _cli_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
     """The experiment options that differ from the parser's defaults, to print the command that regenerates the page."""
     out = []
-    for name in ('config', 'dataset', 'img_size', 'epochs', 'seeds', 'ablation_seeds'):
+    for name in ('config', 'dataset', 'img_size', 'epochs', 'seeds', 'ablation_seeds', 'tables', 'speed_only'):
         value = getattr(args, name)
         if value != parser.get_default(name):
             out.append(f'--{name.replace("_", "-")} ' + (' '.join(map(str, value)) if isinstance(value, list) else str(value)))

@@ -27,7 +27,8 @@ def test_gpu_benchmark_runs_every_path_on_cpu():
                     '### GPU kernels where'):
         assert heading in run.stdout
     for statistic in ('host time to issue fwd / fwd+bwd', 'host time by op', 'lowest–highest round',
-                      "host's time to issue it", 'as built, host time by op'):
+                      "host's time to issue it", 'as built, host time by op', 'training step: host ms / GPU ms',
+                      'training ratio by GPU time', 'GPU time in kernels, ms'):
         assert statistic in run.stdout
     assert 'smoke run: every path ran; nothing written' in run.stdout
 
