@@ -190,6 +190,26 @@ def test_direct_launch_passes_the_arguments_tritons_jit_passes():
         assert all(isinstance(n, int) and n > 0 for n in launch.grid(kwargs))  # the grid from the constexprs alone
 
 
+def test_hooked_launches_keep_the_jit(monkeypatch):
+    """A profiler's launch hook (Triton's proton sets one) sees every launch: with one set, none goes around the JIT.
+    Triton 3.6 holds a hook as a function or None, 3.8 as a chain of them."""
+    if not st.DIRECT_LAUNCH_TRITON:  # no direct launches on this Triton to keep a hook from
+        assert not st.DIRECT_LAUNCH
+        return
+    runtime = triton.knobs.runtime
+    assert not st._launch_hooks_set()
+    hook = lambda *args: None  # noqa: E731
+    if hasattr(runtime.launch_exit_hook, 'add'):
+        runtime.launch_exit_hook.add(hook)
+        try:
+            assert st._launch_hooks_set()
+        finally:
+            runtime.launch_exit_hook.remove(hook)
+    else:
+        monkeypatch.setattr(runtime, 'launch_exit_hook', hook)
+        assert st._launch_hooks_set()
+
+
 def test_launch_key_separates_what_triton_compiles_apart():
     """Launches with one key run one compiled kernel, so the key must tell apart every argument Triton's JIT
     specialises differently (dtype, 16-byte alignment, an int's 1 / multiple of 16 / width), checked against

@@ -554,9 +554,11 @@ def _signature_tail(jit: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> 
 
 
 def _launch_hooks_set() -> bool:
-    """Whether something (a profiler such as Triton's proton) hooks Triton's launches: those launches keep its JIT."""
-    hooks = (triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook)
-    return any(hook is not None and getattr(hook, 'calls', True) for hook in hooks)
+    """Whether something (a profiler such as Triton's proton) hooks Triton's launches: those launches keep its JIT.
+    A hook is a function or None (Triton 3.6), or a chain of them that may be empty (3.8)."""
+    runtime = triton.knobs.runtime
+    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+    return bool(getattr(enter, 'calls', enter)) or bool(getattr(leave, 'calls', leave))
 
 
 def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
