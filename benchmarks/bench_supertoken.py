@@ -591,9 +591,11 @@ def _ratio(per_round: Sequence[float]) -> str:
 def _patch_embed_lines(args, patch_embed) -> List[str]:
     return [f'### vit_small_stconv `patch_embed` forward+backward, batch {args.model_batch_size}, bf16', '',
             'Event time, the host\'s time to issue it with the GPU idle, and the GPU time in its kernels '
-            '(torch.profiler, one call): the target is about the event time, which is at least the larger of the other two.',
+            '(torch.profiler, one call): the target is about the event time, which is at least the larger of the '
+            'other two.',
             '', '| variant | ms | host\'s time to issue it, ms | GPU time in kernels, ms |', '|---|---:|---:|---:|'] + \
-        [f'| {k} | {ms:.2f} | {host:.2f} | {_ms_or_dash(gpu, 2)} |' for k, (ms, host, gpu, _) in patch_embed.items()] + \
+        [f'| {k} | {ms:.2f} | {host:.2f} | {_ms_or_dash(gpu, 2)} |'
+         for k, (ms, host, gpu, _) in patch_embed.items()] + \
         [line for k, (*_, kernels) in patch_embed.items() if kernels and k.startswith('eager') for line in (
             '', f'{k.capitalize()}, GPU ms by kernel (launches): ' + '; '.join(
                 f'`{name[:70]}` {ms:.3f} ({n})' for name, (ms, n) in kernels) + '.')]

@@ -71,8 +71,8 @@ def time_experiment(name: str, specs: Sequence[str], args: argparse.Namespace) -
                                workers=args.workers, out=str(Path(args.work_dir) / name), epochs=args.epochs)
     _, _, device = setup_distributed(cfg.device)
     num_classes = class_count(*load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed))
-    models = {spec: create_training_model(model_train_config(cfg, *parse_model_spec(spec), num_classes)).to(device).eval()
-              for spec in specs}
+    models = {spec: create_training_model(model_train_config(cfg, *parse_model_spec(spec), num_classes))
+              .to(device).eval() for spec in specs}
     timing, throughput = time_side_by_side(models, cfg, device)
     per_spec = {spec: [{'params': sum(p.numel() for p in model.parameters()),
                         'embed_params': sum(p.numel() for p in model.patch_embed.parameters()),
@@ -165,8 +165,8 @@ def main() -> None:
         if table in args.speed_only:
             experiments[table] = time_experiment(f'table{table}', specs, args)
         else:
-            experiments[table] = run_experiment(f'table{table}', specs, args.seeds if table == 6 else args.ablation_seeds,
-                                                args)
+            seeds = args.seeds if table == 6 else args.ablation_seeds
+            experiments[table] = run_experiment(f'table{table}', specs, seeds, args)
     section = render(experiments, args, ' '.join(['python benchmarks/reproduce.py', *_cli_args(args, parser)]))
     write_markdown_section(args.output, SECTION, section)
     print(section)

@@ -485,7 +485,7 @@ class Launch:
                      *self.args, *known.tail)
 
     def _through_triton(self) -> '_KnownLaunch':
-        """The first launch of its kind: Triton's JIT compiles or finds the kernel, and an autotuner picks its config."""
+        """The first launch of its kind: Triton's JIT compiles or finds the kernel, an autotuner picks its config."""
         kernel = self.kernel
         compiled = kernel[self.grid](*self.args, **self.constexprs)
         config = kernel.best_config if isinstance(kernel, Autotuner) else None

@@ -197,7 +197,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
 
 
 def throughput_batch(device: torch.device) -> int:
-    """The batch inference is timed at: the paper's training batch on a GPU, half of it on a CPU (minutes, not hours)."""
+    """The batch inference is timed at: the paper's training batch on a GPU, half of it on a CPU (minutes, not
+    hours)."""
     return THROUGHPUT_BATCH_GPU if device.type == 'cuda' else THROUGHPUT_BATCH
 
 
