@@ -533,8 +533,7 @@ def _operator_lines(args, result: Dict[str, object]) -> List[str]:
     for r in operator:
         if f'{fused} fwd+bwd host profile' in r:
             lines += ['', f'{fused.capitalize()} fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, host time by op '
-                      '(torch.profiler, self time per call): ' + '; '.join(
-                          f'`{name[:60]}` {us:.0f} µs' for name, us in r[f'{fused} fwd+bwd host profile']) + '.']
+                      '(torch.profiler, self time per call): ' + _host_ops(r[f'{fused} fwd+bwd host profile'])]
         if 'fused fwd+bwd host, direct / JIT' in r:
             ab = r['fused fwd+bwd host, direct / JIT']
             lines += ['', f'Host time to issue the fused fwd+bwd at B={r["batch"]} {r["map"]} {r["dtype"]}, ms per '
@@ -584,6 +583,11 @@ def _ms_or_dash(ms: float, digits: int = 1) -> str:
     return f'{ms:.{digits}f}' if ms else '—'
 
 
+def _host_ops(profile: Sequence[Tuple[str, float]]) -> str:
+    """`Timer.host_profile`'s (op, µs) pairs as a sentence's list."""
+    return '; '.join(f'`{name[:60]}` {us:.0f} µs' for name, us in profile) + '.'
+
+
 def _ratio(per_round: Sequence[float]) -> str:
     return f'{statistics.median(per_round):.3f}× ({min(per_round):.2f}–{max(per_round):.2f})'
 
@@ -610,7 +614,7 @@ def _stem_lines(args, stem) -> List[str]:
          + (f"{r['epilogue']:.3f} ({r['epilogue host']:.3f})" if 'epilogue' in r else '—') + ' |' for r in stem] + \
         [line for r in stem if 'host profile' in r for line in (
             '', f"{r['stage'].capitalize()} as built, host time by op (torch.profiler, self time per "
-            "forward+backward): " + '; '.join(f'`{name[:60]}` {us:.0f} µs' for name, us in r['host profile']) + '.')]
+            "forward+backward): " + _host_ops(r['host profile']))]
 
 
 def _iteration_lines(args, iterations) -> List[str]:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 
 from timm_supertoken.data.image_sets import load_splits
+from timm_supertoken.models.parameters import parameter_counts
 from timm_supertoken.runtime import hardware_info, setup_distributed, use_cudnn_benchmark
 from timm_supertoken.training.compare import (QUICK_RECIPE, build_compare_config, class_count, model_train_config,
                                               parse_model_spec, run_compare, time_side_by_side)
@@ -74,9 +75,8 @@ def time_experiment(name: str, specs: Sequence[str], args: argparse.Namespace) -
     models = {spec: create_training_model(model_train_config(cfg, *parse_model_spec(spec), num_classes))
               .to(device).eval() for spec in specs}
     timing, throughput = time_side_by_side(models, cfg, device)
-    per_spec = {spec: [{'params': sum(p.numel() for p in model.parameters()),
-                        'embed_params': sum(p.numel() for p in model.patch_embed.parameters()),
-                        'img_per_s': timing[spec]['img_per_s'], 'throughput_ratio': timing[spec]['ratio']}]
+    per_spec = {spec: [dict(zip(('embed_params', 'params'), parameter_counts(model)),
+                            img_per_s=timing[spec]['img_per_s'], throughput_ratio=timing[spec]['ratio'])]
                 for spec, model in models.items()}
     print(f'{name} (untrained): ' + ', '.join(f'{s} {t["img_per_s"]:.0f} img/s' for s, t in timing.items()), flush=True)
     return {'per_spec': per_spec, 'config': cfg, 'throughput': throughput}
@@ -161,7 +161,7 @@ def main() -> None:
 
     experiments = {}
     for table in sorted(args.tables):
-        specs, title = TABLES[table]
+        specs = TABLES[table][0]
         if table in args.speed_only:
             experiments[table] = time_experiment(f'table{table}', specs, args)
         else:

@@ -14,7 +14,7 @@ import timm
 from .supertoken_vit import default_cfgs
 
 __all__ = ['PAPER_SETTING', 'PAPER_EMBED_PARAMS', 'PAPER_TOTAL_PARAMS', 'TABLE_START', 'TABLE_END', 'count_parameters',
-           'parameter_rows', 'parameter_markdown', 'paper_parameter_markdown', 'write_table']
+           'parameter_counts', 'parameter_rows', 'parameter_markdown', 'paper_parameter_markdown', 'write_table']
 
 # the paper's totals (Tables 6-7) are for an ImageNet-100 head on a trunk with mlp_ratio=3
 PAPER_SETTING = dict(mlp_ratio=3, num_classes=100)
@@ -31,13 +31,16 @@ def _meta_model(name: str, **kwargs: Any) -> torch.nn.Module:
         return timm.create_model(name, **kwargs)
 
 
-def _counts(model: torch.nn.Module) -> Tuple[int, int]:
-    return sum(p.numel() for p in model.patch_embed.parameters()), sum(p.numel() for p in model.parameters())
+def parameter_counts(model: torch.nn.Module) -> Tuple[int, int]:
+    """(embedding, total) parameters of a built model; one without a `patch_embed` (a CNN) has no embedding: 0."""
+    embed = getattr(model, 'patch_embed', None)
+    embed_params = sum(p.numel() for p in embed.parameters()) if embed is not None else 0
+    return embed_params, sum(p.numel() for p in model.parameters())
 
 
 def count_parameters(name: str, **kwargs: Any) -> Tuple[int, int]:
     """(embedding, total) parameters of `timm.create_model(name, **kwargs)`."""
-    return _counts(_meta_model(name, **kwargs))
+    return parameter_counts(_meta_model(name, **kwargs))
 
 
 def parameter_rows(model_names: Sequence[str] = tuple(default_cfgs)) -> List[Dict[str, Any]]:
@@ -45,7 +48,7 @@ def parameter_rows(model_names: Sequence[str] = tuple(default_cfgs)) -> List[Dic
     rows = []
     for name in model_names:
         model = _meta_model(name)
-        embed, total = _counts(model)
+        embed, total = parameter_counts(model)
         rows.append({'model': name, 'width': model.embed_dim, 'heads': model.blocks[0].attn.num_heads, 'embed': embed,
                      'total': total, 'paper_setting_total': count_parameters(name, **PAPER_SETTING)[1]})
     return rows

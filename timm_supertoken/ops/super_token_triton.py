@@ -481,8 +481,8 @@ class Launch:
             return
         grid, compiled = self.grid(known.kwargs), known.compiled
         compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     known.stream(key[1]), compiled.function, compiled.packed_metadata, None, None, None,
-                     *self.args, *known.tail)
+                     triton.runtime.driver.active.get_current_stream(key[1]), compiled.function,
+                     compiled.packed_metadata, None, None, None, *self.args, *known.tail)
 
     def _through_triton(self) -> '_KnownLaunch':
         """The first launch of its kind: Triton's JIT compiles or finds the kernel, an autotuner picks its config."""
@@ -495,20 +495,19 @@ class Launch:
         if not (DIRECT_LAUNCH and isinstance(compiled, CompiledKernel) and tail is not None
                 and (config is None or config.pre_hook is None)):
             return _KnownLaunch(jit, kwargs, config)
-        return _KnownLaunch(jit, kwargs, config, compiled, tail, triton.runtime.driver.active.get_current_stream)
+        return _KnownLaunch(jit, kwargs, config, compiled, tail)
 
 
 @dataclass(frozen=True)
 class _KnownLaunch:
     """A launch seen before: its JIT function and keyword arguments (the autotuner's chosen `config` included) and,
-    where it can run without Triton's JIT, its compiled kernel, the constexpr values that follow the positional
-    arguments in the kernel's signature, and the current-stream getter that Triton's JIT itself calls."""
+    where it can run without Triton's JIT, its compiled kernel and the constexpr values that follow the positional
+    arguments in the kernel's signature."""
     jit: Any
     kwargs: Dict[str, Any]
     config: Optional[triton.Config]
     compiled: Optional[CompiledKernel] = None
     tail: Tuple[Any, ...] = ()
-    stream: Optional[Callable[[int], int]] = None
 
 
 # A launch's key -> what its first launch found. A seen launch skips Triton's JIT: on an H200 host with Triton

@@ -26,6 +26,7 @@ from timm.utils import ModelEmaV3
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.image_sets import ImageSet
+from ..models.parameters import parameter_counts
 from ..runtime import create_model_at_size, progress, save_atomic, seed_everything, setup_distributed
 from .data import AugmentedImageSet, GlobalBatchSampler, create_device_loader, default_workers
 from .recipe import Recipe
@@ -262,7 +263,6 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
+    embed_params, params = parameter_counts(model)
     return {'model': model, 'ema': None if ema is None else ema.module, 'history': history, 'args': args,
-            'params': sum(p.numel() for p in model.parameters()),
-            'embed_params': sum(p.numel() for p in model.patch_embed.parameters())
-            if hasattr(model, 'patch_embed') else 0}
+            'params': params, 'embed_params': embed_params}
