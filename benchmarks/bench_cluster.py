@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from timm_supertoken.cli.clustering import add_cluster_arguments, data_and_config
-from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
+from timm_supertoken.clustering.deep_clustering import describe_readout, pretrain_method, run_deep_clustering
 from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import hardware_info
 
@@ -80,6 +80,7 @@ def settings_lines(result: Dict[str, Any]) -> List[str]:
         f'{cfg["pretrain_batch_size"]}, peak lr {cfg["pretrain_lr"]}, temperature {cfg["temperature"]}, '
         f'hflip={cfg["hflip"]}, view scale {cfg["view_scale"][0]:g}-{cfg["view_scale"][1]:g}, color jitter '
         f'{cfg["color_jitter"]:g}.',
+        f'- Round 0\'s pseudo-labels: {describe_readout(cfg["readout"], cfg["pretrain"])}.',
         f'- Loop: targets={cfg["targets"]}, γ = {cfg["gamma"]}, ε = {cfg["eps"]}, {cfg["epochs"]} epochs per '
         f'round, max {cfg["max_rounds"]} rounds, batch {cfg["batch_size"]}, lr {cfg["lr"]}, seed {cfg["seed"]}; '
         f'stopped: {result["stop_reason"]}.',

@@ -13,14 +13,15 @@ def test_nmi_curve_title_names_every_plotted_metric_and_all_baselines_are_drawn(
     monkeypatch.setattr(Figure, 'savefig', lambda fig, *a, **kw: (saved.append(fig), savefig(fig, *a, **kw))[1])
     history = [{'round': r, 'nmi': 0.5 + r / 10, 'ari': 0.4 + r / 10, 'acc': 0.6 + r / 10} for r in range(3)]
     baselines = {name: {'nmi': v} for name, v in (('kmeans_pixels', 0.5), ('kmeans_untrained_embedding', 0.3),
-                                                  ('kmeans_contrastive_embedding', 0.6))}
+                                                  ('kmeans_contrastive_embedding', 0.6),
+                                                  ('umap_contrastive_embedding_and_pixels', 0.65))}
     plot_nmi_curve(history, baselines, tmp_path / 'nmi_per_round.png')
     ax = saved[0].axes[0]
     labels = ax.get_legend_handles_labels()[1]
     assert {'NMI', 'ARI', 'ACC'} <= set(labels)
     for metric in ('NMI', 'ARI', 'ACC'):
         assert metric in ax.get_title(), (metric, ax.get_title())
-    assert sum(label.startswith('NMI kmeans') for label in labels) == 3
+    assert sum(label.startswith(('NMI kmeans', 'NMI umap')) for label in labels) == 4
 
 
 def test_cluster_grid_fills_its_canvas(tmp_path):

@@ -4,7 +4,8 @@ import os
 import time
 from typing import Any, Dict, Tuple
 
-from ..clustering.deep_clustering import PRETRAIN_METHODS, ClusterConfig, pretrain_method, run_deep_clustering
+from ..clustering.deep_clustering import (PRETRAIN_METHODS, READOUTS, ClusterConfig, describe_readout,
+                                          pretrain_method, run_deep_clustering)
 from ..clustering.report import results_markdown
 from ..data.image_sets import ImageSet, load_dataset
 from .options import (
@@ -43,7 +44,6 @@ def _settings(data: ImageSet, cfg: ClusterConfig) -> Tuple[str, ...]:
     """The data, model, representation stage and loop, one line each, for the preamble."""
     scaled_down = cfg.model_kwargs == DEFAULT_MODEL_KWARGS and cfg.model == DEFAULT_MODEL
     method = pretrain_method(cfg)
-    initial = 'k-means of the contrastive embedding' if method != 'none' else 'k-means-on-pixels assignments'
     stage = () if method == 'none' else (
         f'representation stage: {method}, {cfg.pretrain_epochs} epochs, batch {cfg.pretrain_batch_size}, '
         f'lr {cfg.pretrain_lr}, temperature {cfg.temperature}, hflip={cfg.hflip}, view scale '
@@ -54,7 +54,8 @@ def _settings(data: ImageSet, cfg: ClusterConfig) -> Tuple[str, ...]:
         f'in_chans={cfg.in_chans or data.images.shape[1]}'
         + (' (scaled down from ViT-S depth 12 so the default run fits a CPU)' if scaled_down else ''),
         *stage,
-        f'loop: targets={cfg.targets}' + (f' (round 0 trains on {initial})' if cfg.targets == 'pseudo' else '')
+        f'loop: targets={cfg.targets}'
+        + (f' (round 0 trains on {describe_readout(cfg.readout, method)})' if cfg.targets == 'pseudo' else '')
         + f', gamma={cfg.gamma}, eps={cfg.eps}, max_rounds={cfg.max_rounds}, epochs/round={cfg.epochs}, '
         f'augment={cfg.augment}, batch={cfg.batch_size}, lr={cfg.lr}, seed={cfg.seed}',
     )
@@ -75,7 +76,7 @@ def data_and_config(args: argparse.Namespace) -> Tuple[ImageSet, ClusterConfig]:
         model=args.model, model_kwargs=model_kwargs, img_size=args.img_size, in_chans=args.in_chans, k=args.k,
         targets=args.targets, gamma=args.gamma, eps=args.eps, max_rounds=args.max_rounds, epochs=args.epochs,
         augment=args.augment, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        kmeans_restarts=args.kmeans_restarts, match_ids=args.match_ids,
+        kmeans_restarts=args.kmeans_restarts, match_ids=args.match_ids, readout=args.readout,
         pretrain=args.pretrain if args.pretrain is not None or args.dataset != 'digits' else 'none',
         pretrain_epochs=args.pretrain_epochs, pretrain_batch_size=args.pretrain_batch_size, pretrain_lr=args.pretrain_lr,
         temperature=args.temperature, hflip=args.hflip if args.hflip is not None else args.dataset != 'digits',
@@ -107,8 +108,12 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--no-aug', dest='augment', action='store_false', help='no random rescale/shift augmentation')
     p.add_argument('--pretrain', choices=PRETRAIN_METHODS, default=None,
                    help="representation stage before round 0: 'simclr' (NT-Xent on two augmented views; the default "
-                        "with --targets pseudo) or 'none' (round 0 trains on k-means of the pixels; the default with "
-                        "--targets true and for digits, whose 8x8 glyphs are too small to crop)")
+                        "with --targets pseudo) or 'none' (round 0's pseudo-labels are read out of the pixels; the "
+                        "default with --targets true and for digits, whose 8x8 glyphs are too small to crop)")
+    p.add_argument('--readout', choices=READOUTS, default=_DEFAULTS.readout,
+                   help="how round 0's pseudo-labels are read out: 'umap' = k-means of a UMAP layout of the pixels "
+                        "and the contrastive embedding side by side (of the pixels without the stage; default), "
+                        "'kmeans' = k-means of the embedding (of the pixels without the stage)")
     p.add_argument('--pretrain-epochs', type=int, default=_DEFAULTS.pretrain_epochs,
                    help=f'contrastive epochs (default {_DEFAULTS.pretrain_epochs})')
     p.add_argument('--pretrain-batch-size', type=int, default=_DEFAULTS.pretrain_batch_size,

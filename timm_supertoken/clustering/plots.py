@@ -16,14 +16,14 @@ SUPTITLE_IN = 0.3
 
 
 def plot_nmi_curve(history: List[Dict[str, Any]], baselines: Dict[str, Dict[str, float]], path: Path) -> Path:
-    """NMI, ARI and ACC per round, with the NMI of each k-means baseline as a horizontal line."""
+    """NMI, ARI and ACC per round, with the NMI of each baseline (k-means, UMAP readout) as a horizontal line."""
     plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100, layout='constrained')
     rounds = [h['round'] for h in history]
     for key, style in (('nmi', 'o-'), ('ari', 's--'), ('acc', '^:')):
         if history and key in history[0]:
             ax.plot(rounds, [h[key] for h in history], style, label=key.upper())
-    for (name, m), color in zip(baselines.items(), ('tab:gray', 'tab:brown', 'tab:purple')):
+    for (name, m), color in zip(baselines.items(), ('tab:gray', 'tab:brown', 'tab:purple', 'tab:olive')):
         if 'nmi' in m:
             ax.axhline(m['nmi'], color=color, ls='-.', lw=1, label=f'NMI {name.replace("_", " ")}')
     ax.set_xlabel('round (0: initial training, L_ViT only)')
