@@ -70,7 +70,7 @@ class ClusterConfig:
     kmeans_restarts: int = 4
     match_ids: bool = True  # re-number each round's clusters to overlap the previous ids (stable pseudo-labels)
     pretrain: Optional[str] = None  # 'simclr' | 'none'; None: 'simclr' with pseudo targets, 'none' with true ones
-    readout: str = 'umap'  # round 0's pseudo-labels: k-means of a UMAP layout of pixels (+ embedding), or k-means alone
+    readout: str = 'umap'  # round 0's pseudo-labels: k-means of a UMAP layout of pixels (+ embedding), or of them
     pretrain_epochs: int = 20
     pretrain_batch_size: int = 256  # NT-Xent's negatives are the other 2B - 2 views of the batch
     pretrain_lr: float = 2e-3  # peak of the one-cycle cosine schedule
@@ -266,8 +266,8 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     In pseudo mode with `pretrain='simclr'` (the default there), the model first learns from augmented
     views (NT-Xent); the initial clusters are then k-means on a UMAP layout of the pixels and that
     embedding (`readout='umap'`, the default) or on the embedding (`'kmeans'`). Without the stage
-    they are read out of the pixels alone the same way. Round 0 trains with L_ViT only (pseudo mode: on those initial clusters), embeds
-    and clusters. Each later round retrains with eq. 8 against the previous
+    they are read out of the pixels alone the same way. Round 0 trains with L_ViT only (pseudo mode:
+    on those initial clusters), embeds and clusters. Each later round retrains with eq. 8 against the previous
     round's centroids, re-embeds and re-clusters; the loop stops once l_current - l_new < eps or
     after max_rounds. The last round's clustering of the final model's embeddings is the result.
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
