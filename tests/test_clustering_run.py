@@ -229,6 +229,7 @@ def test_views_benchmark_scores_every_variant(tmp_path):
                 '--output', str(page)])
     text = page.read_text()
     assert bench.SECTION in text and '| base |' in text and '| color_jitter=0 hflip=true |' in text
+    assert '| UMAP readout NMI |' in text
     assert "bench_views.py --dataset digits" in text and str(page) not in text  # the command, less --output
     with pytest.raises(SystemExit):  # a typo in a variant stops the run before any training
         bench.main(['--dataset', 'digits', *TINY_ARGS, '--variants', 'colour_jitter=0', '--output', str(page)])
