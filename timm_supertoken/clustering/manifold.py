@@ -6,7 +6,8 @@ agreement 0.71 against 0.65 for the embedding, docs/clustering.md). UMAP keeps e
 k-NN graph laid out in a few dimensions, where k-means then finds the dense groups (N2D, McLachlan &
 Zhang 2019, clusters an autoencoder's features the same way). The steps follow the reference
 implementation (umap-learn); the layout's SGD updates every sampled edge at once instead of one after
-the other, so an epoch is a handful of tensor operations on the CPU or the GPU.
+the other, so an epoch is a handful of tensor operations on the CPU or the GPU. The neighbour search is
+exact, O(n²·d) in row chunks: made for the tens of thousands of images a clustering run holds, not millions.
 """
 import math
 import warnings
