@@ -3,8 +3,8 @@
 Why: k-means on a contrastive embedding keeps its global cluster geometry but ignores how images sit
 among their neighbours, and on Fashion-MNIST the pixels have the better neighbourhoods (20-NN label
 agreement 0.71 against 0.65 for the embedding, docs/clustering.md). UMAP keeps exactly that: a fuzzy
-k-NN graph laid out in a few dimensions, where k-means then finds the dense groups (N2D, McLachlan &
-Zhang 2019, clusters an autoencoder's features the same way). The steps follow the reference
+k-NN graph laid out in a few dimensions, where k-means then finds the dense groups (N2D, McConville et
+al. 2020, clusters an autoencoder's features the same way). The steps follow the reference
 implementation (umap-learn); the layout's SGD updates every sampled edge at once instead of one after
 the other, so an epoch is a handful of tensor operations on the CPU or the GPU. The neighbour search is
 exact, O(n²·d) in row chunks: made for the tens of thousands of images a clustering run holds, not millions.
