@@ -149,6 +149,10 @@ def test_bad_input_is_named():
         fused(torch.randn(1, 8, 1, 1, device=DEVICE), None, bn)
     with pytest.raises(RuntimeError, match='no backward with running statistics'):
         fused(torch.randn(2, 8, 3, 3, device=DEVICE, requires_grad=True), None, bn.eval())
+    # the plans hand the maps' own pointers to the kernels, which address them as (B·H·W, C) row-major matrices
+    params = [torch.zeros(8, device=DEVICE)] * 3
+    with pytest.raises(ValueError, match='channels_last-contiguous'):
+        gbn.forward_plan(torch.randn(2, 8, 3, 3, device=DEVICE), *params)
 
 
 def _conv_module(seed=0):
