@@ -25,9 +25,8 @@ import torch.nn.functional as F
 
 from timm_supertoken.cli.clustering import data_and_config
 from timm_supertoken.clustering.deep_clustering import (ClusterConfig, EmbedNet, create_cluster_model, embed,
-                                                        pretrain_representation)
+                                                        pixel_rows, pretrain_representation, umap_readout)
 from timm_supertoken.clustering.kmeans import kmeans
-from timm_supertoken.clustering.manifold import joint_features, umap_layout
 from timm_supertoken.clustering.metrics import cluster_metrics
 from timm_supertoken.runtime import hardware_info, seed_everything, setup_distributed
 
@@ -87,11 +86,9 @@ def score_variant(data, cfg: ClusterConfig, device: torch.device) -> Dict[str, f
     stage = pretrain_representation(net, data.images, cfg, in_chans, device)
     z = embed(net, data.images, cfg, in_chans, device)
     km = kmeans(z, data.num_classes, n_init=cfg.kmeans_restarts, seed=cfg.seed)
-    pixels = data.images.reshape(len(data), -1).to(device).float() / 255
-    layout = umap_layout(joint_features(pixels, z), seed=cfg.seed)
-    readout = kmeans(layout, data.num_classes, n_init=cfg.kmeans_restarts, seed=cfg.seed)
+    readout = umap_readout(pixel_rows(data.images, device), z, data.num_classes, cfg.kmeans_restarts, cfg.seed)
     return dict(cluster_metrics(data.labels, km.labels.cpu().numpy()), knn=neighbour_agreement(z, data.labels),
-                umap_nmi=cluster_metrics(data.labels, readout.labels.cpu().numpy())['nmi'],
+                umap_nmi=cluster_metrics(data.labels, readout.cpu().numpy())['nmi'],
                 loss=stage['loss_contrastive'], time_s=stage['time_s'])
 
 
@@ -112,7 +109,8 @@ def render_section(rows: List[Dict[str, Any]], data, base: ClusterConfig, comman
         f'- Scores of the embedding: k-means ({base.kmeans_restarts} restarts) NMI/ARI/ACC, the share of each '
         f"image's {NEIGHBOURS} nearest neighbours (cosine) with its label, and the NMI of the UMAP readout of pixels "
         'and embedding (`--readout umap`, round 0\'s targets).', '',
-        f'| variant | NMI | ARI | ACC | {NEIGHBOURS}-NN label agreement | UMAP readout NMI | NT-Xent | stage time (s) |',
+        f'| variant | NMI | ARI | ACC | {NEIGHBOURS}-NN label agreement | UMAP readout NMI | NT-Xent '
+        '| stage time (s) |',
         '|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for r in rows:

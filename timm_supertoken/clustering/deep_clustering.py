@@ -36,8 +36,8 @@ from .metrics import cluster_metrics, match_clusters, nmi
 from .plots import plot_cluster_grid, plot_nmi_curve
 
 __all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'pretrain_method', 'describe_readout',
-           'pretrain_representation', 'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering',
-           'CHECKPOINT_NAME', 'METRICS_NAME']
+           'pretrain_representation', 'pixel_rows', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
+           'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 METRICS_NAME = 'metrics.json'
@@ -414,7 +414,7 @@ def _initial_state(run: _Run) -> Dict[str, Any]:
 def _baselines(run: _Run) -> Dict[str, Any]:
     """A fresh loop state with the k-means baselines: pixels (round 0's targets with neither stage nor UMAP) and
     the untrained embedding."""
-    pix = run.kmeans(_pixels(run), seed=run.cfg.seed)
+    pix = run.kmeans(pixel_rows(run.images, run.device), seed=run.cfg.seed)
     untrained = run.kmeans(run.embed('embed untrained'), seed=run.cfg.seed)
     return {
         'baselines': {
@@ -426,9 +426,18 @@ def _baselines(run: _Run) -> Dict[str, Any]:
     }
 
 
-def _pixels(run: _Run) -> torch.Tensor:
-    """The images as (n, C·H·W) rows in [0, 1] on the run's device: the features of the pixel baselines."""
-    return run.images.reshape(len(run.data), -1).to(run.device).float().div_(255.)
+def pixel_rows(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images as (n, C·H·W) rows in [0, 1] on device: the features of the pixel baselines and readout."""
+    return images.reshape(images.shape[0], -1).to(device).float().div_(255.)
+
+
+def umap_readout(pixels: torch.Tensor, z: Optional[torch.Tensor], k: int, n_init: int, seed: int) -> torch.Tensor:
+    """Cluster ids of k-means on a UMAP layout of the pixel rows, beside the embedding z when given (`readout='umap'`).
+
+    One definition for the loop and for benchmarks/bench_views.py, so its column measures what round 0 trains on.
+    """
+    features = joint_features(pixels) if z is None else joint_features(pixels, z)
+    return kmeans(umap_layout(features, seed=seed), k, n_init=n_init, seed=seed).labels
 
 
 def _representation_stage(run: _Run, state: Dict[str, Any]) -> torch.Tensor:
@@ -456,8 +465,8 @@ def _umap_readout(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -
     t0 = time.perf_counter()
     labels = torch.empty(len(run.data), dtype=torch.long, device=run.device)
     if run.rank == 0:
-        features = joint_features(_pixels(run)) if z is None else joint_features(_pixels(run), z)
-        labels = run.kmeans(umap_layout(features, seed=run.cfg.seed), seed=run.cfg.seed).labels.to(run.device)
+        pixels = pixel_rows(run.images, run.device)
+        labels = umap_readout(pixels, z, run.k, run.cfg.kmeans_restarts, run.cfg.seed).to(run.device)
     if run.world > 1:
         dist.broadcast(labels, 0)
     state['initial_assignments'] = labels.cpu()
