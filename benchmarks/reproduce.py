@@ -23,7 +23,7 @@ import datetime
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence
 
 import torch
 
@@ -127,14 +127,20 @@ def table_8(exp: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-# table -> (its model specs, its heading); and how each is rendered
+class Table(NamedTuple):
+    """One of the paper's tables: the model specs its experiment trains, its heading, and how its results render."""
+    specs: Sequence[str]
+    heading: str
+    render: Callable[[Dict[str, Any]], str]
+
+
 TABLES = {
-    6: (EMBEDDINGS, 'the three embeddings'),
-    7: ([f'vit_small_stconv:conv_modules={n}' for n in CONV_MODULES],
-        'conv modules before the super-token clustering (vit_small_stconv)'),
-    8: ([f'vit_small_stconv:cluster_iters={t}' for t in ITERS], 'clustering iterations t (vit_small_stconv)'),
+    6: Table(EMBEDDINGS, 'the three embeddings', table_6),
+    7: Table([f'vit_small_stconv:conv_modules={n}' for n in CONV_MODULES],
+             'conv modules before the super-token clustering (vit_small_stconv)', table_7),
+    8: Table([f'vit_small_stconv:cluster_iters={t}' for t in ITERS], 'clustering iterations t (vit_small_stconv)',
+             table_8),
 }
-RENDERERS = {6: table_6, 7: table_7, 8: table_8}
 
 
 def main() -> None:
@@ -161,7 +167,7 @@ def main() -> None:
 
     experiments = {}
     for table in sorted(args.tables):
-        specs = TABLES[table][0]
+        specs = TABLES[table].specs
         if table in args.speed_only:
             experiments[table] = time_experiment(f'table{table}', specs, args)
         else:
@@ -180,7 +186,8 @@ def render(experiments: Dict[int, Dict[str, Any]], args: argparse.Namespace, com
     train_min = sum(r.get('train_time_s', 0.0) for exp in experiments.values() for runs in exp['per_spec'].values()
                     for r in runs) / 60
     untrained = [t for t in experiments if t in args.speed_only]
-    tables = '\n\n'.join(f'### Table {t}: {TABLES[t][1]}\n\n{RENDERERS[t](exp)}' for t, exp in experiments.items())
+    tables = '\n\n'.join(f'### Table {t}: {TABLES[t].heading}\n\n{TABLES[t].render(exp)}'
+                           for t, exp in experiments.items())
     return f"""{SECTION}
 
 `{command}`, {datetime.date.today()}: {train_min:.0f} min of training in all. Hardware: {tp['device']};

@@ -491,9 +491,9 @@ class Launch:
         config = kernel.best_config if isinstance(kernel, Autotuner) else None
         jit = kernel if config is None else kernel.fn
         kwargs = self.constexprs if config is None else {**self.constexprs, **config.all_kwargs()}
-        tail = _signature_tail(jit, self.args, kwargs)
-        if not (DIRECT_LAUNCH and isinstance(compiled, CompiledKernel) and tail is not None
-                and (config is None or config.pre_hook is None)):
+        direct = DIRECT_LAUNCH and isinstance(compiled, CompiledKernel) and (config is None or config.pre_hook is None)
+        tail = _signature_tail(jit, self.args, kwargs) if direct else None
+        if tail is None:
             return _KnownLaunch(jit, kwargs, config)
         return _KnownLaunch(jit, kwargs, config, compiled, tail)
 
