@@ -4,8 +4,9 @@ Why: in pseudo-label mode round 0 has no clusters but k-means on pixels, so trai
 teaches the model to reproduce the pixel partition, and eq. 8 then refines that fixed point (Fashion-MNIST:
 pixel k-means NMI 0.491, round 2 0.500). Contrastive pretraining instead learns what stays the same
 under crops, flips and intensity changes, so the loop starts from clusters of shape rather than of
-pixel overlap (read out of this embedding beside the pixels, `manifold.py`). The embedding is the model's pre-logits feature (the one the
-loop clusters); a small MLP projection head carries the loss and is dropped afterwards (SimCLR §4.2).
+pixel overlap (read out of this embedding beside the pixels, `manifold.py`). The embedding is the model's
+pre-logits feature (the one the loop clusters); a small MLP projection head carries the loss and is dropped
+afterwards (SimCLR §4.2).
 """
 from typing import Dict, Tuple
 

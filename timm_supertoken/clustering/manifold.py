@@ -116,8 +116,9 @@ def optimize_layout(graph: torch.Tensor, layout: torch.Tensor, epochs: int = 200
     y = layout.clone()
     heads, tails = graph.indices().to(y.device)
     weights = graph.values().to(y.device)
-    keep = weights >= weights.max() / epochs
-    heads, tails, prob = heads[keep], tails[keep], weights[keep] / weights.max()
+    top = weights.max()
+    keep = weights >= top / epochs
+    heads, tails, prob = heads[keep], tails[keep], weights[keep] / top
     gen = torch.Generator(device=y.device).manual_seed(seed)
     a, b = CURVE_A, CURVE_B
     for epoch in range(epochs):
