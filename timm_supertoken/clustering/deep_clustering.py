@@ -463,10 +463,11 @@ def _umap_readout(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -
     bitwise reproducible, and every rank must train on the same targets.
     """
     t0 = time.perf_counter()
-    labels = torch.empty(len(run.data), dtype=torch.long, device=run.device)
     if run.rank == 0:
         pixels = pixel_rows(run.images, run.device)
         labels = umap_readout(pixels, z, run.k, run.cfg.kmeans_restarts, run.cfg.seed).to(run.device)
+    else:
+        labels = torch.empty(len(run.data), dtype=torch.long, device=run.device)
     if run.world > 1:
         dist.broadcast(labels, 0)
     state['initial_assignments'] = labels.cpu()
