@@ -1,14 +1,13 @@
-"""CPU inference benchmark: the three embeddings vs timm's vit_small_patch16_224, written to docs/benchmarks.md.
+"""CPU inference benchmark: the three embeddings vs timm's vit_small_patch16_224, as results/cpu_inference.json.
 
-    python benchmarks/bench_cpu.py [--repeats 15] [--batch-size 8] [--output docs/benchmarks.md]
+    python benchmarks/bench_cpu.py [--repeats 15] [--batch-size 8]
 
 Runs `timm_supertoken.throughput.benchmark_cpu` (fp32, eval, inference_mode, all models interleaved in
-one process, median of the repeats), then breaks vit_small_stconv's embedding down by stage and by
-operator with torch.profiler, and rewrites only the `## CPU inference` section of the output file so
-other sections (e.g. GPU kernel benchmarks) survive.
+one process, median of the repeats), then breaks vit_small_stconv's embedding down by stage, and by
+operator with torch.profiler for the floor the convolutions set. The result file replaces the last run's,
+and docs/benchmarks.md is rendered again.
 """
 import argparse
-import datetime
 import os
 import statistics
 import time
@@ -22,14 +21,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import timm
 
-from timm_supertoken.runtime import hardware_info
 from timm_supertoken.throughput import BASELINE, benchmark_cpu, throughput_markdown
 
-from docs_page import target_verdict, write_markdown_section
+from docs_page import PAGE, RESULTS_DIR, Table, result_record, target_verdict, write_result
 
-SECTION = '## CPU inference'
 TARGET_RATIO = 0.95  # the issue's goal: vit_small_stconv at >= 0.95x the throughput of vit_small_patch16_224
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 
 
 def _median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -100,90 +96,76 @@ def embedding_estimate(results: Dict[str, Dict[str, float]], breakdown: Dict[str
     floor_ms = sum(op_ms.get(key, 0.) for key in ('aten::mkldnn_convolution', 'aten::gelu', 'aten::gelu_', 'aten::addmm'))
     lines = []
     if 'vit_small_patch' in results:
-        lines.append(f'Noise of this run: vit_small_patch does exactly the FLOPs of {BASELINE} and measured '
+        lines.append(f'Noise: vit_small_patch does exactly the FLOPs of {BASELINE} and measured '
                      f'{results["vit_small_patch"]["ratio"]:.3f}× (median), '
-                     f'{results["vit_small_patch"]["best_ratio"]:.3f}× (fastest repeat).')
-    lines += [
+                     f'{results["vit_small_patch"]["best_ratio"]:.3f}× (fastest).')
+    lines.append(
         f'From the embedding times (shared trunk {trunk_ms:.1f} ms): vit_small_stconv at '
-        f'**{base["ms_per_batch"] / (trunk_ms + stconv["embed_ms"]):.3f}×**. Its convolutions, GELUs and Linear '
+        f'{base["ms_per_batch"] / (trunk_ms + stconv["embed_ms"]):.3f}×; its convolutions, GELUs and Linear '
         f'alone take {floor_ms:.1f} ms, so with clustering and BatchNorm free the ratio would be at most '
-        f'{base["ms_per_batch"] / (trunk_ms + floor_ms):.3f}×.',
-    ]
+        f'{base["ms_per_batch"] / (trunk_ms + floor_ms):.3f}×.')
     return lines
 
 
-def render_section(
+def result_tables(
+        results: Dict[str, Dict[str, float]],
+        breakdown: Dict[str, object],
+        flops: Dict[str, Tuple[float, float]],
+        args: argparse.Namespace,
+) -> List[Table]:
+    """One row per model (throughput beside FLOPs), and vit_small_stconv's embedding by stage."""
+    base = flops[BASELINE][1]
+    models = Table(
+        ['model', 'img/s (median)', 'ms / batch', f'ratio to {BASELINE}', 'embedding ms', 'embedding share',
+         'fastest repeat: ms / batch', 'fastest repeat: ratio', 'embedding GFLOPs', 'model GFLOPs',
+         'ratio if FLOP-bound'],
+        [[name, s['img_per_s'], s['ms_per_batch'], s['ratio'], s['embed_ms'], 100 * s['embed_share'],
+          s['best_ms_per_batch'], s['best_ratio'], *flops[name], base / flops[name][1]] for name, s in results.items()],
+        [None, '{:.2f}', '{:.1f}', '{:.3f}×', '{:.1f}', '{:.1f}%', '{:.1f}', '{:.3f}×', '{:.3f}', '{:.3f}', '{:.3f}×'])
+    stages = Table(['stage', 'ms / batch'], [[name, ms] for name, ms in breakdown['stages'].items()], [None, '{:.1f}'],
+                   title=f"Where vit_small_stconv's embedding time goes (each stage on its own, median of "
+                         f'{args.repeats}):')
+    return [models, stages]
+
+
+def write_cpu_result(
         results: Dict[str, Dict[str, float]],
         breakdown: Dict[str, object],
         flops: Dict[str, Tuple[float, float]],
         args: argparse.Namespace,
         load: Tuple[float, float],
-) -> str:
-    """The `## CPU inference` section of docs/benchmarks.md."""
-    hw = hardware_info()
+) -> Path:
+    """Write results/cpu_inference.json and render the page."""
+    cores = os.cpu_count()
     ratio, best = results['vit_small_stconv']['ratio'], results['vit_small_stconv']['best_ratio']
-    verdict = target_verdict(ratio, best, TARGET_RATIO)
-    lines = [
-        SECTION,
-        '',
-        f'Generated by `python benchmarks/bench_cpu.py` on {datetime.date.today().isoformat()}.',
-        '',
-        f'- Hardware: {hw["cpu"]}, {hw["cores"]} cores, {hw["threads"]} torch threads ({hw["os"]}).',
-        f'- Software: torch {hw["torch"]}, timm {hw["timm"]}, Python {hw["python"]}.',
-        f'- Setting: fp32, `model.eval()`, `torch.inference_mode()`, batch {args.batch_size}, '
-        f'{args.img_size}×{args.img_size}, randomly initialised weights (they do not change the cost of a '
-        f'dense forward). All four models run in one process, interleaved round-robin; each figure is the '
-        f'median of {args.repeats} repeats after {args.warmup} warm-up call(s).',
-        '- Embedding share: time of `model.patch_embed(x)` alone / time of the whole `model(x)`.',
-        f'- Machine load (1-min load average, {hw["cores"]} cores) at start / end of the timing: '
-        f'{load[0]:.1f} / {load[1]:.1f}. This is a shared machine: a load above {hw["cores"]} means other '
-        f'jobs competed for the cores, so read the ratios with a few percent of noise.',
-        '',
-        throughput_markdown(results),
-        '',
-        f'Target (issue): vit_small_stconv ≥ {TARGET_RATIO}× the throughput of {BASELINE}. '
-        f'Measured: **{ratio:.3f}× (median), {best:.3f}× (fastest repeat); target {verdict}.**',
-        '',
-        'Conv/matmul FLOPs per image (`torch.utils.flop_counter`; elementwise ops and softmax count '
-        'nothing here but cost time on a CPU, and the clustering\'s matmuls count the masked entries of '
-        'their windows, 3(m+2)/9 of the logits needed):',
-        '',
-        '| model | embedding GFLOPs | model GFLOPs | ratio to ' + BASELINE + ' if FLOP-bound |',
-        '|---|---:|---:|---:|',
+    setting = [
+        f'fp32, `model.eval()`, `torch.inference_mode()`, batch {args.batch_size}, {args.img_size}×{args.img_size}, '
+        f'{torch.get_num_threads()} torch threads, random weights; the four models interleaved round-robin in one '
+        f'process, median of {args.repeats} repeats after {args.warmup} warm-up calls. Embedding share: '
+        '`model.patch_embed(x)` alone over the whole `model(x)`. GFLOPs: conv/matmul only (`torch.utils.flop_counter`).',
+        f'1-min load average at start / end: {load[0]:.1f} / {load[1]:.1f} on {cores} cores (a shared machine: read '
+        'the ratios with a few percent of noise).',
     ]
-    base = flops[BASELINE][1]
-    lines += [f'| {name} | {e:.3f} | {m:.3f} | {base / m:.3f}× |' for name, (e, m) in flops.items()]
-    lines += ['', *embedding_estimate(results, breakdown)]
-    lines += [
-        '',
-        '### Where vit_small_stconv\'s embedding time goes',
-        '',
-        f'Same batch and image size, each stage timed on its own (median of {args.repeats}):',
-        '',
-        '| stage | ms / batch |',
-        '|---|---:|',
+    findings = [
+        f'Target: vit_small_stconv ≥ {TARGET_RATIO}× the throughput of {BASELINE}. Measured: **{ratio:.3f}× '
+        f'(median), {best:.3f}× (fastest repeat); {target_verdict(ratio, best, TARGET_RATIO)}.**',
+        *embedding_estimate(results, breakdown),
     ]
-    lines += [f'| {name} | {ms:.1f} |' for name, ms in breakdown['stages'].items()]
-    lines += [
-        '',
-        'Top operators by self CPU time (torch.profiler, per embedding call):',
-        '',
-        '| operator | calls | self ms |',
-        '|---|---:|---:|',
-    ]
-    lines += [f'| `{key}` | {calls} | {ms:.1f} |' for key, calls, ms in breakdown['ops']]
-    return '\n'.join(lines) + '\n'
+    record = result_record('cpu_inference', 'CPU inference', result_tables(results, breakdown, flops, args), setting,
+                           findings)
+    return write_result(record, args.results_dir, args.page)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Measure, profile, and rewrite the CPU section of docs/benchmarks.md."""
+    """Measure, profile, write the result and render the page."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s choice)')
-    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR, help='where the result file goes')
+    parser.add_argument('--page', type=Path, default=PAGE, help='the page rendered from every result file')
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -194,9 +176,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     load = (load_start, os.getloadavg()[0])
     print(throughput_markdown(results))
     breakdown = stconv_breakdown(args.batch_size, args.img_size, args.repeats)
-    section = render_section(results, breakdown, gflops_per_image(list(results), args.img_size), args, load)
-    write_markdown_section(args.output, SECTION, section)
-    print(f'\n{section}\nwrote {args.output}')
+    path = write_cpu_result(results, breakdown, gflops_per_image(list(results), args.img_size), args, load)
+    print(f'wrote {path} and {args.page}')
 
 
 if __name__ == '__main__':

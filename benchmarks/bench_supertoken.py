@@ -1,6 +1,6 @@
 """GPU benchmark of super-token clustering and of the models, against the targets, side by side in one run.
 
-    python benchmarks/bench_supertoken.py [--output docs/benchmarks.md]     # on a CUDA GPU
+    python benchmarks/bench_supertoken.py                                   # on a CUDA GPU
     python benchmarks/bench_supertoken.py --smoke                           # tiny CPU run of every code path
 
 Operator: fused vs eager reference vs `torch.compile(reference)`, forward and forward+backward, with L2
@@ -17,8 +17,8 @@ training throughput against t (paper Table 8); vit_small_stconv and vit_small_pa
 step spends more GPU time than one of vit_small_patch16_224 (torch.profiler).
 Everything runs with `torch.backends.cudnn.benchmark = True`, as under timm's train.py and our commands; the
 `patch_embed` stage also times the stem with it off (cuDNN's heuristic algorithms), side by side.
-Rewrites the `## GPU: super-token clustering and models` section of the output file, naming the GPU
-and the versions, after every stage (most important first, see `STAGES`); with `--budget-minutes` no
+Writes results/gpu_supertoken.json (the tables as rows, the GPU and the versions) and renders
+docs/benchmarks.md after every stage (most important first, see `STAGES`); with `--budget-minutes` no
 stage starts once the budget is spent, and the section names what was not measured. `compile(reference)`
 is compiled for the target shape only unless `--compile-all-shapes`. `--smoke` runs every path on CPU at
 toy sizes (no fused kernels, no file written), so a script error surfaces in CI rather than on a
@@ -39,10 +39,10 @@ from torch.autograd import DeviceType
 
 from timm_supertoken.runtime import cpu_name, use_cudnn_benchmark
 
-from docs_page import write_markdown_section
+from docs_page import PAGE, RESULTS_DIR, result_record, tables_from_markdown, write_result
 
 SECTION = '## GPU: super-token clustering and models'
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
+RESULT = 'gpu_supertoken'
 BASELINE = 'vit_small_patch16_224'
 MODELS = ('vit_small_patch', 'vit_small_convembed', 'vit_small_stconv', BASELINE)
 TARGET_OPERATOR_SHAPE = (56, 56, 64, 256, 'bfloat16')  # H, W, C, B, dtype of the "5x compile(reference)" target
@@ -73,7 +73,8 @@ def parse_args(argv: Sequence[str] = None) -> argparse.Namespace:
                              'skipped (a borrowed GPU has minutes, not hours)')
     parser.add_argument('--smoke', action='store_true',
                         help='toy sizes on CPU (1-block models at 64²): checks the code paths, writes nothing')
-    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR, help='where the result file goes')
+    parser.add_argument('--page', type=Path, default=PAGE, help='the page rendered from every result file')
     args = parser.parse_args(argv)
     args.shapes = [tuple(int(v) for v in s.lower().split('x')) for s in args.shapes]
     if any(len(s) != 3 for s in args.shapes):
@@ -689,6 +690,13 @@ def render(args, results: Dict[str, object], skipped: Sequence[str]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def write_section(args, section: str) -> None:
+    """The rendered section as results/gpu_supertoken.json, its tables as rows, and the page rendered again."""
+    setting, tables = tables_from_markdown(section)
+    write_result(result_record(RESULT, SECTION.removeprefix('## '), tables, setting, device=args.device),
+                 args.results_dir, args.page)
+
+
 def main(argv: Sequence[str] = None) -> int:
     args = parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
@@ -707,15 +715,15 @@ def main(argv: Sequence[str] = None) -> int:
             continue
         results[key] = run(args)
         if not args.smoke:
-            write_markdown_section(args.output, SECTION, render(args, results, skipped))
+            write_section(args, render(args, results, skipped))
     section = render(args, results, skipped)
     if skipped and not args.smoke:  # stages skipped after the last one that ran are named only by this write
-        write_markdown_section(args.output, SECTION, section)
+        write_section(args, section)
     if args.smoke:
         ran = 'every path ran' if not skipped else f'{len(skipped)} stage(s) skipped by the time budget'
         print(f'{section}\nsmoke run: {ran}; nothing written')
         return 0
-    print(f'\n{section}\nwrote {args.output}')
+    print(f'\n{section}\nwrote {args.results_dir / RESULT}.json and {args.page}')
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks share docs/benchmarks.md, each rewriting only its own section, and run their code paths in CI."""
+"""docs/benchmarks.md is rendered from benchmarks/results/*.json, which the scripts write; their code paths run in CI."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -6,15 +7,60 @@ from pathlib import Path
 import pytest
 
 from bench_supertoken import STAGES
-from docs_page import target_verdict, write_markdown_section
+from docs_page import (PAGE, RESULTS_DIR, Table, render_page, result_record, tables_from_markdown, target_verdict,
+                       write_result)
 
 
-def test_sections_are_replaced_in_place_and_others_survive(tmp_path):
-    page = tmp_path / 'docs' / 'benchmarks.md'
-    write_markdown_section(page, '## CPU', '## CPU\n\nold cpu\n')
-    write_markdown_section(page, '## GPU', '## GPU\n\ngpu\n')
-    write_markdown_section(page, '## CPU', '## CPU\n\nnew cpu\n')
-    assert page.read_text() == '# Benchmarks\n\n## CPU\n\nnew cpu\n\n## GPU\n\ngpu\n'
+def test_committed_page_is_rendered_from_the_committed_results():
+    assert PAGE.read_text(encoding='utf-8') == render_page(RESULTS_DIR), \
+        'docs/benchmarks.md is stale: run python benchmarks/docs_page.py'
+    assert len(PAGE.read_text(encoding='utf-8').splitlines()) <= 203  # a page of results, not a log
+
+
+def test_every_result_states_where_and_how_it_was_measured():
+    for path in sorted(RESULTS_DIR.glob('*.json')):
+        record = json.loads(path.read_text(encoding='utf-8'))
+        assert record['benchmark'] == path.stem
+        assert set(record) >= {'title', 'date', 'commit', 'command', 'hardware', 'versions', 'tables'}, path.name
+        assert set(record['hardware']) == {'cpu', 'cores', 'gpu'} and 'torch' in record['versions'], path.name
+        for table in record['tables']:
+            assert table['rows'] and all(len(row) == len(table['columns']) for row in table['rows']), path.name
+
+
+def test_a_new_result_replaces_the_old_one_and_others_survive(tmp_path):
+    results, page = tmp_path / 'results', tmp_path / 'benchmarks.md'
+    old = Table(['model', 'img/s'], [['vit_small_stconv', 11.04]], [None, '{:.1f}'])
+    new = Table(['model', 'img/s'], [['vit_small_stconv', 12.96]], [None, '{:.1f}'])
+    write_result(result_record('cpu_inference', 'CPU inference', [old], command='python a.py'), results, page)
+    write_result(result_record('data_loader', 'Data loader', [old], command='python b.py'), results, page)
+    write_result(result_record('cpu_inference', 'CPU inference', [new], ['batch 8'], ['met'], 'python a.py'),
+                 results, page)
+    text = page.read_text()
+    assert sorted(p.name for p in results.iterdir()) == ['cpu_inference.json', 'data_loader.json']
+    assert text.count('## CPU inference') == 1 and '| vit_small_stconv | 13.0 |' in text and '11.0' in text
+    assert text.index('## CPU inference') < text.index('## Data loader')  # the page's order, not the run order
+    cpu = text.split('## CPU inference')[1].split('## Data loader')[0]
+    assert '| vit_small_stconv | 13.0 |' in cpu and '11.0' not in cpu and '- batch 8' in cpu and '- met' in cpu
+    record = json.loads((results / 'cpu_inference.json').read_text())
+    assert record['tables'][0]['rows'] == [['vit_small_stconv', 12.96]]  # the number, not its printed form
+    assert record['date'] and record['versions']['torch'] and record['hardware']['cores']
+
+
+def test_markdown_tables_become_typed_rows_that_print_back_the_same(tmp_path):
+    text = ('Intro.\n\nTimes:\n\n| model | ms | ratio | note |\n|---|---:|---:|---|\n'
+            '| a | 1,204.5 | 0.950× | — |\n| b | 3.0 | 1.000× | fast |\n\nAfter.\n')
+    leading, (table,) = tables_from_markdown(text)
+    assert leading == ['Intro.'] and table.title == 'Times:' and table.notes == ['After.']
+    assert table.rows == [['a', 1204.5, 0.95, None], ['b', 3.0, 1.0, 'fast']]
+    assert table.formats == [None, '{:,.1f}', '{:.3f}×', None]
+    write_result(result_record('x', 'X', [table], command='c'), tmp_path, page=None)
+    page = render_page(tmp_path)
+    assert '| a | 1,204.5 | 0.950× | — |' in page and '| b | 3.0 | 1.000× | fast |' in page
+
+
+def test_a_table_row_must_match_its_columns():
+    with pytest.raises(ValueError, match='a row has 1 cells for 2 columns'):
+        Table(['model', 'img/s'], [['vit_small_stconv']])
 
 
 @pytest.mark.slow
@@ -62,13 +108,16 @@ def test_target_verdict_needs_median_and_fastest_repeat_to_agree(ratio, best, ve
     assert target_verdict(ratio, best, 0.95).startswith(verdict)
 
 
-def test_cpu_benchmark_writes_its_section_with_noise_and_floor(tmp_path):
+def test_cpu_benchmark_writes_its_result_with_noise_and_floor(tmp_path):
     """bench_cpu.py at a toy size: the table, the verdict, the run's noise and the embedding-based estimate."""
     import bench_cpu
-    page = tmp_path / 'benchmarks.md'
-    bench_cpu.main(['--batch-size', '1', '--img-size', '32', '--repeats', '1', '--warmup', '0', '--output', str(page)])
+    page, results = tmp_path / 'benchmarks.md', tmp_path / 'results'
+    bench_cpu.main(['--batch-size', '1', '--img-size', '32', '--repeats', '1', '--warmup', '0',
+                    '--results-dir', str(results), '--page', str(page)])
     text = page.read_text()
-    for needle in ('## CPU inference', '| vit_small_stconv |', 'Target (issue)', 'Noise of this run: vit_small_patch',
+    for needle in ('## CPU inference', '| vit_small_stconv |', 'Target: vit_small_stconv', 'Noise: vit_small_patch',
                    'From the embedding times (shared trunk', 'with clustering and BatchNorm free the ratio would be at most',
-                   '| operator | calls | self ms |'):
+                   '| stage | ms / batch |', 'model GFLOPs'):
         assert needle in text
+    models, stages = json.loads((results / 'cpu_inference.json').read_text())['tables']
+    assert [row[0] for row in models['rows']][-1] == 'vit_small_stconv' and stages['rows'][-1][0] == 'whole patch_embed'

@@ -1,4 +1,5 @@
-"""benchmarks/reproduce.py writes docs/reproduction.md's generated section from the experiments it runs."""
+"""benchmarks/reproduce.py writes its tables as results/reproduce.json and renders the benchmarks page from it."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,24 +9,27 @@ SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'reproduce.py'
 
 def test_trained_and_speed_only_tables(tmp_path):
     """Table 6 trained (one seed, one epoch of the quick recipe) beside Table 8 timed untrained, as a GPU budget
-    runs them: each table as it ran, Table 7 absent, and the command that regenerates the page."""
-    page = tmp_path / 'reproduction.md'
+    runs them: each table as it ran, Table 7 absent, and the command that reproduces the result."""
+    page, results = tmp_path / 'benchmarks.md', tmp_path / 'results'
     run = subprocess.run([sys.executable, str(SCRIPT), '--tables', '6', '8', '--speed-only', '8', '--seeds', '0',
-                          '--epochs', '1', '--output', str(page), '--work-dir', str(tmp_path / 'runs')],
+                          '--epochs', '1', '--results-dir', str(results), '--page', str(page),
+                          '--work-dir', str(tmp_path / 'runs')],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((results / 'reproduce.json').read_text())
+    assert record['command'] == 'python benchmarks/reproduce.py --epochs 1 --seeds 0 --tables 6 8 --speed-only 8'
+    assert record['date'] and record['hardware']['cpu'] and record['versions']['torch']
+    assert any('Table 8: timed untrained (`--speed-only`), so no top-1' in line for line in record['setting'])
+    table_6, table_8 = record['tables']
+    assert table_6['title'].startswith('Table 6') and table_8['title'].startswith('Table 8')
+    assert [row[0] for row in table_6['rows']] == ['vit_small_patch', 'vit_small_convembed', 'vit_small_stconv']
+    top1, img_per_s = table_6['columns'].index('top-1 (ours)'), table_6['columns'].index('img/s')
+    assert all(0.0 <= row[top1] <= 100.0 and row[img_per_s] > 0 for row in table_6['rows'])  # measured
+    assert [row[0] for row in table_8['rows']] == [1, 2, 3, 4]
+    assert all(row[1] > 0 and row[3] is None for row in table_8['rows'])  # timed, no top-1
     text = page.read_text()
-    assert '`python benchmarks/reproduce.py --epochs 1 --seeds 0 --tables 6 8 --speed-only 8`' in text
-    assert 'Table 8: timed untrained (`--speed-only`), so no top-1' in text
-    assert '### Table 7' not in text
-    table_6 = text.split('### Table 6: the three embeddings')[1].split('### Table 8')[0]
-    rows = [line.split('|') for line in table_6.splitlines() if line.startswith('| vit_small_')]
-    assert [row[1].strip() for row in rows] == ['vit_small_patch', 'vit_small_convembed', 'vit_small_stconv']
-    assert all(0.0 <= float(row[6]) <= 100.0 and float(row[4]) > 0 for row in rows)  # top-1 and img/s measured
-    table_8 = text.split('### Table 8: clustering iterations t (vit_small_stconv)')[1]
-    rows = [line.split('|') for line in table_8.splitlines() if line[:4] in ('| 1 ', '| 2 ', '| 3 ', '| 4 ')]
-    assert len(rows) == 4
-    assert all(float(row[2]) > 0 and row[4].strip() == '— (timed untrained)' for row in rows)
+    assert '## Paper Tables 6-8' in text and 'Table 7' not in text
+    assert '| vit_small_stconv |' in text
 
 
 def test_speed_only_table_must_be_run():
