@@ -1,6 +1,6 @@
 """Kernel report: the fused super-token and conv-epilogue kernels as an A100 and an H100 will run them, with no GPU.
 
-    python benchmarks/kernel_report.py [--shapes model operator] [--output docs/benchmarks.md | --json facts.json]
+    python benchmarks/kernel_report.py [--shapes model operator] [--json facts.json]
 
 Compiles every kernel of the fused forward and backward (every autotune config) for sm_80 and sm_90,
 fp32/bf16/fp16, NCHW and channels_last input, at the model's map (vit_small_stconv, 224², B=128) and
@@ -8,8 +8,8 @@ the operator benchmark's largest map (B=256, 56×56×64), and the stem's GELU-Ba
 model's stem maps, with the specialisation Triton's JIT applies
 at run time; reads registers, local memory, shared memory, resident warps per SM and the SASS
 instruction mix with the ptxas/cuobjdump of the Triton wheel; and sets the traffic/FLOP model of
-`timm_supertoken.ops.super_token_triton` beside it. Prints the tables and rewrites the
-`## Kernel report` section of docs/benchmarks.md, or with --json writes the facts themselves (what
+`timm_supertoken.ops.super_token_triton` beside it. Prints the tables, writes them to
+results/kernel_report.json and renders docs/benchmarks.md, or with --json writes the facts themselves (what
 tests/test_kernel_report.py holds the kernels to). A few minutes on 2 cores; no CUDA toolkit, no GPU.
 """
 import argparse
@@ -30,10 +30,9 @@ from timm_supertoken.ops.aot import ARCHS
 from timm_supertoken.ops.report import SHAPES, collect, warp_instructions
 from timm_supertoken.ops.super_token_triton import LaunchCost, traffic_model
 
-from docs_page import write_markdown_section
+from docs_page import PAGE, RESULTS_DIR, result_record, tables_from_markdown, write_result
 
 SECTION = '## Kernel report (compiled for sm_80 and sm_90, no GPU)'
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / 'docs' / 'benchmarks.md'
 KERNELS = ('_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)', '_backward_kernel')
 EPILOGUE_KERNELS = ('_stats_kernel', '_combine_kernel', '_normalize_kernel', '_grad_reduce_kernel',
                     '_sum_partials_kernel', '_grad_input_kernel')
@@ -255,7 +254,8 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['model', 'operator'])
-    parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR, help='where the result file goes')
+    parser.add_argument('--page', type=Path, default=PAGE, help='the page rendered from every result file')
     parser.add_argument('--json', type=Path, default=None,
                         help='write the rows of kernel facts here instead of the docs section')
     parser.add_argument('--workers', type=int, default=0, help='compiler processes (default: one per core)')
@@ -270,8 +270,10 @@ def main(argv: Sequence[str] = None) -> int:
     shapes = {name: SHAPES[name]() for name in args.shapes}
     section = render(rows, shapes, grid, iters)
     print(section)
-    write_markdown_section(args.output, SECTION, section)
-    print(f'wrote {args.output}', file=sys.stderr)
+    setting, tables = tables_from_markdown(section)
+    path = write_result(result_record('kernel_report', SECTION.removeprefix('## '), tables, setting),
+                        args.results_dir, args.page)
+    print(f'wrote {path} and {args.page}', file=sys.stderr)
     return 0
 
 
