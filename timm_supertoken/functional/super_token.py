@@ -90,8 +90,10 @@ def _window_mask(h: int, w: int, n: int, m: int, P: int, like: torch.Tensor) -> 
     blocks = torch.arange(n, device=like.device)[:, None] * m
     cell_col = (blocks + torch.arange(m, device=like.device)).repeat_interleave(P, 1)  # (n, m·P)
     token_col = (blocks + torch.arange(m + 2, device=like.device) - 1).repeat(1, 3)  # (n, 3(m+2))
+    # window row r of each of the 3(m+2) slots as an integer division: ONNX export turns repeat_interleave by a
+    # symbolic m + 2 into an Expand that onnxruntime rejects
     token_row = torch.arange(h, device=like.device)[:, None] \
-        + torch.arange(3, device=like.device).repeat_interleave(m + 2) - 1  # (h, 3(m+2))
+        + torch.arange(3 * (m + 2), device=like.device) // (m + 2) - 1  # (h, 3(m+2))
     near = (token_col[:, None, :] - cell_col[:, :, None]).abs() <= 1
     on_grid = ((token_row >= 0) & (token_row < h))[:, None, None, :] \
         & ((token_col >= 0) & (token_col < w))[None, :, None, :]
@@ -214,6 +216,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _grid_layout(x: torch.Tensor, grid: int) -> Tuple[int, int, int]:
     """Super tokens per column (w) and the row blocks (n, m) of a (B, C, H, W) map: (w, n, m)."""
     w = (x.shape[3] + grid - 1) // grid
+    if not torch.jit.is_scripting() and isinstance(w, torch.SymInt):
+        # a symbolic width (torch.export / ONNX export with a dynamic width): the block count is a Python loop
+        # count, which the exporter would silently specialise to the example's width, so one block spans the row
+        # (the same sums: the mask keeps each pixel's 9 neighbours, the extra window tokens weigh exactly 0)
+        return w, 1, w
     n, m = _block_layout(w)
     return w, n, m
 
