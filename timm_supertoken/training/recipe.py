@@ -24,14 +24,15 @@ from torch import nn
 from torchvision import transforms
 
 from timm.data import IMAGENET_DEFAULT_MEAN, Mixup, create_transform
+from timm.data.auto_augment import AugmentOp, AugMixAugment, AutoAugment, RandAugment
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 from .data import SampleTransform
 
-__all__ = ['Recipe', 'PAPER_RECIPE', 'TRAIN_PY_RUN_KEYS', 'load_recipe', 'recipe_to_yaml', 'recipe_names',
-           'recipe_path']
+__all__ = ['Recipe', 'PAPER_RECIPE', 'TRAIN_PY_RUN_KEYS', 'keep_posterize_bits', 'load_recipe', 'recipe_to_yaml',
+           'recipe_names', 'recipe_path']
 
 # train.py options a recipe YAML may carry that describe the run (data, model, hardware), not the recipe
 TRAIN_PY_RUN_KEYS = frozenset({
@@ -123,11 +124,13 @@ class Recipe:
         return SampleTransform(spatial, augment, to_tensor, grey_augment)
 
     def _timm_train_stages(self, img_size: int, mean: Tuple[float, ...]) -> Tuple[Any, Any, Any]:
-        """create_transform's (spatial, augmentation, to-tensor) stages of this recipe, as train.py builds them."""
-        return create_transform(
+        """create_transform's (spatial, augmentation, to-tensor) stages of this recipe, as train.py builds them,
+        with posterize kept to what Pillow accepts (`keep_posterize_bits`)."""
+        spatial, augment, to_tensor = create_transform(
             img_size, is_training=True, scale=self.scale, hflip=self.hflip, color_jitter=self.color_jitter,
             auto_augment=self.aa or None, interpolation=self.train_interpolation, mean=mean, use_prefetcher=True,
             separate=True)
+        return spatial, keep_posterize_bits(augment), to_tensor
 
     def eval_transform(self, img_size: int) -> SampleTransform:
         """timm's evaluation transform for a prefetching loader: resize by crop_pct, centre crop, to a uint8 tensor."""
@@ -170,6 +173,34 @@ class Recipe:
 
 
 PAPER_RECIPE = Recipe()
+
+# timm's increasing posterize keeps 4 - int(0.4 m) bits of magnitude m: 1 bit from 7.5 up to 10, none at 10
+_POSTERIZE_ONE_BIT_MAGNITUDE = 9
+
+
+def _one_bit_at_least(op: AugmentOp) -> AugmentOp:
+    """An increasing-posterize op with its magnitude capped where it still keeps one bit; other ops as they are."""
+    if op.name != 'PosterizeIncreasing':
+        return op
+    cap = min(op.magnitude_max or _POSTERIZE_ONE_BIT_MAGNITUDE, _POSTERIZE_ONE_BIT_MAGNITUDE)
+    return AugmentOp(op.name, prob=op.prob, magnitude=op.magnitude, hparams={**op.hparams, 'magnitude_max': cap})
+
+
+def keep_posterize_bits(augment: transforms.Compose) -> transforms.Compose:
+    """timm's augmentation stage with every increasing posterize of its RandAugment, AugMix or AutoAugment
+    policy keeping at least one bit.
+
+    At magnitude 10, which DeiT's 'rand-m9-mstd0.5-inc1' reaches whenever its magnitude noise draws 10 or
+    more, timm posterizes to zero bits: a black image, which Pillow 13 refuses with a ValueError. Capping
+    that op's magnitude, as the policy string's 'mmax' caps every op's, makes it one bit there and changes
+    nothing below 10.
+    """
+    for t in augment.transforms:
+        if isinstance(t, (RandAugment, AugMixAugment)):
+            t.ops = [_one_bit_at_least(op) for op in t.ops]
+        elif isinstance(t, AutoAugment):
+            t.policy = [[_one_bit_at_least(op) for op in sub_policy] for sub_policy in t.policy]
+    return augment
 
 
 def _grey_fill(mean: Sequence[float]) -> Optional[float]:
