@@ -189,7 +189,7 @@ def reproduce_record(experiments: Dict[int, Dict[str, Any]], args: argparse.Name
         table = TABLES[t].tabulate(exp)
         table.title = f'Table {t}, {TABLES[t].heading}:'
         tables.append(table)
-    return result_record('reproduce', 'Paper Tables 6-8 (benchmarks/reproduce.py)', tables, setting, command=command)
+    return result_record('reproduce', 'Paper Tables 6-8', tables, setting, command=command)
 
 
 def _seeds_note(experiments: Dict[int, Dict[str, Any]], untrained: Sequence[int], args: argparse.Namespace) -> str:
