@@ -1,7 +1,7 @@
 """Scaled replication of Tables 6-8 of *Lightweight ViT Convolutional Embedding Module Based on Super-Token Clustering*
 with `timm-supertoken compare`, written to results/reproduce.json and docs/benchmarks.md.
 
-    python benchmarks/reproduce.py                       # quick_digits on CPU, 3 seeds: ~15 min on 2 cores
+    python benchmarks/reproduce.py                       # quick_digits on CPU, 3 seeds
     python benchmarks/reproduce.py --config fashion_mnist --dataset fashion-mnist --seeds 0 --epochs 100  # GPU
 
 Three experiments, each one `compare` run per seed under a single recipe:
@@ -13,7 +13,7 @@ the experiments; `--speed-only` times an ablation's models untrained instead (th
 the weights), which is how Table 8's throughput side fits beside Table 6 in a GPU budget:
 
     python benchmarks/reproduce.py --config fashion_mnist --dataset fashion-mnist --seeds 0 --epochs 10 \
-        --tables 6 8 --speed-only 8                                    # one H100/H200: ~12 min
+        --tables 6 8 --speed-only 8                                    # one GPU
 
 The result holds the settings, the device and the tables, with the paper's numbers beside ours;
 docs/reproduction.md reads them. Runs resume from --work-dir.
@@ -28,7 +28,8 @@ import torch
 
 from timm_supertoken.data.image_sets import load_splits
 from timm_supertoken.models.parameters import parameter_counts
-from timm_supertoken.runtime import setup_distributed, use_cudnn_benchmark
+from timm_supertoken.harness import DistributedEnv
+from timm_supertoken.runtime import use_cudnn_benchmark
 from timm_supertoken.training.compare import (QUICK_RECIPE, build_compare_config, class_count, model_train_config,
                                               parse_model_spec, run_compare, time_side_by_side)
 from timm_supertoken.training.trainer import create_training_model
@@ -66,7 +67,7 @@ def time_experiment(name: str, specs: Sequence[str], args: argparse.Namespace) -
     cfg = build_compare_config(args.config, models=specs, dataset=args.dataset, data_dir=args.data_dir,
                                img_size=args.img_size, seed=args.ablation_seeds[0], device=args.device,
                                workers=args.workers, out=str(Path(args.work_dir) / name), epochs=args.epochs)
-    _, _, device = setup_distributed(cfg.device)
+    device = DistributedEnv.current(cfg.device).device
     num_classes = class_count(*load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed))
     models = {spec: create_training_model(model_train_config(cfg, *parse_model_spec(spec), num_classes))
               .to(device).eval() for spec in specs}
