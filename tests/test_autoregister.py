@@ -78,7 +78,12 @@ def test_importtime_shows_a_single_stdlib_free_module(tmp_path):
 def test_opt_out_environment_variable(tmp_path):
     result = _python("import timm; timm.create_model('vit_small_stconv')", tmp_path, **{OPT_OUT: '1'})
     assert result.returncode != 0
-    assert 'Unknown model' in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f'RuntimeError: vit_small_stconv is a timm-supertoken model, not registered because {OPT_OUT} is set: '
+        '`import timm_supertoken` before creating it')
+    # timm's own error for every other unknown name is left as it is
+    result = _python("import timm; timm.create_model('vit_small_nonsense')", tmp_path, **{OPT_OUT: '1'})
+    assert result.stderr.strip().splitlines()[-1] == 'RuntimeError: Unknown model (vit_small_nonsense)'
     result = _python("import timm, timm_supertoken; print(timm.create_model('vit_small_stconv').num_features)",
                      tmp_path, **{OPT_OUT: '1'})
     assert result.returncode == 0, result.stderr
@@ -90,3 +95,18 @@ def test_importing_a_timm_submodule_first(tmp_path, module):
     result = _python(f"import {module}; import timm; print('vit_small_stconv' in timm.list_models())", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == 'True'
+
+
+def test_a_probe_for_timm_before_importing_it(tmp_path):
+    """transformers' is_timm_available() calls importlib.util.find_spec('timm') first; the import after it counts."""
+    result = _python("import importlib.util; importlib.util.find_spec('timm'); import timm; "
+                     "print('vit_small_stconv' in timm.list_models())", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == 'True'
+
+
+def test_the_hook_knows_every_registered_name():
+    """The stdlib-only hook spells the names out; they must be the registry's."""
+    import _timm_supertoken_autoregister as hook
+
+    assert sorted(hook.MODEL_NAMES) == sorted(timm_supertoken.REGISTERED_MODEL_NAMES)

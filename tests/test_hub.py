@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 import timm
@@ -31,7 +32,7 @@ from hub_server import LocalHub  # noqa: E402
 TINY = dict(depth=1, embed_dim=48, num_heads=2)
 IMG = 64
 NUM_CLASSES = 7
-FILES = ['README.md', 'config.json', 'model.safetensors']
+FILES = ['README.md', 'config.json', 'model.safetensors', 'train_hparams.yaml']  # of a train.py checkpoint
 
 
 def tiny_model(name: str = 'vit_small_stconv', seed: int = 0, img_size=IMG, **kwargs) -> torch.nn.Module:
@@ -105,6 +106,8 @@ def test_export_train_checkpoint_round_trip_uses_ema(trained, exported):
     assert config['architecture'] == 'vit_small_stconv' and config['num_classes'] == NUM_CLASSES
     assert config['num_features'] == TINY['embed_dim'] and config['global_pool'] == 'token'
     assert {k: config['model_args'][k] for k in TINY} == TINY
+    # transformers' TimmWrapper passes num_classes itself and refuses a second one in model_args
+    assert 'num_classes' not in config['model_args']
     assert config['pretrained_cfg']['input_size'] == [3, IMG, IMG]
     assert config['pretrained_cfg']['interpolation'] == 'bicubic' and config['pretrained_cfg']['crop_pct'] == 0.9
     assert config['label_names'] == [f'class_{i}' for i in range(NUM_CLASSES)]
@@ -115,9 +118,18 @@ def test_export_train_checkpoint_round_trip_uses_ema(trained, exported):
     front_matter = readme.split('---\n')[1]
     for line in ('library_name: timm', 'license: apache-2.0', '- timm-supertoken', '- imagenet-100'):
         assert line in front_matter
+    for line in ('- transformers', 'pipeline_tag: image-classification'):
+        assert line in front_matter
     for text in (SUPER_TOKEN_PAPER.doi, '@misc{rw2019timm', 'top1: 81.250', 'epoch 299', 'lr: 0.001', 'cutmix: 0.8',
-                 'Embedding params: 110,352', f"hf-hub:{DEFAULT_HUB_ORG}/vit_small_stconv"):
+                 'Embedding params: 110,352', f"hf-hub:{DEFAULT_HUB_ORG}/vit_small_stconv", 'Image size: 64 x 64',
+                 '### Image Classification', '### Feature Map Extraction', '### Image Embeddings',
+                 'arxiv.org/abs/2211.11167'):
         assert text in readme
+
+    # every train.py argument of the run, as train.py's own args.yaml holds them
+    hparams = yaml.safe_load((exported / 'train_hparams.yaml').read_text())
+    assert hparams['model'] == 'vit_small_stconv' and hparams['model_kwargs'] == TINY
+    assert (hparams['epochs'], hparams['lr'], hparams['mixup'], hparams['cutmix']) == (300, 1e-3, 1.0, 0.8)
 
 
 def test_export_no_ema_takes_raw_weights(trained, tmp_path):
@@ -141,6 +153,8 @@ def test_export_plain_weights_through_cli(suffix, tmp_path, capsys):
     loaded = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
     assert torch.equal(outputs(loaded), outputs(model))
     assert loaded.blocks[0].mlp.fc1.out_features == 3 * 48
+    # a bare state dict records no run, so no train_hparams.yaml goes beside it
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == FILES[:3]
 
 
 def test_export_checkpoint_fine_tuned_from_local_dir(tmp_path):

@@ -1,16 +1,17 @@
 """Weights on the Hugging Face Hub: export, push and load our models in timm's own Hub layout.
 
 The layout is timm's (`config.json` with `architecture` + `pretrained_cfg`, `model.safetensors`, `README.md`),
-written by timm's `save_for_hf` / `push_to_hf_hub` / `generate_readme`, so the weights load with plain timm:
+written by timm's public `save_for_hf`, so the weights load with plain timm and with transformers' TimmWrapper:
 
     timm.create_model('hf-hub:ORG/NAME', pretrained=True)
-    timm.create_model('local-dir:PATH', pretrained=True)
+    transformers.AutoModelForImageClassification.from_pretrained('ORG/NAME')
 
 What this module adds: reading timm train.py checkpoints (EMA weights by default), plain state dicts and
 safetensors files without ever unpickling arbitrary objects, strict architecture checks with errors that
-name the file, a model card with the paper, recipe and measured metrics, and `load_model`, which validates a
-Hub folder or repo before handing it to timm (timm itself reports a corrupt file or a config that does not
-match the weights with an error from deep inside safetensors or the model constructor).
+name the file, a model card in timm's shape (stats, papers, recipe, runnable usage) generated from the model,
+the run's `train_hparams.yaml`, and `load_model`, which validates a Hub folder or repo before handing it to
+timm (timm itself reports a corrupt file or a config that does not match the weights from deep inside
+safetensors or the model constructor). Only public timm and huggingface_hub interfaces are used.
 
 The default Hub organisation is `timm-supertoken`; set `TIMM_SUPERTOKEN_HUB_ORG` to publish elsewhere.
 """
@@ -26,23 +27,30 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-import timm
-from timm.models import clean_state_dict, parse_model_name, push_to_hf_hub, save_for_hf
-from timm.models._hub import HF_SAFE_WEIGHTS_NAME, download_from_hf, generate_readme
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.constants import SAFETENSORS_SINGLE_FILE
 
+import timm
+from timm.models import clean_state_dict, parse_model_name, save_for_hf
+
+from . import __version__
 from .models import REGISTERED_MODEL_NAMES
+from .models.complexity import measure_complexity
 from .checkpoint import CheckpointError, load_checkpoint
 from .layers.embeds import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
-from .references import SUPER_TOKEN_PAPER, TIMM_CITATION
+from .references import ARCHITECTURE_PAPERS, SUPER_TOKEN_PAPER, TIMM_CITATION
 
 __all__ = [
     'HUB_ORG_ENV', 'DEFAULT_HUB_ORG', 'CheckpointError', 'Checkpoint', 'DryRun', 'hub_org', 'default_repo_id',
-    'read_checkpoint', 'model_from_checkpoint', 'model_card', 'export', 'push', 'load_model',
+    'read_checkpoint', 'model_from_checkpoint', 'model_card', 'render_model_card', 'export', 'push', 'load_model',
 ]
 
 HUB_ORG_ENV = 'TIMM_SUPERTOKEN_HUB_ORG'
 DEFAULT_HUB_ORG = 'timm-supertoken'
 CONFIG_NAME = 'config.json'
+WEIGHTS_NAME = SAFETENSORS_SINGLE_FILE
+README_NAME = 'README.md'
+HPARAMS_NAME = 'train_hparams.yaml'  # every train.py argument of the run, beside the weights
 HUB_PREFIXES = ('hf-hub:', 'local-dir:')  # timm model names that point at exported weights
 
 # the model card's description of each embedding, by its class (the same at every model size)
@@ -223,25 +231,110 @@ def _training_record(checkpoint: Checkpoint, dataset: Optional[str]) -> Dict[str
     return record
 
 
+# the picture timm's own cards classify in their usage snippets
+CARD_IMAGE_URL = 'https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/beignets-task-guide.png'
+CARD_IMAGE_LINE = f"img = Image.open(urlopen('{CARD_IMAGE_URL}')).convert('RGB')"
+_SNIPPET_HEAD = f'''```python
+from urllib.request import urlopen
+
+import torch
+from PIL import Image
+import timm  # with timm-supertoken installed, timm finds the model by itself
+
+{CARD_IMAGE_LINE}
+'''
+_TRANSFORMS = '''
+# the model's own preprocessing (resize, crop, normalization)
+data_config = timm.data.resolve_model_data_config(model)
+transforms = timm.data.create_transform(**data_config, is_training=False)
+'''
+
+
+def _input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) the model was built for: its embedding's, which pretrained_cfg does not follow after img_size=."""
+    return (model.patch_embed.in_chans, *model.patch_embed.img_size)
+
+
+def _usage(model: torch.nn.Module, repo_id: str) -> str:
+    """timm's three usage sections plus transformers' pipeline, with shapes measured on the model (in eval mode)."""
+    x = torch.zeros(1, *_input_size(model))
+    with torch.no_grad():
+        last_n = min(3, len(model.blocks))  # timm's default for ViTs: the last three blocks
+        maps = model.forward_intermediates(x, indices=last_n, intermediates_only=True)  # what features_only gives
+        tokens = model.forward_features(x)
+    name = f"'hf-hub:{repo_id}'"
+    top_k = min(5, model.num_classes)
+    feature_shapes = '\n'.join(f'    #  {tuple(m.shape)}' for m in maps)
+    return (
+        '### Image Classification\n' + _SNIPPET_HEAD +
+        f'\nmodel = timm.create_model({name}, pretrained=True).eval()\n' + _TRANSFORMS +
+        '\nwith torch.no_grad():\n'
+        '    output = model(transforms(img).unsqueeze(0))  # a batch of one image\n'
+        f'top{top_k}_probabilities, top{top_k}_class_indices = torch.topk(output.softmax(dim=1) * 100, k={top_k})\n'
+        f'print(tuple(output.shape))  # {(1, model.num_classes)}\n'
+        '```\n\n'
+        '### Feature Map Extraction\n' + _SNIPPET_HEAD +
+        f'\nmodel = timm.create_model({name}, pretrained=True, features_only=True, out_indices={last_n}).eval()\n' +
+        _TRANSFORMS +
+        '\nwith torch.no_grad():\n'
+        f'    output = model(transforms(img).unsqueeze(0))  # the tokens of the last {last_n} blocks, as maps\n'
+        'for feature_map in output:\n'
+        '    print(tuple(feature_map.shape))\n'
+        f'    # each of:\n{feature_shapes}\n'
+        '```\n\n'
+        '### Image Embeddings\n' + _SNIPPET_HEAD +
+        f'\nmodel = timm.create_model({name}, pretrained=True, num_classes=0).eval()  # no classifier\n' +
+        _TRANSFORMS +
+        '\nwith torch.no_grad():\n'
+        '    embedding = model(transforms(img).unsqueeze(0))\n'
+        f'print(tuple(embedding.shape))  # {(1, model.num_features)}\n\n'
+        '# or, keeping the head: the unpooled tokens, then the pooled pre-logits features\n'
+        'with torch.no_grad():\n'
+        '    tokens = model.forward_features(transforms(img).unsqueeze(0))\n'
+        '    embedding = model.forward_head(tokens, pre_logits=True)\n'
+        f'print(tuple(tokens.shape))  # {tuple(tokens.shape)}\n'
+        f'print(tuple(embedding.shape))  # {(1, model.num_features)}\n'
+        '```\n\n'
+        '### With transformers\n'
+        'transformers loads the same repo through its `TimmWrapper` classes:\n\n'
+        '```python\n'
+        'from transformers import pipeline\n\n'
+        f"classifier = pipeline('image-classification', model='{repo_id}')\n"
+        f"print(len(classifier('{CARD_IMAGE_URL}', top_k={top_k})))  # {top_k}\n"
+        '```\n'
+    )
+
+
 def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The card dict timm's generate_readme turns into README.md: model, sizes, data, recipe, metrics, citations."""
+    """The card of one model in timm's shape: stats measured on the model, papers, data, recipe, usage."""
     arch = model.pretrained_cfg['architecture']
     training = training or {}
-    size = tuple(model.patch_embed.img_size)
+    size = _input_size(model)[1:]
+    complexity = measure_complexity(model, _input_size(model))
+    was_training = model.training
+    try:
+        usage = _usage(model.eval(), repo_id)  # a forward in training mode would move the BatchNorm statistics
+    finally:
+        model.train(was_training)
     weights = {'state_dict_ema': 'the EMA weights', 'state_dict': 'the (non-EMA) model weights'}
     source = weights.get(training.get('weights'), 'the weights')
     epoch = f' after epoch {training["epoch"]}' if 'epoch' in training else ''
+    papers = {SUPER_TOKEN_PAPER.title: SUPER_TOKEN_PAPER.url, **ARCHITECTURE_PAPERS}
     details: Dict[str, Any] = {
         'Model Type': 'Image classification / feature backbone',
-        'Architecture': f'`{arch}`: timm VisionTransformer ({len(model.blocks)} blocks, width {model.embed_dim}, '
+        'Architecture': f'`{arch}`: timm VisionTransformer (depth {len(model.blocks)}, width {model.embed_dim}, '
                         f'{model.blocks[0].attn.num_heads} heads) with the {EMBEDDINGS[type(model.patch_embed)]}',
         'Model Stats': {
-            'Params (M)': f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}',
-            'Embedding params': f'{sum(p.numel() for p in model.patch_embed.parameters()):,}',
+            'Params (M)': f'{sum(p.numel() for p in model.parameters()) / 1e6:.1f}',
+            'GMACs': f'{complexity.gmacs:.1f}',
+            'Activations (M)': f'{complexity.activations_m:.1f}',
             'Image size': f'{size[0]} x {size[1]}',
+            'Embedding params': f'{sum(p.numel() for p in model.patch_embed.parameters()):,}',
             'Classes': model.num_classes,
         },
-        'Papers': {SUPER_TOKEN_PAPER.title: SUPER_TOKEN_PAPER.url},
+        'Papers': papers,
+        'Original': 'https://github.com/huggingface/pytorch-image-models (trunk); the embeddings are '
+                    'timm-supertoken\'s, the paper publishes no code',
     }
     # the kwargs that change the architecture; size, classes, channels and pooling are shown elsewhere
     arch_args = {k: v for k, v in getattr(model, '_model_args', {}).items()
@@ -251,29 +344,39 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
     if 'dataset' in training:
         details['Dataset'] = training['dataset']
     if 'recipe' in training:
-        details['Training recipe (timm train.py)'] = training['recipe']
+        details[f'Training recipe (timm train.py; every argument in {HPARAMS_NAME})'] = training['recipe']
     if 'metrics' in training:
         details['Metrics (validation, recorded by train.py)'] = {
             k: f'{v:.3f}' for k, v in training['metrics'].items()}
-    usage = (
-        '```python\n'
-        'import timm  # with `pip install timm-supertoken`, timm finds the model by itself\n\n'
-        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
-        'data_config = timm.data.resolve_model_data_config(model)\n'
-        'transforms = timm.data.create_transform(**data_config, is_training=False)\n'
-        "# fine-tune on another label set: timm.create_model(..., pretrained=True, num_classes=10)\n"
-        '```'
-    )
     return {
-        'tags': ['image-classification', 'timm', 'timm-supertoken', 'vision-transformer', 'super-token'],
+        'tags': ['image-classification', 'timm', 'transformers', 'timm-supertoken', 'vision-transformer',
+                 'super-token'],
         'library_name': 'timm',
         'license': 'apache-2.0',
-        'description': f'A `{arch}` model from *{SUPER_TOKEN_PAPER.title}* ({SUPER_TOKEN_PAPER.year}), packaged with timm-supertoken; '
-                       f'{source} of a timm train.py run{epoch}.',
+        'datasets': [training['dataset']] if 'dataset' in training else [],
+        'description': f'A `{arch}` model from *{SUPER_TOKEN_PAPER.title}* ({SUPER_TOKEN_PAPER.year}), packaged with '
+                       f'timm-supertoken; {source} of a timm train.py run{epoch}.',
         'details': details,
         'usage': usage,
         'citation': [SUPER_TOKEN_PAPER.bibtex('lee2024supertoken'), TIMM_CITATION],
     }
+
+
+def render_model_card(card: Dict[str, Any], model_name: str) -> str:
+    """README.md from a card dict, laid out as timm's Hub cards are (front matter, details, usage, citation)."""
+    lines = ['---', 'tags:', *[f'- {tag}' for tag in card['tags']], 'pipeline_tag: image-classification',
+             f'library_name: {card["library_name"]}', f'license: {card["license"]}']
+    if card['datasets']:
+        lines += ['datasets:', *[f'- {dataset.lower()}' for dataset in card['datasets']]]
+    lines += ['---', f'# Model card for {model_name}', '', card['description'], '', '## Model Details']
+    for key, value in card['details'].items():
+        if isinstance(value, dict):
+            lines += [f'- **{key}:**', *[f'  - {k}: {v}' for k, v in value.items()]]
+        else:
+            lines.append(f'- **{key}:** {value}')
+    lines += ['', '## Model Usage', card['usage'], '## Citation']
+    lines += [f'```bibtex\n{citation}\n```' for citation in card['citation']]
+    return '\n'.join(lines) + '\n'
 
 
 def _read_label_names(path: Union[str, Path], num_classes: int) -> List[str]:
@@ -298,12 +401,23 @@ class DryRun:
 
 @dataclass
 class _Staged:
-    """Everything timm's save_for_hf / push_to_hf_hub need for one model."""
+    """Everything the Hub folder of one model is written from."""
     model: torch.nn.Module
     repo_id: str
     model_config: Dict[str, Any]
     data_config: Optional[Dict[str, Any]]
     card: Dict[str, Any]
+    hparams: Optional[str] = None  # train_hparams.yaml's text
+
+
+def _hparams_yaml(args: Mapping[str, Any]) -> Optional[str]:
+    """The run's train.py arguments as YAML (what train.py writes as args.yaml), or None without any."""
+    if not args:
+        return None
+    import yaml  # timm's own dependency
+
+    plain = json.loads(json.dumps(dict(args), default=str))  # tuples to lists, anything exotic to its str
+    return yaml.safe_dump(plain, sort_keys=False)
 
 
 def _stage_checkpoint(
@@ -317,7 +431,7 @@ def _stage_checkpoint(
         dataset: Optional[str] = None,
         label_names: Optional[Union[str, Path]] = None,
 ) -> _Staged:
-    """A checkpoint file turned into a strictly loaded model plus its Hub config and card."""
+    """A checkpoint file turned into a strictly loaded model plus its Hub config, card and hparams."""
     ckpt = read_checkpoint(checkpoint, use_ema=use_ema, trust_pickle=trust_pickle)
     model = model_from_checkpoint(ckpt, model_name, num_classes, model_args)
     repo_id = repo_id or default_repo_id(model.pretrained_cfg['architecture'])
@@ -326,29 +440,40 @@ def _stage_checkpoint(
     if label_names:
         model_config['label_names'] = _read_label_names(label_names, model.num_classes)
     data_config = {k: ckpt.args[k] for k in DATA_ARGS if ckpt.args.get(k) is not None} or None
-    return _Staged(model, repo_id, model_config, data_config, model_card(model, repo_id, training))
+    return _Staged(model, repo_id, model_config, data_config, model_card(model, repo_id, training),
+                   _hparams_yaml(ckpt.args))
 
 
 def _stage_folder(folder: Path, repo_id: Optional[str] = None) -> _Staged:
-    """An exported folder, validated and reloaded, with the config extras and card it was exported with."""
-    model = load_model(f'local-dir:{folder}')
+    """An exported folder, validated and reloaded, with the config extras, card and hparams it was exported with."""
+    model = load_model(f'local-dir:{folder}').eval()
     config = json.loads((folder / CONFIG_NAME).read_text(encoding='utf-8'))
     repo_id = repo_id or default_repo_id(config['architecture'])
     model_config = {k: config[k] for k in ('training', 'label_names', 'label_descriptions') if k in config}
     # timm's loader moved the labels into pretrained_cfg; they go back to the top level, where export put them
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in model_config}
-    return _Staged(model, repo_id, model_config, None, model_card(model, repo_id, config.get('training')))
+    hparams = folder / HPARAMS_NAME
+    return _Staged(model, repo_id, model_config, None, model_card(model, repo_id, config.get('training')),
+                   hparams.read_text(encoding='utf-8') if hparams.is_file() else None)
 
 
 def _save(staged: _Staged, out_dir: Path) -> Path:
-    """Write the three files exactly as timm's push_to_hf_hub stages them (safetensors only)."""
+    """Write the Hub folder: timm's config.json and safetensors weights, the card, and the run's hparams."""
     save_for_hf(staged.model, str(out_dir), model_config=staged.model_config, data_config=staged.data_config,
                 safe_serialization=True)
-    readme = generate_readme(staged.card, staged.repo_id.split('/')[-1])
-    (out_dir / 'README.md').write_text(readme, encoding='utf-8')
+    config_file = out_dir / CONFIG_NAME
+    config = json.loads(config_file.read_text(encoding='utf-8'))
+    # timm (1.0.31) also records num_classes in model_args; transformers' TimmWrapper passes its own
+    # num_classes beside model_args and fails on the duplicate. timm reads the head size from num_classes.
+    config.get('model_args', {}).pop('num_classes', None)
+    config_file.write_text(json.dumps(config, indent=2), encoding='utf-8')
+    card = render_model_card(staged.card, staged.repo_id.split('/')[-1])
+    (out_dir / README_NAME).write_text(card, encoding='utf-8')
+    if staged.hparams:
+        (out_dir / HPARAMS_NAME).write_text(staged.hparams, encoding='utf-8')
     # safetensors writes through a private (0600) temporary file: give the weights the umask-derived mode
     # that config.json and README.md got, so an export folder is as readable as any other
-    (out_dir / HF_SAFE_WEIGHTS_NAME).chmod((out_dir / CONFIG_NAME).stat().st_mode & 0o777)
+    (out_dir / WEIGHTS_NAME).chmod(config_file.stat().st_mode & 0o777)
     return out_dir
 
 
@@ -368,42 +493,39 @@ def push(
         dry_run: bool = False,
         **options: Any,
 ) -> Union[str, DryRun]:
-    """Publish a checkpoint or an exported folder through timm's push_to_hf_hub, safetensors only.
+    """Publish a checkpoint or an exported folder: the files `export` writes, in one commit.
 
     The token is huggingface_hub's (HF_TOKEN or a cached login), the endpoint HF_ENDPOINT's. `dry_run`
     stages the files and returns a `DryRun` (the repo id and each file's size) without contacting the Hub;
-    otherwise returns the commit URL. timm adds README.md only when the repo does not have one yet.
+    otherwise returns the commit URL. As timm's push_to_hf_hub does, README.md goes up only when the repo
+    has none yet, so a curated card is never overwritten.
     """
     source = Path(source)
     staged = _stage_folder(source, repo_id) if source.is_dir() else _stage_checkpoint(source, repo_id, **options)
-    if dry_run:
-        with tempfile.TemporaryDirectory() as tmp:
-            _save(staged, Path(tmp))
-            return DryRun(staged.repo_id, [(p.name, p.stat().st_size) for p in sorted(Path(tmp).iterdir())])
-    commit = push_to_hf_hub(
-        staged.model,
-        staged.repo_id,
-        commit_message=commit_message,
-        revision=revision,
-        private=private,
-        model_config=staged.model_config,
-        model_card=staged.card,
-        data_config=staged.data_config,
-        safe_serialization=True,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _save(staged, Path(tmp))
+        if dry_run:
+            return DryRun(staged.repo_id, [(p.name, p.stat().st_size) for p in sorted(folder.iterdir())])
+        api = HfApi(library_name='timm-supertoken', library_version=__version__)
+        repo_id = api.create_repo(staged.repo_id, private=private, exist_ok=True).repo_id
+        if api.file_exists(repo_id, README_NAME, revision=revision):
+            (folder / README_NAME).unlink()
+        commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                   commit_message=commit_message)
     return str(commit.commit_url)
 
 
 def _fetch(source: str, model_id: str, filename: str) -> Path:
-    """Local path of one file of a local-dir: folder or an hf-hub: repo, or an error naming it."""
+    """Local path of one file of a local-dir: folder or an hf-hub: repo (`ORG/NAME[@revision]`), or an error."""
     if source == 'local-dir':
         path = Path(model_id) / filename
         if not path.is_file():
             raise CheckpointError(f'{path}: missing')
         return path
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    repo_id, _, revision = model_id.partition('@')
     try:
-        return Path(download_from_hf(model_id, filename))
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None))
     except (HfHubHTTPError, EntryNotFoundError) as e:
         raise CheckpointError(f'hf-hub:{model_id}/{filename}: cannot download it ({str(e).splitlines()[0]})') from e
 
@@ -437,12 +559,12 @@ def load_model(name: Union[str, Path], pretrained: bool = True, **kwargs: Any) -
     except (TypeError, ValueError) as e:
         raise CheckpointError(f'{where}/{CONFIG_NAME}: cannot build {arch} with model_args {model_args}: {e}') from e
 
-    weights_file = _fetch(source, model_id, HF_SAFE_WEIGHTS_NAME)
+    weights_file = _fetch(source, model_id, WEIGHTS_NAME)
     try:
         with safe_open(str(weights_file), framework='pt') as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f'{where}/{HF_SAFE_WEIGHTS_NAME}: not a readable safetensors file ({e})') from e
+        raise CheckpointError(f'{where}/{WEIGHTS_NAME}: not a readable safetensors file ({e})') from e
     _check_shapes({k: v.shape for k, v in described.state_dict().items()}, shapes,
-                  f'{where}/{HF_SAFE_WEIGHTS_NAME}', f'{CONFIG_NAME} ({arch}, model_args {model_args})')
+                  f'{where}/{WEIGHTS_NAME}', f'{CONFIG_NAME} ({arch}, model_args {model_args})')
     return timm.create_model(f'{source}:{model_id}', pretrained=pretrained, **kwargs)

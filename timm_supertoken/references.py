@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 from typing import Tuple
 
-__all__ = ['Paper', 'SUPER_TOKEN_PAPER', 'TIMM_CITATION']
+__all__ = ['Paper', 'SUPER_TOKEN_PAPER', 'ARCHITECTURE_PAPERS', 'TIMM_CITATION']
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,14 @@ SUPER_TOKEN_PAPER = Paper(
     year=2024,
     doi='10.9728/dcs.2024.25.2.485',
 )
+
+# The works the embedding paper builds on, cited by their arXiv records on model cards as timm's cards do:
+# the ViT trunk ([2] in the paper), EarlyConv's stem ([6]) and SViT's super-token clustering ([11]).
+ARCHITECTURE_PAPERS = {
+    'An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale': 'https://arxiv.org/abs/2010.11929',
+    'Early Convolutions Help Transformers See Better': 'https://arxiv.org/abs/2106.14881',
+    'Vision Transformer with Super Token Sampling': 'https://arxiv.org/abs/2211.11167',
+}
 
 TIMM_CITATION = """@misc{rw2019timm,
   author = {Ross Wightman},
