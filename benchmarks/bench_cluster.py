@@ -18,8 +18,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from timm_supertoken.cli.clustering import add_cluster_arguments, data_and_config
-from timm_supertoken.clustering.deep_clustering import describe_readout, pretrain_method, run_deep_clustering
+from timm_supertoken.clustering.deep_clustering import (ClusterConfig, ClusterData, data_and_config_from,
+                                                        describe_readout, pretrain_method, run_deep_clustering)
+from timm_supertoken.config_fields import field_arguments
 from timm_supertoken.clustering.report import results_markdown
 
 from docs_page import PAGE, RESULTS_DIR, result_record, tables_from_markdown, write_result
@@ -79,7 +80,10 @@ def settings_lines(result: Dict[str, Any]) -> List[str]:
 def cluster_parser(description: str, defaults: Dict[str, Any]) -> argparse.ArgumentParser:
     """Every `cluster` option with a benchmark's own defaults, and where results go: the clustering benchmarks' CLI."""
     parser = argparse.ArgumentParser(description=description)
-    add_cluster_arguments(parser)
+    for flags, kwargs in field_arguments(ClusterData) + field_arguments(ClusterConfig):
+        parser.add_argument(*flags, **kwargs)
+    parser.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument('--out', default=None, help="keep the run's own files here (default: a temporary folder)")
     parser.set_defaults(**defaults)
     parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR, help='where the result file goes')
     parser.add_argument('--page', type=Path, default=PAGE, help='the page rendered from every result file')
@@ -111,11 +115,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    data, cfg = data_and_config(args)
+    data, cfg = data_and_config_from(vars(args))
     load_start = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_deep_clustering(data, cfg, args.out if args.out != parser.get_default('out') else tmp)
+        result = run_deep_clustering(data, cfg, args.out or tmp)
     wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     result['config']['pretrain'] = pretrain_method(cfg)
     command = reproducing_command('bench_cluster.py', argv)

@@ -19,8 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from timm_supertoken.cli.clustering import data_and_config
-from timm_supertoken.clustering.deep_clustering import pretrain_method, run_deep_clustering
+from timm_supertoken.clustering.deep_clustering import data_and_config_from, pretrain_method, run_deep_clustering
 from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import use_cudnn_benchmark
 
@@ -122,10 +121,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     use_cudnn_benchmark()  # as the cluster command does
-    data, cfg = data_and_config(args)
+    data, cfg = data_and_config_from(vars(args))
     device = torch.device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(args.out if args.out != parser.get_default('out') else tmp)
+        run_dir = Path(args.out or tmp)
         start = time.perf_counter()
         with UtilisationSampler(device) as sampler:
             result = run_deep_clustering(data, cfg, str(run_dir))

@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from timm_supertoken.data.image_sets import ImageSet, load_splits
-from timm_supertoken.runtime import setup_distributed, use_cudnn_benchmark
+from timm_supertoken.harness import DistributedEnv
+from timm_supertoken.runtime import use_cudnn_benchmark
 from timm_supertoken.training.compare import CompareConfig, build_compare_config, class_count, model_train_config
 from timm_supertoken.training.data import default_workers
 from timm_supertoken.training.trainer import TrainConfig, create_training_model, fit, precision_name, train_one_epoch
@@ -128,7 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     comparison = compare_config(args)
     train_set, val_set = load_splits(args.dataset, args.data_dir, comparison.img_size, comparison.seed)
     cfg = model_train_config(comparison, args.model, {}, class_count(train_set, val_set))
-    _, _, device = setup_distributed(cfg.device)
+    device = DistributedEnv.current(cfg.device).device  # one process: the benchmark times one device
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     bare = bare_images_per_s(cfg, device, args.bare_steps, args.bare_repeats)
     print(f'bare step: {", ".join(f"{r:,.0f}" for r in bare)} images/s', flush=True)

@@ -22,12 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from timm_supertoken.cli.clustering import data_and_config
-from timm_supertoken.clustering.deep_clustering import (ClusterConfig, EmbedNet, create_cluster_model, embed,
+from timm_supertoken.clustering.deep_clustering import (ClusterConfig, create_embed_net, data_and_config_from, embed,
                                                         pixel_rows, pretrain_representation, umap_readout)
 from timm_supertoken.clustering.kmeans import kmeans
 from timm_supertoken.clustering.metrics import cluster_metrics
-from timm_supertoken.runtime import seed_everything, setup_distributed
+from timm_supertoken.harness import DistributedEnv
 
 from bench_cluster import cluster_parser, reproducing_command
 from docs_page import Table, result_record, write_result
@@ -77,9 +76,8 @@ def neighbour_agreement(z: torch.Tensor, labels: np.ndarray, k: int = NEIGHBOURS
 def score_variant(data, cfg: ClusterConfig, device: torch.device) -> Dict[str, float]:
     """Train the representation stage of cfg from scratch; k-means, neighbour and UMAP-readout scores of its
     embedding."""
-    seed_everything(cfg.seed)
     in_chans = cfg.in_chans or data.images.shape[1]
-    net = EmbedNet(create_cluster_model(cfg, data.num_classes, in_chans).to(device))
+    net = create_embed_net(cfg, data.num_classes, in_chans, device)
     stage = pretrain_representation(net, data.images, cfg, in_chans, device)
     z = embed(net, data.images, cfg, in_chans, device)
     km = kmeans(z, data.num_classes, n_init=cfg.kmeans_restarts, seed=cfg.seed)
@@ -121,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    data, base = data_and_config(args)
+    data, base = data_and_config_from(vars(args))
     base = dataclasses.replace(base, pretrain='simclr')  # the stage this benchmark measures, digits included
     if data.labels is None:
         parser.error('the scores need labels; this dataset has none')
@@ -129,7 +127,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         variants = [(text, parse_variant(text, base)) for text in args.variants]
     except ValueError as e:
         parser.error(str(e))
-    _, _, device = setup_distributed(base.device)
+    device = DistributedEnv.current(base.device).device
     rows = []
     for text, cfg in variants:
         start = time.perf_counter()

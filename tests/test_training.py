@@ -401,8 +401,17 @@ def test_unknown_model_kwarg_is_a_one_line_error(tmp_path):
     assert not (tmp_path / 'vit_small_patch').exists()  # checked before the first model trains
 
 
+def test_a_bad_model_spec_is_the_first_and_only_output(tmp_path, capsys):
+    from timm_supertoken.cli import main
+    with pytest.raises(SystemExit, match=r"^timm-supertoken compare: error: unknown keyword argument 'nonsense_kw' "
+                                         r"for model vit_small_stconv$"):
+        main(['compare', '--models', 'vit_small_stconv:nonsense_kw=3', '--device', 'cpu', '--out', str(tmp_path)])
+    assert capsys.readouterr() == ('', '')  # no recipe, no machine description: the error alone
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_progress_off_a_terminal_is_one_line_per_loop(capsys):
-    from timm_supertoken.runtime import progress
+    from timm_supertoken.harness import progress
     bar = progress(range(4), 'round 0 ep 1/2')
     for step in bar:
         bar.set_postfix(loss=f'{step:.3f}')

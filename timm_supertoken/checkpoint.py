@@ -2,8 +2,8 @@
 
 The rule: `torch.load(weights_only=True)`, which rebuilds tensors and plain containers and so cannot run code
 from the file, plus the few data-only types our readers meet in practice: `argparse.Namespace` (timm
-train.py stores its arguments as one) and NumPy arrays, dtypes and scalars (the RNG state and metrics kept in
-resumable checkpoints). Anything else is unpickled only when the caller passes `trust_pickle=True`
+train.py stores its arguments as one) and NumPy arrays, dtypes and scalars (metrics kept in resumable
+checkpoints, NumPy RNG states). Anything else is unpickled only when the caller passes `trust_pickle=True`
 (`--trust-pickle` on the command line). Whatever goes wrong, the error is one line that names the file.
 """
 import argparse

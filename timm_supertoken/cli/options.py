@@ -2,19 +2,22 @@
 
 An option that more than one command takes is declared here once, so it keeps one name and one meaning
 across commands; each command passes only what differs (its default, what its output folder holds).
+The options of a run's settings come from its config dataclass (`add_config_options`), whose fields hold
+their defaults and help.
 """
 import argparse
 import inspect
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from timm.utils import ParseKwargs
 
 from .. import __version__
+from ..config_fields import field_arguments
 from ..data.image_sets import FASHION_MNIST_DIR
 from ..runtime import hardware_info
 
-__all__ = ['add_command', 'add_data_dir', 'add_device', 'add_img_size', 'add_model_kwargs', 'add_out', 'add_resume',
-           'add_seed', 'add_threads', 'print_preamble']
+__all__ = ['add_command', 'add_config_options', 'add_data_dir', 'add_img_size', 'add_model_kwargs', 'add_out',
+           'add_resume', 'add_seed', 'add_threads', 'print_preamble']
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -31,16 +34,18 @@ def add_command(subparsers: argparse._SubParsersAction, func: Handler) -> argpar
     return parser
 
 
+def add_config_options(parser: argparse.ArgumentParser, config: type, names: Optional[Sequence[str]] = None,
+                       none_means: Optional[Mapping[str, str]] = None, fallback_help: str = '') -> None:
+    """An option per field of the config dataclass (`config_fields.field_arguments`), default and help its field's."""
+    for flags, kwargs in field_arguments(config, names, none_means, fallback_help):
+        parser.add_argument(*flags, **kwargs)
+
+
 def add_data_dir(parser: argparse.ArgumentParser, otherwise: Optional[str] = None) -> None:
     """--data-dir: where Fashion-MNIST's idx files are, and `otherwise` what the folder is for the other datasets."""
     alternative = f' or {otherwise}' if otherwise else ''
     parser.add_argument('--data-dir', default=None,
                         help=f'Fashion-MNIST idx folder (default {FASHION_MNIST_DIR}){alternative}')
-
-
-def add_device(parser: argparse.ArgumentParser) -> None:
-    """--device, resolved by runtime.setup_distributed."""
-    parser.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', ...")
 
 
 def add_img_size(parser: argparse.ArgumentParser, default: Optional[int], help: str) -> None:
@@ -55,7 +60,7 @@ def add_model_kwargs(parser: argparse.ArgumentParser, help: str, default: Option
 
 def add_out(parser: argparse.ArgumentParser, default: str, help: str) -> None:
     """--out: the folder a command writes into."""
-    parser.add_argument('--out', default=default, help=help)
+    parser.add_argument('--out', default=default, help=f'{help} (default: %(default)s)')
 
 
 def add_resume(parser: argparse.ArgumentParser) -> None:

@@ -1,8 +1,8 @@
 """The representation stage before the paper's loop: SimCLR (NT-Xent on two augmented views) for any timm model.
 
 Why: in pseudo-label mode round 0 has no clusters but k-means on pixels, so training L_ViT on them
-teaches the model to reproduce the pixel partition, and eq. 8 then refines that fixed point (Fashion-MNIST:
-pixel k-means NMI 0.491, round 2 0.500). Contrastive pretraining instead learns what stays the same
+teaches the model to reproduce the pixel partition, and eq. 8 then barely moves off that fixed point
+(docs/clustering.md). Contrastive pretraining instead learns what stays the same
 under crops, flips and intensity changes, so the loop starts from clusters of shape rather than of
 pixel overlap (read out of this embedding beside the pixels, `manifold.py`). The embedding is the model's
 pre-logits feature (the one the loop clusters); a small MLP projection head carries the loss and is dropped
@@ -10,14 +10,13 @@ afterwards (SimCLR §4.2).
 """
 from typing import Dict, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.distributed.nn.functional
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from ..runtime import progress
+from ..harness import check_finite, progress
 from .batches import VIEW_CROP_AREA, VIEW_JITTER, augmented_view, draw_view_params
 
 __all__ = ['ContrastiveNet', 'nt_xent', 'pretrain_contrastive', 'PROJECTION_DIM']
@@ -92,6 +91,5 @@ def pretrain_contrastive(train_net: nn.Module, optimizer: torch.optim.Optimizer,
         if world > 1:
             torch.distributed.all_reduce(total)
         mean = (total / (steps * world)).item()
-        if not np.isfinite(mean):
-            raise FloatingPointError(f'contrastive loss became {mean} in epoch {epoch + 1}; lower --pretrain-lr')
+        check_finite(mean, f'contrastive loss in epoch {epoch + 1}', 'lower --pretrain-lr')
     return {'loss_contrastive': mean}

@@ -13,21 +13,22 @@ gathered embeddings). Every round is checkpointed, and `resume=True` continues a
 """
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint
-from ..data.image_sets import ImageSet
-from ..runtime import (create_model_at_size, on_terminal, progress, rng_state, save_atomic, seed_everything,
-                       set_rng_state, setup_distributed, shard_range)
+from ..config_fields import config_from_options, field_help
+from ..data.image_sets import FASHION_MNIST_DIR, ImageSet, load_dataset
+from ..harness import (DEVICE_HELP, DistributedEnv, SeedPurpose, check_finite, check_same_run, derive_seed,
+                       load_for_resume, on_terminal, progress, save_atomic, seeded_global_rngs, shard_range)
+from ..harness import log as log_line
+from ..runtime import create_model_at_size
 from .batches import VIEW_CROP_AREA, VIEW_JITTER, prepare_batch
 from .contrastive import ContrastiveNet, pretrain_contrastive
 from .kmeans import KMeansResult, check_embeddings, kmeans
@@ -35,51 +36,121 @@ from .manifold import joint_features, umap_layout
 from .metrics import cluster_metrics, match_clusters, nmi
 from .plots import plot_cluster_grid, plot_nmi_curve
 
-__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'pretrain_method', 'describe_readout',
+__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'TARGETS', 'DEFAULT_MODEL',
+           'DEFAULT_MODEL_KWARGS', 'ClusterData', 'create_embed_net', 'for_dataset', 'data_and_config_from', 'pretrain_method', 'describe_readout',
            'pretrain_representation', 'pixel_rows', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
            'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
+CHECKPOINT_KEYS = ('model', 'optimizer', 'state', 'config', 'n')  # what a resume reads
+# the settings a resumed run must share with the one that wrote the checkpoint
+RESUME_KEYS = ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed', 'pretrain', 'pretrain_epochs', 'readout')
 METRICS_NAME = 'metrics.json'
 # augmentation ranges: isotropic rescale and translation (fraction of the half-width, affine_grid units)
 AUG_SCALE = (0.85, 1.15)
 AUG_SHIFT = 0.15
 PRETRAIN_METHODS = ('simclr', 'none')
 READOUTS = ('umap', 'kmeans')
+TARGETS = ('pseudo', 'true')
+# the default model, scaled down so that the default run finishes on 2 CPU cores in minutes: ViT-S width,
+# 4 of its 12 blocks, at 32×32
+DEFAULT_MODEL = 'vit_small_stconv'
+DEFAULT_MODEL_KWARGS: Dict[str, Any] = {'depth': 4}
 # checkpoints written before an option existed, resumed: what those runs did
 _BEFORE_OPTION = {'readout': 'kmeans'}
 
 
 @dataclass
 class ClusterConfig:
-    """Every option of a deep-clustering run; saved in checkpoints and metrics.json."""
-    model: str = 'vit_small_stconv'
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    img_size: int = 32
-    in_chans: Optional[int] = None  # None: the dataset's channel count (1 for grayscale)
-    k: Optional[int] = None  # None: the number of ground-truth classes
-    targets: str = 'pseudo'  # 'pseudo': current cluster ids (unsupervised); 'true': ground-truth labels
-    gamma: float = 0.01  # eq. 8 weight of L_clustering
-    eps: float = 1e-3  # stop when l_current - l_new < eps
-    max_rounds: int = 5  # retraining rounds after the initial round 0
-    epochs: int = 4  # training epochs per round (round 0 included)
-    augment: bool = True
-    batch_size: int = 64  # global batch, split evenly over ranks
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    kmeans_restarts: int = 4
-    match_ids: bool = True  # re-number each round's clusters to overlap the previous ids (stable pseudo-labels)
-    pretrain: Optional[str] = None  # 'simclr' | 'none'; None: 'simclr' with pseudo targets, 'none' with true ones
-    readout: str = 'umap'  # round 0's pseudo-labels: k-means of a UMAP layout of pixels (+ embedding), or of them
-    pretrain_epochs: int = 20
-    pretrain_batch_size: int = 256  # NT-Xent's negatives are the other 2B - 2 views of the batch
-    pretrain_lr: float = 2e-3  # peak of the one-cycle cosine schedule
-    temperature: float = 0.5  # NT-Xent temperature (SimCLR's choice for small images)
-    hflip: bool = False  # mirror contrastive views: right for clothes and photos, wrong for digits
-    view_scale: Tuple[float, float] = VIEW_CROP_AREA  # crop-area fraction range of the contrastive views
-    color_jitter: float = VIEW_JITTER  # brightness/contrast factors of the views drawn from 1 ± this
-    seed: int = 0
-    device: str = 'auto'
+    """Every option of a deep-clustering run, saved in checkpoints and metrics.json; `cluster`'s options are its fields."""
+    model: str = field(default=DEFAULT_MODEL, metadata=field_help('any timm model name'))
+    model_kwargs: Optional[Dict[str, Any]] = field(default=None, metadata=field_help(
+        'timm.create_model kwargs, e.g. depth=4 embed_dim=192 (default: '
+        + ' '.join(f'{k}={v}' for k, v in DEFAULT_MODEL_KWARGS.items())
+        + f' for {DEFAULT_MODEL}, scaled down so the default run fits a CPU; none for other models)'))
+    img_size: int = field(default=32, metadata=field_help('model input side; images are resized'))
+    in_chans: Optional[int] = field(default=None, metadata=field_help(
+        "model input channels (default: the data's; 3 replicates grayscale)"))
+    k: Optional[int] = field(default=None, metadata=field_help('clusters (default: the number of classes)'))
+    targets: str = field(default='pseudo', metadata=field_help(
+        "L_ViT targets: 'pseudo' = current cluster ids, unsupervised; 'true' = ground-truth labels (the paper)",
+        choices=TARGETS))
+    gamma: float = field(default=0.01, metadata=field_help('weight of L_clustering, eq. 8'))
+    eps: float = field(default=1e-3, metadata=field_help('stop when l_current - l_new < eps'))
+    max_rounds: int = field(default=5, metadata=field_help('retraining rounds after round 0'))
+    epochs: int = field(default=4, metadata=field_help('training epochs per round, round 0 included'))
+    augment: bool = field(default=True, metadata=field_help('random rescale/shift augmentation of training images'))
+    batch_size: int = field(default=64, metadata=field_help('global batch, split evenly over the processes'))
+    lr: float = field(default=5e-4, metadata=field_help('AdamW learning rate'))
+    weight_decay: float = field(default=0.05, metadata=field_help('AdamW weight decay'))
+    kmeans_restarts: int = field(default=4, metadata=field_help('k-means++ restarts'))
+    match_ids: bool = field(default=True, metadata=field_help(
+        "re-number each round's clusters to overlap the previous round's ids (stable pseudo-labels)"))
+    pretrain: Optional[str] = field(default=None, metadata=field_help(
+        "representation stage before round 0: 'simclr' (NT-Xent on two augmented views) or 'none' (round 0's "
+        "pseudo-labels are read out of the pixels) (default: 'simclr' with pseudo targets, 'none' with true ones "
+        "and for digits, whose 8x8 glyphs are too small to crop)", choices=PRETRAIN_METHODS))
+    readout: str = field(default='umap', metadata=field_help(
+        "how round 0's pseudo-labels are read out: 'umap' = k-means of a UMAP layout of the pixels and the "
+        "contrastive embedding side by side (of the pixels without the stage), 'kmeans' = k-means of the "
+        "embedding (of the pixels without the stage)", choices=READOUTS))
+    pretrain_epochs: int = field(default=20, metadata=field_help('contrastive epochs'))
+    pretrain_batch_size: int = field(default=256, metadata=field_help(
+        "contrastive global batch; NT-Xent's negatives are the other 2B - 2 views of the batch"))
+    pretrain_lr: float = field(default=2e-3, metadata=field_help(
+        'peak AdamW learning rate of the contrastive stage (one-cycle cosine schedule)'))
+    temperature: float = field(default=0.5, metadata=field_help("NT-Xent temperature (SimCLR's for small images)"))
+    # None: chosen by `for_dataset`; off if nothing chooses
+    hflip: Optional[bool] = field(default=None, metadata=field_help(
+        'mirror the contrastive views: right for clothes and photos, wrong for digits (default: on, except for '
+        'digits)'))
+    view_scale: Tuple[float, float] = field(default=VIEW_CROP_AREA, metadata=field_help(
+        "crop-area fraction range of the contrastive views, as timm's --scale", metavar=('MIN', 'MAX')))
+    color_jitter: float = field(default=VIEW_JITTER, metadata=field_help(
+        'brightness/contrast strength of the contrastive views: factors in 1 ± this'))
+    seed: int = field(default=0, metadata=field_help('random seed of the whole run'))
+    device: str = field(default='auto', metadata=field_help(DEVICE_HELP))
+
+    def __post_init__(self) -> None:
+        if self.model_kwargs is None:
+            self.model_kwargs = dict(DEFAULT_MODEL_KWARGS) if self.model == DEFAULT_MODEL else {}
+
+
+def for_dataset(cfg: ClusterConfig, dataset: str) -> ClusterConfig:
+    """cfg with the options it leaves to the dataset (None) chosen for it, as `timm-supertoken cluster` runs it.
+
+    Digits get no representation stage and no mirrored views: on 8×8 glyphs crops remove whole strokes,
+    and a mirrored glyph is another glyph. Every other dataset mirrors its views.
+    """
+    digits = dataset == 'digits'
+    return replace(cfg, pretrain=cfg.pretrain if cfg.pretrain is not None or not digits else 'none',
+                   hflip=cfg.hflip if cfg.hflip is not None else not digits)
+
+
+@dataclass
+class ClusterData:
+    """Which images a run clusters; `cluster`'s data options are its fields."""
+    dataset: str = field(default='digits', metadata=field_help(
+        "'digits', 'fashion-mnist', 'fashion-mnist:train', 'fashion-mnist:test', or 'folder'"))
+    data_dir: Optional[str] = field(default=None, metadata=field_help(
+        f"Fashion-MNIST's idx folder (default: {FASHION_MNIST_DIR}), or the ImageFolder root of dataset 'folder'"))
+    subset: Optional[int] = field(default=None, metadata=field_help('use a seeded random subset of this many images'))
+
+    def load(self, cfg: ClusterConfig) -> ImageSet:
+        """The images (`data.load_dataset` at cfg.img_size), or `subset` of them drawn with cfg.seed."""
+        data = load_dataset(self.dataset, self.data_dir, cfg.img_size)
+        return data.subset(self.subset, cfg.seed) if self.subset else data
+
+
+def data_and_config_from(options: Mapping[str, Any]) -> Tuple[ImageSet, ClusterConfig]:
+    """The images and settings that options named after ClusterData's and ClusterConfig's fields describe.
+
+    What `cluster` and the clustering benchmarks run: the options left None are chosen for the dataset
+    (`for_dataset`).
+    """
+    source = config_from_options(ClusterData, options)
+    cfg = for_dataset(config_from_options(ClusterConfig, options), source.dataset)
+    return source.load(cfg), cfg
 
 
 class EmbedNet(nn.Module):
@@ -115,13 +186,18 @@ def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) ->
                                 **cfg.model_kwargs)
 
 
+def create_embed_net(cfg: ClusterConfig, num_classes: int, in_chans: int, device: torch.device) -> 'EmbedNet':
+    """The run's model as an EmbedNet on device, its initial weights drawn from cfg.seed's own stream."""
+    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.WEIGHTS), device):
+        return EmbedNet(create_cluster_model(cfg, num_classes, in_chans).to(device))
+
+
 @torch.no_grad()
 def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: int, device: torch.device,
           rank: int = 0, world: int = 1, desc: str = 'embed') -> torch.Tensor:
     """Pre-logits embeddings of all images in dataset order; each rank embeds a shard, then all_gather."""
     net.eval()
     n = images.shape[0]
-    per = -(-n // world)
     start, stop = shard_range(n, rank, world)
     feats = []
     for i in progress(range(start, stop, 2 * cfg.batch_size), desc, enabled=rank == 0):
@@ -130,8 +206,8 @@ def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: in
     z = torch.cat(feats) if feats else torch.empty(0, device=device)
     if world == 1:
         return z
-    # all_gather needs equal shapes: pad each shard to `per` rows, then trim the tail after concatenation
-    padded = torch.zeros(per, z.shape[1] if z.numel() else _embed_dim(net, cfg, in_chans, device), device=device)
+    # all_gather needs equal shapes: pad each shard to rank 0's, the largest, then trim the tail after concatenation
+    padded = torch.zeros(shard_range(n, 0, world)[1], z.shape[1] if z.numel() else _embed_dim(net, cfg, in_chans, device), device=device)
     padded[:z.shape[0]] = z
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
@@ -206,9 +282,8 @@ def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
         if world > 1:
             dist.all_reduce(sums)
         means = (sums / (steps * world)).tolist()
-        if not all(np.isfinite(means)):
-            raise FloatingPointError(f'training loss became {means[0]} in epoch {epoch + 1} of {desc}; '
-                                     f'lower --lr (now {cfg.lr}) or --gamma (now {cfg.gamma})')
+        check_finite(means[0], f'training loss in epoch {epoch + 1} of {desc}',
+                     f'lower --lr (now {cfg.lr}) or --gamma (now {cfg.gamma})')
     return {'loss': means[0], 'loss_vit': means[1], 'loss_clustering': means[2]}
 
 
@@ -224,8 +299,8 @@ def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
         raise ValueError(f'k must be at least 2, got k={k}')
     if k > n:
         raise ValueError(f'k={k} clusters requested but dataset {data.name!r} holds only {n} images')
-    if cfg.targets not in ('pseudo', 'true'):
-        raise ValueError(f"targets must be 'pseudo' or 'true', got {cfg.targets!r}")
+    if cfg.targets not in TARGETS:
+        raise ValueError(f'targets must be one of {TARGETS}, got {cfg.targets!r}')
     if cfg.targets == 'true':
         if data.labels is None:
             raise ValueError("targets='true' needs ground-truth labels; this dataset has none (use targets='pseudo')")
@@ -260,7 +335,7 @@ def _evaluate(labels: Optional[np.ndarray], pred: np.ndarray) -> Dict[str, float
 
 def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume: bool = False,
                         on_round_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-                        log: Callable[[str], None] = tqdm.write) -> Dict[str, Any]:
+                        log: Callable[[str], None] = log_line, env: Optional[DistributedEnv] = None) -> Dict[str, Any]:
     """The paper's loop (Fig. 3) with baselines, per-round metrics, checkpoints and output files; returns metrics.json's dict.
 
     In pseudo mode with `pretrain='simclr'` (the default there), the model first learns from augmented
@@ -271,8 +346,9 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     round's centroids, re-embeds and re-clusters; the loop stops once l_current - l_new < eps or
     after max_rounds. The last round's clustering of the final model's embeddings is the result.
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
+    env: the processes to run on (default: the process group already joined, else this process on cfg.device).
     """
-    run = _setup(data, cfg, out_dir, log)
+    run = _setup(data, cfg, out_dir, log, env or DistributedEnv.current(cfg.device))
     state = _resume(run) if resume else None
     if state is None:
         state = _initial_state(run)
@@ -283,7 +359,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         prev = state['assignments'] if r > 0 else state['initial_assignments']
         losses = _train(run, state, prev)
         z = run.embed(f'embed round {r}')
-        assign, centroids, inertia = _recluster(run, z, prev, seed=cfg.seed + r + 1)
+        assign, centroids, inertia = _recluster(run, z, prev, stage=r + 1)
         record = {'round': r, **losses, 'inertia': inertia, **_evaluate(data.labels, assign.numpy()),
                   'nmi_vs_previous': nmi(prev, assign), 'time_s': time.perf_counter() - t0}
         state['history'].append(record)
@@ -304,9 +380,7 @@ class _Run:
     cfg: ClusterConfig
     k: int
     in_chans: int
-    rank: int
-    world: int
-    device: torch.device
+    env: DistributedEnv
     out: Path
     net: EmbedNet
     images: torch.Tensor  # data.images, moved to the device once when they fit (`_resident`)
@@ -321,36 +395,34 @@ class _Run:
 
     def embed(self, desc: str) -> torch.Tensor:
         """Embeddings of every image under the current model."""
-        return embed(self.net, self.images, self.cfg, self.in_chans, self.device, self.rank, self.world, desc=desc)
+        return embed(self.net, self.images, self.cfg, self.in_chans, self.env.device, self.env.rank, self.env.world,
+                     desc=desc)
 
-    def kmeans(self, x: torch.Tensor, seed: int) -> KMeansResult:
-        """k-means into the run's k clusters with its number of restarts."""
-        return kmeans(x, self.k, n_init=self.cfg.kmeans_restarts, seed=seed)
+    def kmeans(self, x: torch.Tensor, stage: int) -> KMeansResult:
+        """k-means into the run's k clusters with its number of restarts; stage 0 before the loop, r + 1 in round r."""
+        return kmeans(x, self.k, n_init=self.cfg.kmeans_restarts, seed=self.clustering_seed(stage))
+
+    def clustering_seed(self, stage: int) -> int:
+        """The seed of the k-means restarts (and UMAP layout) of one stage."""
+        return derive_seed(self.cfg.seed, SeedPurpose.CLUSTERING, stage)
 
     def save(self, state: Dict[str, Any]) -> None:
-        """The checkpoint a resume continues from: weights, optimizer, loop state, RNGs, config."""
+        """The checkpoint a resume continues from: weights, optimizer, loop state, config."""
         save_atomic({'model': self.net.state_dict(), 'optimizer': self.optimizer.state_dict(), 'state': state,
-                     'rng': rng_state(), 'config': self.config, 'n': len(self.data)}, self.checkpoint_path)
-
-    def barrier(self) -> None:
-        """Wait for every rank (a no-op in one process)."""
-        if self.world > 1:
-            dist.barrier()
+                     'config': self.config, 'n': len(self.data)}, self.checkpoint_path)
 
 
-def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str], None]) -> _Run:
-    """Processes, checked options, output folder, and the model, seeded, with its optimizer."""
-    rank, world, device = setup_distributed(cfg.device)
-    k = _validate(data, cfg, world)
+def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str], None], env: DistributedEnv) -> _Run:
+    """Checked options, output folder, and the model, seeded, with its optimizer."""
+    k = _validate(data, cfg, env.world)
     in_chans = cfg.in_chans or data.images.shape[1]
     out = Path(out_dir)
-    if rank == 0:
+    if env.is_primary:
         out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
     num_out = k if cfg.targets == 'pseudo' else int(data.labels.max()) + 1
-    net = EmbedNet(create_cluster_model(cfg, num_out, in_chans).to(device))
-    return _Run(data, cfg, k, in_chans, rank, world, device, out, net, _resident(data.images, device),
-                train_net=nn.parallel.DistributedDataParallel(net) if world > 1 else net,
+    net = create_embed_net(cfg, num_out, in_chans, env.device)
+    return _Run(data, cfg, k, in_chans, env, out, net, _resident(data.images, env.device),
+                train_net=env.data_parallel(net),
                 optimizer=torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
                 config=dict(asdict(cfg), k=k, pretrain=pretrain_method(cfg)), log=log)
 
@@ -370,21 +442,15 @@ def _resume(run: _Run) -> Optional[Dict[str, Any]]:
     """The loop state of a killed run, restored with its weights and RNGs; None when there is no checkpoint."""
     path = run.checkpoint_path
     if not path.is_file():
-        if run.rank == 0:
+        if run.env.is_primary:
             run.log(f'no checkpoint at {path}: starting from scratch')
         return None
-    ckpt = load_checkpoint(path, map_location=run.device)
-    saved = {key: ckpt['config'].get(key, _BEFORE_OPTION.get(key))
-             for key in ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed', 'pretrain', 'pretrain_epochs',
-                         'readout')}
-    mine = {key: run.config[key] for key in saved}
-    if saved != mine or ckpt['n'] != len(run.data):
-        raise ValueError(f'{path} was written by a different run ({saved}, {ckpt["n"]} images); '
-                         f'this one is {mine}, {len(run.data)} images. Use another --out or drop --resume')
+    ckpt = load_for_resume(path, run.env.device, CHECKPOINT_KEYS, written_by='cluster')
+    check_same_run(dict(ckpt['config'], images=ckpt['n']),
+                   dict({key: run.config[key] for key in RESUME_KEYS}, images=len(run.data)), path, _BEFORE_OPTION)
     run.net.load_state_dict(ckpt['model'])
     run.optimizer.load_state_dict(ckpt['optimizer'])
     state = ckpt['state']
-    set_rng_state(ckpt['rng'])
     run.log(f'resumed from {path} after ' + (f'round {state["history"][-1]["round"]}' if state['history']
                                              else 'the representation stage'))
     return state
@@ -398,7 +464,7 @@ def _initial_state(run: _Run) -> Dict[str, Any]:
     if run.cfg.targets == 'pseudo' and run.cfg.readout == 'umap':
         _umap_readout(run, state, z)
     state['elapsed_s'] = time.perf_counter() - t0
-    if run.rank == 0:
+    if run.env.is_primary:
         for name, m in state['baselines'].items():
             run.log(f'baseline {name:38s} ' + ' '.join(f'{key.upper()} {m[key]:.4f}' for key in ('nmi', 'ari', 'acc')
                                                        if key in m))
@@ -407,15 +473,15 @@ def _initial_state(run: _Run) -> Dict[str, Any]:
                     f'NT-Xent {state["pretrain"]["loss_contrastive"]:.4f}')
             # a resume after this point starts at round 0 instead of repeating the stage
             run.save(state)
-    run.barrier()
+    run.env.barrier()
     return state
 
 
 def _baselines(run: _Run) -> Dict[str, Any]:
     """A fresh loop state with the k-means baselines: pixels (round 0's targets with neither stage nor UMAP) and
     the untrained embedding."""
-    pix = run.kmeans(pixel_rows(run.images, run.device), seed=run.cfg.seed)
-    untrained = run.kmeans(run.embed('embed untrained'), seed=run.cfg.seed)
+    pix = run.kmeans(pixel_rows(run.images, run.env.device), stage=0)
+    untrained = run.kmeans(run.embed('embed untrained'), stage=0)
     return {
         'baselines': {
             'kmeans_pixels': _evaluate(run.data.labels, pix.labels.cpu().numpy()),
@@ -443,11 +509,11 @@ def umap_readout(pixels: torch.Tensor, z: Optional[torch.Tensor], k: int, n_init
 def _representation_stage(run: _Run, state: Dict[str, Any]) -> torch.Tensor:
     """The representation stage before the paper's loop (SimCLR); returns its embedding, whose k-means is round 0's
     targets unless the UMAP readout replaces them."""
-    state['pretrain'] = pretrain_representation(run.net, run.images, run.cfg, run.in_chans, run.device,
-                                                run.rank, run.world)
+    state['pretrain'] = pretrain_representation(run.net, run.images, run.cfg, run.in_chans, run.env.device,
+                                                run.env.rank, run.env.world)
     z = run.embed('embed contrastive')
     check_embeddings(z, run.k)
-    km = run.kmeans(z, seed=run.cfg.seed)
+    km = run.kmeans(z, stage=0)
     state['initial_assignments'] = km.labels.cpu()
     state['baselines']['kmeans_contrastive_embedding'] = dict(_evaluate(run.data.labels, km.labels.cpu().numpy()),
                                                               time_s=state['pretrain']['time_s'])
@@ -457,18 +523,17 @@ def _representation_stage(run: _Run, state: Dict[str, Any]) -> torch.Tensor:
 def _umap_readout(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -> None:
     """Round 0's targets: k-means on a UMAP layout of the pixels, beside the contrastive embedding z when there is one.
 
-    The pixels' neighbourhoods are the more label-faithful (Fashion-MNIST 20-NN agreement 0.71 vs the
-    embedding's 0.65) and the embedding's global shape the better for k-means; side by side they beat
-    both (docs/clustering.md). Rank 0 computes it and broadcasts: on a GPU the layout's index_add_ is not
+    The pixels' neighbourhoods are the more label-faithful and the embedding's global shape the better
+    for k-means; side by side they beat both (measured in docs/clustering.md). Rank 0 computes it and broadcasts: on a GPU the layout's index_add_ is not
     bitwise reproducible, and every rank must train on the same targets.
     """
     t0 = time.perf_counter()
-    if run.rank == 0:
-        pixels = pixel_rows(run.images, run.device)
-        labels = umap_readout(pixels, z, run.k, run.cfg.kmeans_restarts, run.cfg.seed).to(run.device)
+    if run.env.is_primary:
+        pixels = pixel_rows(run.images, run.env.device)
+        labels = umap_readout(pixels, z, run.k, run.cfg.kmeans_restarts, run.clustering_seed(0)).to(run.env.device)
     else:
-        labels = torch.empty(len(run.data), dtype=torch.long, device=run.device)
-    if run.world > 1:
+        labels = torch.empty(len(run.data), dtype=torch.long, device=run.env.device)
+    if run.env.world > 1:
         dist.broadcast(labels, 0)
     state['initial_assignments'] = labels.cpu()
     name = 'umap_pixels' if z is None else 'umap_contrastive_embedding_and_pixels'
@@ -483,14 +548,16 @@ def pretrain_representation(net: EmbedNet, images: torch.Tensor, cfg: ClusterCon
     weights. DDP needs find_unused_parameters because the classifier head takes no part in this loss.
     """
     t0 = time.perf_counter()
-    contrastive = ContrastiveNet(net.model, _embed_dim(net, cfg, in_chans, device)).to(device)
-    train_net = (nn.parallel.DistributedDataParallel(contrastive, find_unused_parameters=True) if world > 1
-                 else contrastive)
+    env = DistributedEnv(device, rank, world)
+    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.WEIGHTS, index=1), device):  # the projection head
+        contrastive = ContrastiveNet(net.model, _embed_dim(net, cfg, in_chans, device)).to(device)
+    train_net = env.data_parallel(contrastive, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(contrastive.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
-    losses = pretrain_contrastive(train_net, optimizer, images, cfg.pretrain_epochs, cfg.pretrain_batch_size,
-                                  cfg.pretrain_lr, cfg.temperature, cfg.hflip, cfg.img_size, in_chans, device,
-                                  seed=cfg.seed * 100003 - 1, rank=rank, world=world,
-                                  view_scale=tuple(cfg.view_scale), color_jitter=cfg.color_jitter)
+    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.CONTRASTIVE_STEPS, index=rank), device):
+        losses = pretrain_contrastive(train_net, optimizer, images, cfg.pretrain_epochs, cfg.pretrain_batch_size,
+                                      cfg.pretrain_lr, cfg.temperature, bool(cfg.hflip), cfg.img_size, in_chans,
+                                      device, seed=derive_seed(cfg.seed, SeedPurpose.CONTRASTIVE), rank=rank,
+                                      world=world, view_scale=tuple(cfg.view_scale), color_jitter=cfg.color_jitter)
     return {'method': 'simclr', **losses, 'time_s': time.perf_counter() - t0}
 
 
@@ -499,16 +566,19 @@ def _train(run: _Run, state: Dict[str, Any], prev: torch.Tensor) -> Dict[str, fl
     r = len(state['history'])
     cfg = run.cfg
     targets = prev if cfg.targets == 'pseudo' else torch.from_numpy(run.data.labels)
-    centroids = state['centroids'].to(run.device) if r > 0 else None
-    return train_round(run.train_net, run.optimizer, run.images, targets, centroids, state['assignments'], cfg,
-                       run.in_chans, run.device, seed=cfg.seed * 100003 + r, rank=run.rank, world=run.world,
-                       desc=f'round {r}')
+    centroids = state['centroids'].to(run.env.device) if r > 0 else None
+    env = run.env
+    # dropout and drop path, when the model has them, draw per rank from a stream a resumed round repeats
+    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.STEPS, r, env.rank), env.device):
+        return train_round(run.train_net, run.optimizer, run.images, targets, centroids, state['assignments'], cfg,
+                           run.in_chans, env.device, seed=derive_seed(cfg.seed, SeedPurpose.ORDER, r), rank=env.rank,
+                           world=env.world, desc=f'round {r}')
 
 
-def _recluster(run: _Run, z: torch.Tensor, prev: torch.Tensor, seed: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
+def _recluster(run: _Run, z: torch.Tensor, prev: torch.Tensor, stage: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """k-means on the new embeddings: (assignments, centroids, inertia), ids matched to prev if cfg.match_ids."""
     check_embeddings(z, run.k)
-    km = run.kmeans(z, seed=seed)
+    km = run.kmeans(z, stage)
     assign, centroids = km.labels.cpu(), km.centroids
     if run.cfg.match_ids:
         # k-means numbers clusters arbitrarily; keep each cluster's id where its members were, so the
@@ -536,7 +606,7 @@ def _stop_reason(cfg: ClusterConfig, history: List[Dict[str, Any]]) -> Optional[
 def _end_round(run: _Run, state: Dict[str, Any]) -> None:
     """Rank 0 logs the round and writes its checkpoint, metrics.json and NMI curve; every rank waits for them."""
     record = state['history'][-1]
-    if run.rank == 0:
+    if run.env.is_primary:
         run.log(f'round {record["round"]}: loss {record["loss"]:.4f} (L_ViT {record["loss_vit"]:.4f}, '
                 f'L_clust {record["loss_clustering"]:.3f})' + ''.join(
                     f' {key.upper()} {record[key]:.4f}' for key in ('nmi', 'ari', 'acc') if key in record)
@@ -544,14 +614,14 @@ def _end_round(run: _Run, state: Dict[str, Any]) -> None:
         run.save(state)
         _write_metrics(run, state)
         plot_nmi_curve(state['history'], state['baselines'], run.out / 'nmi_per_round.png')
-    run.barrier()  # no rank starts the next round (or a resume) before the checkpoint exists
+    run.env.barrier()  # no rank starts the next round (or a resume) before the checkpoint exists
 
 
 def _finish(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -> None:
     """The result files: assignments.csv and clusters.png of the final model's embeddings."""
     if z is None:  # resumed a finished run: nothing was trained, embed the final model for the figure
         z = run.embed('embed final')
-    if run.rank == 0:
+    if run.env.is_primary:
         _write_assignments(run.out / 'assignments.csv', state['assignments'].numpy(), run.data.labels)
         plot_cluster_grid(run.data.images, state['assignments'], z.cpu(), state['centroids'], run.data.labels,
                           run.out / 'clusters.png')
@@ -560,7 +630,7 @@ def _finish(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -> None
 
 def _metrics_dict(run: _Run, state: Dict[str, Any]) -> Dict[str, Any]:
     """The JSON-able summary of a run: settings, baselines, per-round records, stop reason."""
-    return {'dataset': run.data.name, 'n': len(run.data), 'k': run.k, 'world_size': run.world,
+    return {'dataset': run.data.name, 'n': len(run.data), 'k': run.k, 'world_size': run.env.world,
             'config': asdict(run.cfg), 'baselines': state['baselines'], 'pretrain': state['pretrain'],
             'rounds': state['history'], 'stop_reason': state['stop_reason'], 'elapsed_s': state['elapsed_s']}
 

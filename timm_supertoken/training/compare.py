@@ -13,25 +13,27 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
-from tqdm.auto import tqdm
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..config_fields import field_help
 from ..models import MODEL_NAMES
-from ..data.image_sets import ImageSet, load_splits
-from ..runtime import cpu_name, hardware_info, headless_pyplot, setup_distributed
+from ..data.image_sets import DATASETS, FASHION_MNIST_DIR, ImageSet, load_splits
+from ..harness import DEVICE_HELP, DistributedEnv
+from ..harness import log as log_line
+from ..runtime import cpu_name, hardware_info, headless_pyplot
 from ..throughput import time_models
 from .recipe import PAPER_RECIPE, Recipe, load_recipe, recipe_path
 from .trainer import TrainConfig, autocast, create_training_model, fit, precision_name
 
-__all__ = ['CompareConfig', 'build_compare_config', 'parse_model_spec', 'quick_recipe_note', 'run_compare',
+__all__ = ['CompareConfig', 'build_compare_config', 'parse_model_spec', 'check_model_specs', 'quick_recipe_note',
+           'run_compare',
            'class_count', 'model_train_config', 'results_markdown', 'time_side_by_side', 'QUICK_RECIPE', 'RESULTS_CSV',
-           'RESULTS_JSON', 'FIGURE_NAME']
+           'RESULTS_JSON', 'FIGURE_NAME', 'FROM_RECIPE', 'RUN_OPTIONS', 'RECIPE_OPTIONS']
 
 RESULTS_CSV = 'results.csv'
 RESULTS_JSON = 'results.json'
@@ -61,20 +63,36 @@ def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
 
 @dataclass
 class CompareConfig:
-    """Everything one comparison run needs; saved into results.json."""
-    models: Sequence[str] = MODEL_NAMES
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)  # applied to every model, under each spec's own
-    dataset: str = 'digits'
-    data_dir: Optional[str] = None
-    img_size: int = 224
+    """Everything one comparison run needs; saved into results.json. `compare`'s options are its fields."""
+    models: Sequence[str] = field(default=MODEL_NAMES, metadata=field_help(
+        'timm names, each optionally with kwargs: vit_small_stconv:conv_modules=4,cluster_iters=2', metavar='SPEC'))
+    model_kwargs: Dict[str, Any] = field(default_factory=dict, metadata=field_help(
+        "create_model kwargs for every model, under each spec's own, e.g. depth=4 embed_dim=192"))
+    dataset: str = field(default='digits', metadata=field_help('the labelled image set', choices=DATASETS))
+    data_dir: Optional[str] = field(default=None, metadata=field_help(
+        f"Fashion-MNIST's idx folder (default: {FASHION_MNIST_DIR}), or the folder with train/ and val/ of "
+        "dataset 'folder'"))
+    img_size: int = field(default=224, metadata=field_help('input side'))
     recipe: Recipe = field(default_factory=Recipe)
-    seed: int = 0
-    device: str = 'auto'
-    workers: Optional[int] = None  # None: training.data.default_workers(device)
-    out: str = './timm-supertoken-compare'
-    resume: bool = False
+    seed: int = field(default=0, metadata=field_help('random seed of the whole run'))
+    device: str = field(default='auto', metadata=field_help(DEVICE_HELP))
+    workers: Optional[int] = field(default=None, metadata=field_help(
+        'data-loader processes per rank (default: on a GPU, the cores per rank minus one; on a CPU 0)'))
+    out: str = field(default='./timm-supertoken-compare', metadata=field_help(
+        'output folder: the table, the figure and a checkpoint folder per model'))
+    resume: bool = field(default=False, metadata=field_help('continue a killed run from its checkpoints in --out'))
     mean: Tuple[float, ...] = IMAGENET_DEFAULT_MEAN  # normalisation, and RandAugment's fill colour; train.py's --mean
     std: Tuple[float, ...] = IMAGENET_DEFAULT_STD
+
+
+# the settings `build_compare_config` takes: CompareConfig's that a recipe file may set, with what None means,
+# then the Recipe fields the command line may override (None: the recipe's value)
+FROM_RECIPE = {'models': "the recipe's model, else the three embeddings", 'model_kwargs': "the recipe's",
+               'img_size': "the recipe's", 'seed': "the recipe's, else 0"}
+RUN_OPTIONS = ('models', 'model_kwargs', 'dataset', 'data_dir', 'img_size', 'seed', 'device', 'workers', 'out',
+               'resume')
+RECIPE_OPTIONS = ('epochs', 'batch_size', 'lr', 'weight_decay', 'warmup_epochs', 'mixup', 'cutmix', 'aa', 'reprob',
+                  'smoothing', 'drop_path', 'sched', 'opt', 'model_ema')
 
 
 def build_compare_config(config: str = QUICK_RECIPE, models: Optional[Sequence[str]] = None,
@@ -142,11 +160,10 @@ def model_train_config(cfg: CompareConfig, name: str, kwargs: Dict[str, Any], nu
                        workers=cfg.workers, mean=cfg.mean, std=cfg.std)
 
 
-def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
-                splits: Optional[Tuple[ImageSet, ImageSet]] = None) -> Dict[str, Any]:
-    """Train every spec with cfg.recipe, time them side by side, write the table and figure; returns results.json's dict.
+def check_model_specs(cfg: CompareConfig) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """(spec, timm name, kwargs) of every model, each first built on the meta device with the run's settings.
 
-    splits: (train, val) image sets to use instead of loading cfg.dataset.
+    A misspelt name or keyword is then an error before anything trains or prints, and costs no memory.
     """
     specs = [(spec, *parse_model_spec(spec)) for spec in cfg.models]
     if len({s for s, _, _ in specs}) != len(specs):
@@ -154,27 +171,40 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
     unknown = [name for _, name, _ in specs if not timm.is_model(name)]
     if unknown:
         raise ValueError(f'unknown timm model {unknown[0]!r} (timm.list_models() lists the names)')
+    with torch.device('meta'):
+        for _, name, kwargs in specs:
+            # any class count will do: it sizes the head, whatever the data turns out to hold
+            create_training_model(model_train_config(cfg, name, kwargs, num_classes=2))
+    return specs
+
+
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = log_line,
+                splits: Optional[Tuple[ImageSet, ImageSet]] = None,
+                env: Optional[DistributedEnv] = None) -> Dict[str, Any]:
+    """Train every spec with cfg.recipe, time them side by side, write the table and figure; returns results.json's dict.
+
+    splits: (train, val) image sets to use instead of loading cfg.dataset. env: the processes to train on
+    (default: the process group already joined, else this process on cfg.device).
+    """
+    specs = check_model_specs(cfg)
     train_set, val_set = splits or load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed)
-    rank, world, device = setup_distributed(cfg.device)
+    env = env or DistributedEnv.current(cfg.device)
+    device = env.device
     num_classes = class_count(train_set, val_set)
     out = Path(cfg.out)
-    if rank == 0:
+    if env.is_primary:
         out.mkdir(parents=True, exist_ok=True)
         log(f'data: {cfg.dataset}, train {len(train_set):,} / val {len(val_set):,} images of '
             f'{tuple(train_set.images.shape[1:])}, {num_classes} classes, resized to {cfg.img_size}×{cfg.img_size}')
 
     train_cfgs = [model_train_config(cfg, name, kwargs, num_classes) for _, name, kwargs in specs]
-    with torch.device('meta'):  # every model's kwargs are checked before the first one trains, without allocating
-        for train_cfg in train_cfgs:
-            create_training_model(train_cfg)
-
-    results: Dict[str, Any] = {'config': asdict(cfg), 'world_size': world,
+    results: Dict[str, Any] = {'config': asdict(cfg), 'world_size': env.world,
                                'device': str(device), 'hardware': hardware_info(), 'models': {}}
     trained = {}
     for (spec, name, _), train_cfg in zip(specs, train_cfgs):
         t0 = time.perf_counter()
         run = fit(train_cfg, train_set, val_set, str(out / _folder_name(spec)), resume=cfg.resume,
-                  dataset_name=cfg.dataset, log=log)
+                  dataset_name=cfg.dataset, log=log, env=env)
         history = run['history']
         trained[spec] = run['model'].eval()
         results['models'][spec] = {
@@ -183,16 +213,15 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = tqdm.write,
             'best_top1': max(r['top1'] for r in history), 'history': history,
             'train_time_s': sum(r['time_s'] for r in history), 'wall_s': time.perf_counter() - t0,
         }
-        if rank == 0:
+        if env.is_primary:
             _write_outputs(out, results)
 
-    if rank == 0:
+    if env.is_primary:
         timing, results['throughput'] = time_side_by_side(trained, cfg, device)
         for spec, stats in timing.items():
             results['models'][spec].update(img_per_s=stats['img_per_s'], throughput_ratio=stats['ratio'])
         _write_outputs(out, results)
-    if world > 1:
-        dist.barrier()
+    env.barrier()
     return results
 
 

@@ -12,11 +12,9 @@ therefore see exactly the images of an uninterrupted one-process run.
 """
 import multiprocessing.util
 import os
-import random
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -25,34 +23,12 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.loader import PrefetchLoader, fast_collate
 
 from ..data.image_sets import ImageSet
+from ..harness import SeedPurpose, derive_seed, preserved_global_rngs, seed_global_rngs
 
 __all__ = ['SampleTransform', 'AugmentedImageSet', 'GlobalBatchSampler', 'SampleSeededErasing', 'create_device_loader',
-           'default_workers', 'sample_seed']
+           'default_workers']
 
 SampleKey = Tuple[int, int]  # (epoch, index): what the batch sampler hands the dataset for one sample
-AUGMENT_STREAM = 0  # seeds the CPU transform of a sample
-ERASE_STREAM = 1  # seeds its random erasing on the device, so the two draw unrelated numbers
-_MASK64 = (1 << 64) - 1
-
-
-def _mix64(z: int) -> int:
-    """SplitMix64's step: a bijection of 64-bit integers whose outputs for nearby inputs look unrelated."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def sample_seed(seed: int, epoch: int, index: int, stream: int = AUGMENT_STREAM) -> int:
-    """A 63-bit seed per (run, epoch, sample, stream).
-
-    SplitMix64 chained over the four numbers: about 1 µs in Python, where NumPy's SeedSequence took
-    20 µs, a cost paid for every sample of every epoch.
-    """
-    z = 0
-    for part in (seed, epoch, index, stream):
-        z = _mix64(z ^ (part & _MASK64))
-    return z >> 1
 
 
 @dataclass
@@ -104,20 +80,12 @@ class AugmentedImageSet(Dataset):
         # timm's transforms draw from Python's, NumPy's and torch's global RNGs: seed all three per sample,
         # then put them back so the training step's own randomness (drop path) is untouched. Saving and
         # restoring once per batch, not per sample: NumPy's get/set_state alone costs ~170 µs.
-        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        try:
-            samples = []
+        samples = []
+        with preserved_global_rngs():
             for epoch, index in keys:
-                seed = sample_seed(self.seed, epoch, index)
-                random.seed(seed)
-                np.random.seed(seed & 0xFFFFFFFF)
-                torch.default_generator.manual_seed(seed)
+                seed_global_rngs(derive_seed(self.seed, SeedPurpose.AUGMENT, epoch, index))
                 samples.append((self.transform(self.data.pil(index)), int(self.data.labels[index]),
-                                sample_seed(self.seed, epoch, index, ERASE_STREAM)))
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.set_rng_state(states[2])
+                                derive_seed(self.seed, SeedPurpose.ERASE, epoch, index)))
         return samples
 
     def __getitem__(self, key: SampleKey) -> Tuple[torch.Tensor, int, int]:
@@ -149,7 +117,7 @@ class GlobalBatchSampler(Sampler[List[SampleKey]]):
     def _order(self) -> List[int]:
         if not self.shuffle:
             return list(range(self.n))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, SeedPurpose.ORDER, self.epoch))
         return torch.randperm(self.n, generator=gen).tolist()
 
     def __iter__(self) -> Iterator[List[SampleKey]]:
@@ -179,26 +147,16 @@ class SampleSeededErasing:
     """
 
     def __init__(self, erasing: RandomErasing, device: torch.device):
-        self.erasing = erasing
-        if device.type == 'cuda':
-            self.generator = torch.cuda.default_generators[device.index if device.index is not None
-                                                           else torch.cuda.current_device()]
-        else:
-            self.generator = torch.default_generator
+        self.erasing, self.device = erasing, device
         self.seeds: List[int] = []
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if len(self.seeds) != len(batch):
             raise RuntimeError(f'{len(self.seeds)} erasing seeds for a batch of {len(batch)} images')
-        states = random.getstate(), self.generator.get_state()
-        try:
+        with preserved_global_rngs(self.device):
             for image, seed in zip(batch, self.seeds):
-                random.seed(seed)
-                self.generator.manual_seed(seed)
+                seed_global_rngs(seed, self.device)
                 self.erasing(image)  # in place, on the view of this image
-        finally:
-            random.setstate(states[0])
-            self.generator.set_state(states[1])
         return batch
 
 

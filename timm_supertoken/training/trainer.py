@@ -5,12 +5,11 @@ prefetching loader (uint8 batches from the workers, normalisation and random era
 Mixup, loss, optimiser and scheduler from the recipe, optional EMA (timm's ModelEmaV3), bfloat16
 autocast on CUDA, top-1 on the validation split after every epoch. Checkpoints use train.py's keys
 (`state_dict`, `state_dict_ema`, `optimizer`, `epoch`, `args`, `metric`), so `timm-supertoken
-export` turns them into Hub files. Randomness is re-seeded from (seed, epoch) at every epoch
-start and per sample in the data (see `training.data`), so `resume=True` after a kill at any point
-ends with the same weights as an uninterrupted run.
+export` turns them into Hub files. Every epoch draws its global randomness (Mixup, drop path) from
+seeds derived from (seed, epoch, rank), and the data per sample (see `training.data`), so `resume=True`
+after a kill at any point ends with the same weights as an uninterrupted run (`harness`).
 """
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +18,16 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm.auto import tqdm
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.utils import ModelEmaV3
 
-from ..checkpoint import CheckpointError, load_checkpoint
 from ..data.image_sets import ImageSet
+from ..harness import log as log_line
+from ..harness import (DistributedEnv, SeedPurpose, check_finite, check_same_run, derive_seed, load_for_resume,
+                       progress, save_atomic, seeded_global_rngs)
 from ..models.parameters import parameter_counts
-from ..runtime import create_model_at_size, progress, save_atomic, seed_everything, setup_distributed
+from ..runtime import create_model_at_size
 from .data import AugmentedImageSet, GlobalBatchSampler, create_device_loader, default_workers
 from .recipe import Recipe
 
@@ -37,6 +37,8 @@ __all__ = ['TrainConfig', 'create_training_model', 'autocast', 'precision_name',
 CHECKPOINT_NAME = 'last.pth.tar'  # train.py's name for its latest checkpoint
 EVAL_BATCH_MULTIPLIER = 2  # no activations kept for backward, so twice the batch fits
 LOSS_READ_INTERVAL = 50  # training steps between host reads of the loss (train.py's default --log-interval)
+CHECKPOINT_KEYS = ('epoch', 'state_dict', 'optimizer', 'args', 'history')  # what a resume reads
+_REMEDY = 'lower the learning rate'
 
 
 @dataclass
@@ -110,20 +112,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         count += x.shape[0]
         if step % LOSS_READ_INTERVAL == 0:
             value = loss.item()
-            _check_finite(value, f'training loss ({desc}, step {step + 1})')
+            check_finite(value, f'training loss ({desc}, step {step + 1})', _REMEDY)
             bar.set_postfix(loss=f'{value:.3f}', refresh=False)
     totals = torch.stack([loss_sum, torch.tensor(float(count), dtype=torch.float64, device=device)])
     if world > 1:
         dist.all_reduce(totals)
     mean = (totals[0] / totals[1]).item()
-    _check_finite(mean, f'mean training loss ({desc})')
+    check_finite(mean, f'mean training loss ({desc})', _REMEDY)
     return mean
-
-
-def _check_finite(value: float, what: str) -> None:
-    """A NaN or infinite loss stops training with the usual remedy, instead of training on garbage."""
-    if not math.isfinite(value):
-        raise FloatingPointError(f'{what} became {value}; lower the learning rate')
 
 
 @torch.no_grad()
@@ -144,43 +140,19 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device, world: in
     return {'top1': (100 * sums[0] / sums[2]).item(), 'val_loss': (sums[1] / sums[2]).item()}
 
 
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The global RNG seed of one rank's epoch (mixup draws, drop path), so a resumed epoch repeats exactly."""
-    return (seed * 1_000_003 + epoch) * 1_009 + rank
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> Dict[str, Any]:
-    """Our own checkpoint, tensors and plain containers only; a damaged file is named, not dumped as a traceback."""
-    try:
-        ckpt = load_checkpoint(path, map_location=device)
-    except CheckpointError as e:
-        raise ValueError(f'{e}; cannot resume from it: delete it to restart that model, or use another output folder') from e
-    missing = {'epoch', 'state_dict', 'optimizer', 'args', 'history'} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise ValueError(f'{path}: not a checkpoint written by compare (missing {sorted(missing)}); '
-                         f'use another output folder or drop --resume')
-    return ckpt
-
-
-def _check_resumable(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path) -> None:
-    """Refuse to continue a checkpoint written by a different run, naming what differs."""
-    saved = ckpt.get('args') or {}
-    differ = {k: (saved.get(k), v) for k, v in args.items() if saved.get(k) != v}
-    if differ:
-        details = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differ.items())
-        raise ValueError(f'{path} was written by a different run ({details}); use another output folder or drop --resume')
-
-
 def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, resume: bool = False,
-        dataset_name: str = '', log: Callable[[str], None] = tqdm.write,
-        on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+        dataset_name: str = '', log: Callable[[str], None] = log_line,
+        on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
+        env: Optional[DistributedEnv] = None) -> Dict[str, Any]:
     """Train cfg.model for cfg.recipe.epochs and evaluate after each; returns {'history', 'model', 'params', ...}.
 
     Writes `out_dir/last.pth.tar` after every epoch (atomically, rank 0). With resume=True an existing
     checkpoint is continued from the epoch after the saved one; a finished run is returned as is.
-    on_epoch_end(epoch, record) runs after each checkpoint (tests use it to interrupt a run).
+    env: the processes to train on (default: the process group already joined, else this process on
+    cfg.device). on_epoch_end(epoch, record) runs after each checkpoint (tests use it to interrupt a run).
     """
-    rank, world, device = setup_distributed(cfg.device)
+    env = env or DistributedEnv.current(cfg.device)
+    rank, world, device = env.rank, env.world, env.device
     recipe = cfg.recipe
     if val_set.labels is None or train_set.labels is None:
         raise ValueError('training needs labelled train and val sets')
@@ -188,16 +160,16 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
         raise ValueError(f'labels go up to {int(train_set.labels.max())} but num_classes={cfg.num_classes}')
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_NAME
-    if rank == 0:
+    if env.is_primary:
         out.mkdir(parents=True, exist_ok=True)
     args = cfg.train_py_args(dataset_name or train_set.name)
 
-    seed_everything(cfg.seed)  # identical initial weights in every process and every run with this seed
-    model = create_training_model(cfg).to(device)
+    # identical initial weights in every process and every run with this seed
+    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.WEIGHTS), device):
+        model = create_training_model(cfg).to(device)
     if world > 1 and device.type == 'cuda' and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None) \
-        if world > 1 else model
+    train_model = env.data_parallel(model)
     ema = ModelEmaV3(model, decay=recipe.model_ema_decay) if recipe.model_ema else None
 
     train_data = AugmentedImageSet(train_set, recipe.train_transform(cfg.img_size, cfg.mean), cfg.seed)
@@ -218,27 +190,29 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
     history: List[Dict[str, Any]] = []
     start_epoch = 0
     if resume and ckpt_path.is_file():
-        ckpt = _load_checkpoint(ckpt_path, device)
-        _check_resumable(ckpt, args, ckpt_path)
+        ckpt = load_for_resume(ckpt_path, device, CHECKPOINT_KEYS, written_by='compare')
+        check_same_run(ckpt['args'] or {}, args, ckpt_path)
         model.load_state_dict(ckpt['state_dict'])
         optimizer.load_state_dict(ckpt['optimizer'])
         if ema is not None:
             ema.module.load_state_dict(ckpt['state_dict_ema'])
         history = list(ckpt['history'])
         start_epoch = ckpt['epoch'] + 1
-        if rank == 0:
+        if env.is_primary:
             log(f'{cfg.model}: resumed from {ckpt_path} after epoch {ckpt["epoch"] + 1}/{recipe.epochs}')
-    elif resume and rank == 0:
+    elif resume and env.is_primary:
         log(f'{cfg.model}: no checkpoint at {ckpt_path}, starting from scratch')
 
     for epoch in range(start_epoch, recipe.epochs):
         t0 = time.perf_counter()
-        seed_everything(_epoch_seed(cfg.seed, epoch, rank))
         train_sampler.set_epoch(epoch)
         scheduler.step(epoch)
         lr = optimizer.param_groups[0]['lr']
-        loss = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, mixup_fn, ema, recipe.clip_grad,
-                               world, desc=f'{cfg.model} {epoch + 1}/{recipe.epochs}', show_progress=rank == 0)
+        # Mixup and drop path draw per rank, as in train.py, from streams that a resumed epoch repeats
+        with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.STEPS, epoch, rank), device):
+            loss = train_one_epoch(train_model, train_loader, optimizer, loss_fn, device, mixup_fn, ema,
+                                   recipe.clip_grad, world, desc=f'{cfg.model} {epoch + 1}/{recipe.epochs}',
+                                   show_progress=env.is_primary)
         # the training pass alone (its loss read waits for the GPU): what the input pipeline has to keep fed
         train_s = time.perf_counter() - t0
         record: Dict[str, Any] = {'epoch': epoch + 1, 'lr': lr, 'train_loss': loss, 'train_s': train_s,
@@ -248,7 +222,7 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
             record.update({f'ema_{k}': v for k, v in evaluate(ema.module, val_loader, device, world).items()})
         record['time_s'] = time.perf_counter() - t0
         history.append(record)
-        if rank == 0:
+        if env.is_primary:
             log(f'{cfg.model} epoch {epoch + 1}/{recipe.epochs}: loss {loss:.4f}, top-1 {record["top1"]:.2f}%'
                 + (f' (EMA {record["ema_top1"]:.2f}%)' if ema is not None else '') + f', lr {lr:.2e}, '
                 f'{record["time_s"]:.1f} s')
@@ -258,8 +232,7 @@ def fit(cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, out_dir: str, 
             if ema is not None:
                 ckpt['state_dict_ema'] = ema.module.state_dict()
             save_atomic(ckpt, ckpt_path)
-        if world > 1:
-            dist.barrier()  # no rank moves on (or exits, to be resumed) before the checkpoint exists
+        env.barrier()  # no rank moves on (or exits, to be resumed) before the checkpoint exists
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
