@@ -35,7 +35,7 @@ from timm.models import clean_state_dict, parse_model_name, save_for_hf
 
 from . import __version__
 from .models import REGISTERED_MODEL_NAMES
-from .models.complexity import measure_complexity
+from .models.complexity import measure_complexity, model_input_size
 from .checkpoint import CheckpointError, load_checkpoint
 from .layers.embeds import ConvStemEmbed, PatchLayerNormEmbed, SuperTokenConvEmbed
 from .references import ARCHITECTURE_PAPERS, SUPER_TOKEN_PAPER, TIMM_CITATION
@@ -250,14 +250,9 @@ transforms = timm.data.create_transform(**data_config, is_training=False)
 '''
 
 
-def _input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
-    """(C, H, W) the model was built for: its embedding's, which pretrained_cfg does not follow after img_size=."""
-    return (model.patch_embed.in_chans, *model.patch_embed.img_size)
-
-
 def _usage(model: torch.nn.Module, repo_id: str) -> str:
     """timm's three usage sections plus transformers' pipeline, with shapes measured on the model (in eval mode)."""
-    x = torch.zeros(1, *_input_size(model))
+    x = torch.zeros(1, *model_input_size(model))
     with torch.no_grad():
         last_n = min(3, len(model.blocks))  # timm's default for ViTs: the last three blocks
         maps = model.forward_intermediates(x, indices=last_n, intermediates_only=True)  # what features_only gives
@@ -280,7 +275,7 @@ def _usage(model: torch.nn.Module, repo_id: str) -> str:
         f'    output = model(transforms(img).unsqueeze(0))  # the tokens of the last {last_n} blocks, as maps\n'
         'for feature_map in output:\n'
         '    print(tuple(feature_map.shape))\n'
-        f'    # each of:\n{feature_shapes}\n'
+        f'    # prints, one line per map:\n{feature_shapes}\n'
         '```\n\n'
         '### Image Embeddings\n' + _SNIPPET_HEAD +
         f'\nmodel = timm.create_model({name}, pretrained=True, num_classes=0).eval()  # no classifier\n' +
@@ -298,9 +293,13 @@ def _usage(model: torch.nn.Module, repo_id: str) -> str:
         '### With transformers\n'
         'transformers loads the same repo through its `TimmWrapper` classes:\n\n'
         '```python\n'
+        'from urllib.request import urlopen\n\n'
+        'from PIL import Image\n'
         'from transformers import pipeline\n\n'
+        f'{CARD_IMAGE_LINE}\n\n'
         f"classifier = pipeline('image-classification', model='{repo_id}')\n"
-        f"print(len(classifier('{CARD_IMAGE_URL}', top_k={top_k})))  # {top_k}\n"
+        f"predictions = classifier(img, top_k={top_k})  # [{{'label': ..., 'score': ...}}, ...]\n"
+        f'print(len(predictions))  # {top_k}\n'
         '```\n'
     )
 
@@ -309,8 +308,8 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
     """The card of one model in timm's shape: stats measured on the model, papers, data, recipe, usage."""
     arch = model.pretrained_cfg['architecture']
     training = training or {}
-    size = _input_size(model)[1:]
-    complexity = measure_complexity(model, _input_size(model))
+    complexity = measure_complexity(model)
+    size = complexity.input_size[1:]
     was_training = model.training
     try:
         usage = _usage(model.eval(), repo_id)  # a forward in training mode would move the BatchNorm statistics

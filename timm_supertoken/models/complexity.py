@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ['Complexity', 'measure_complexity']
+__all__ = ['Complexity', 'model_input_size', 'measure_complexity']
 
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
@@ -60,9 +60,19 @@ class _CountMode(TorchDispatchMode):
         return out
 
 
+def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
+    """(C, H, W) the model was built for: a ViT's embedding knows it after `img_size=`, pretrained_cfg does not."""
+    channels, height, width = model.pretrained_cfg['input_size']
+    embed = getattr(model, 'patch_embed', None)
+    if getattr(embed, 'img_size', None) is not None:
+        height, width = embed.img_size
+        channels = getattr(embed, 'in_chans', channels)
+    return channels, height, width
+
+
 def measure_complexity(model: torch.nn.Module, input_size: Optional[Sequence[int]] = None) -> Complexity:
-    """Count one image's MACs and activations at `input_size` (C, H, W; default: the model's pretrained_cfg)."""
-    input_size = tuple(input_size or model.pretrained_cfg['input_size'])
+    """Count one image's MACs and activations at `input_size` (C, H, W; default: what the model was built for)."""
+    input_size = tuple(input_size or model_input_size(model))
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
