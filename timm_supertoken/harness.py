@@ -9,10 +9,11 @@
   draw what one uninterrupted process draws: what timm's `random_seed` alone does not give.
 - Checkpoints: `save_atomic` writes them, `load_for_resume` reads one back through the package's
   safe reader, and `check_same_run` refuses one written by a different run, naming what differs.
-- Progress and metrics: `progress` (a bar on a terminal, one line per loop in a log), `log`, and
-  `check_finite`, which stops a diverged run with its remedy.
+- Progress and metrics: `progress` (a bar on a terminal, one line per loop in a log), `log`,
+  `write_metrics`, and `check_finite`, which stops a diverged run with its remedy.
 """
 import enum
+import json
 import math
 import os
 import random
@@ -21,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from timm.utils.distributed import init_distributed_device_so, is_distributed_en
 from .checkpoint import CheckpointError, load_checkpoint
 
 __all__ = ['DEVICE_HELP', 'DistributedEnv', 'init_distributed', 'shard_range', 'SeedPurpose', 'derive_seed', 'seed_global_rngs',
-           'preserved_global_rngs', 'seeded_global_rngs', 'save_atomic', 'load_for_resume', 'check_same_run', 'log',
+           'preserved_global_rngs', 'seeded_global_rngs', 'save_atomic', 'load_for_resume', 'check_same_run', 'write_metrics', 'log',
            'check_finite', 'on_terminal', 'progress']
 
 
@@ -188,11 +189,16 @@ def seeded_global_rngs(seed: int, device: Optional[torch.device] = None) -> Iter
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and rename, so a kill mid-write leaves the previous checkpoint intact."""
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(a temporary path) then rename it to path: a kill mid-write leaves the previous file intact."""
     tmp = path.with_suffix('.tmp')
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save, atomically: a kill mid-write leaves the previous checkpoint intact."""
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_for_resume(path: Path, device: torch.device, required: Iterable[str], written_by: str) -> Dict[str, Any]:
@@ -222,6 +228,11 @@ def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: P
 
 
 # ---- progress and metrics ----------------------------------------------------------------------------------------
+
+def write_metrics(record: Mapping[str, Any], path: Path) -> None:
+    """A run's metrics as JSON, rewritten atomically after every epoch or round so a long run can be watched."""
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+
 
 def log(message: str) -> None:
     """One line of a run's log, printed above a live progress bar instead of through it."""

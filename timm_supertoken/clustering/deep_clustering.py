@@ -11,7 +11,6 @@ Works for any timm model: the embedding of an image is its pre-logits feature,
 classifier applied to it. One process or many under `torchrun` (DDP; every rank clusters the same
 gathered embeddings). Every round is checkpointed, and `resume=True` continues a killed run.
 """
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from ..config_fields import config_from_options, field_help
 from ..data.image_sets import FASHION_MNIST_DIR, ImageSet, load_dataset
 from ..harness import (DEVICE_HELP, DistributedEnv, SeedPurpose, check_finite, check_same_run, derive_seed,
-                       load_for_resume, on_terminal, progress, save_atomic, seeded_global_rngs, shard_range)
+                       load_for_resume, on_terminal, progress, save_atomic, seeded_global_rngs, shard_range,
+                       write_metrics)
 from ..harness import log as log_line
 from ..runtime import create_model_at_size
 from .batches import VIEW_CROP_AREA, VIEW_JITTER, prepare_batch
@@ -637,7 +637,7 @@ def _metrics_dict(run: _Run, state: Dict[str, Any]) -> Dict[str, Any]:
 
 def _write_metrics(run: _Run, state: Dict[str, Any]) -> None:
     """metrics.json, rewritten every round so a long run can be watched."""
-    (run.out / METRICS_NAME).write_text(json.dumps(_metrics_dict(run, state), indent=2))
+    write_metrics(_metrics_dict(run, state), run.out / METRICS_NAME)
 
 
 def _write_assignments(path: Path, assign: np.ndarray, labels: Optional[np.ndarray]) -> None:

@@ -8,7 +8,6 @@ model, and throughput is timed for all models side by side once they are trained
 """
 import ast
 import csv
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..config_fields import field_help
 from ..models import MODEL_NAMES
 from ..data.image_sets import DATASETS, FASHION_MNIST_DIR, ImageSet, load_splits
-from ..harness import DEVICE_HELP, DistributedEnv
+from ..harness import DEVICE_HELP, DistributedEnv, write_metrics
 from ..harness import log as log_line
 from ..runtime import cpu_name, hardware_info, headless_pyplot
 from ..throughput import time_models
@@ -270,7 +269,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
 
 def _write_outputs(out: Path, results: Dict[str, Any]) -> None:
     """results.json, results.csv and the figure, rewritten after each model so a long run can be watched."""
-    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2, default=str))
+    write_metrics(results, out / RESULTS_JSON)
     columns = ['model_spec', 'model', 'params', 'embed_params', 'img_per_s', 'throughput_ratio', 'top1', 'best_top1',
                'epochs', 'train_time_s']
     with open(out / RESULTS_CSV, 'w', newline='') as f:

@@ -41,10 +41,9 @@ class SampleTransform:
     resizing work: Fashion-MNIST's 28×28 images are upsampled to 224×224 one channel at a time.
     `grey_augment` is `augment` built for one-channel images, given where it matches `augment` on the
     RGB version of a grey image bit for bit: when RandAugment's fill colour, the normalisation mean, is
-    itself grey. Each op then treats the three equal channels alike, so it runs on one channel at 2-3×
-    less work, and the uint8 tensor of that channel is expanded to three: a view, which collation copies
-    into the batch once, where turning the image RGB and converting three channels cost as much as the
-    augmentation.
+    itself grey. Each op then treats the three equal channels alike, so it runs on one channel, a third
+    of the pixels, and the uint8 tensor of that channel is expanded to three: a view, which collation
+    copies into the batch once, instead of turning the image RGB and converting three channels.
     """
     spatial: Callable[[Image.Image], Image.Image]
     augment: Callable[[Image.Image], Image.Image]
