@@ -283,7 +283,7 @@ def _usage(model: torch.nn.Module, repo_id: str) -> str:
         '\nwith torch.no_grad():\n'
         '    embedding = model(transforms(img).unsqueeze(0))\n'
         f'print(tuple(embedding.shape))  # {(1, model.num_features)}\n\n'
-        '# or, keeping the head: the unpooled tokens, then the pooled pre-logits features\n'
+        '# or the unpooled tokens, then their pooled pre-logits features (the same with a classifier kept)\n'
         'with torch.no_grad():\n'
         '    tokens = model.forward_features(transforms(img).unsqueeze(0))\n'
         '    embedding = model.forward_head(tokens, pre_logits=True)\n'
@@ -308,13 +308,13 @@ def model_card(model: torch.nn.Module, repo_id: str, training: Optional[Dict[str
     """The card of one model in timm's shape: stats measured on the model, papers, data, recipe, usage."""
     arch = model.pretrained_cfg['architecture']
     training = training or {}
-    complexity = measure_complexity(model)
-    size = complexity.input_size[1:]
     was_training = model.training
-    try:
-        usage = _usage(model.eval(), repo_id)  # a forward in training mode would move the BatchNorm statistics
+    try:  # forwards in training mode would move the BatchNorm statistics being published
+        complexity = measure_complexity(model.eval())
+        usage = _usage(model, repo_id)
     finally:
         model.train(was_training)
+    size = complexity.input_size[1:]
     weights = {'state_dict_ema': 'the EMA weights', 'state_dict': 'the (non-EMA) model weights'}
     source = weights.get(training.get('weights'), 'the weights')
     epoch = f' after epoch {training["epoch"]}' if 'epoch' in training else ''
@@ -365,7 +365,7 @@ def render_model_card(card: Dict[str, Any], model_name: str) -> str:
     """README.md from a card dict, laid out as timm's Hub cards are (front matter, details, usage, citation)."""
     lines = ['---', 'tags:', *[f'- {tag}' for tag in card['tags']], 'pipeline_tag: image-classification',
              f'library_name: {card["library_name"]}', f'license: {card["license"]}']
-    if card['datasets']:
+    if card.get('datasets'):
         lines += ['datasets:', *[f'- {dataset.lower()}' for dataset in card['datasets']]]
     lines += ['---', f'# Model card for {model_name}', '', card['description'], '', '## Model Details']
     for key, value in card['details'].items():
