@@ -34,9 +34,9 @@ from timm.utils.distributed import init_distributed_device_so, is_distributed_en
 
 from .checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ['DEVICE_HELP', 'DistributedEnv', 'init_distributed', 'shard_range', 'SeedPurpose', 'derive_seed', 'seed_global_rngs',
-           'preserved_global_rngs', 'seeded_global_rngs', 'save_atomic', 'load_for_resume', 'check_same_run', 'write_metrics', 'log',
-           'check_finite', 'on_terminal', 'progress']
+__all__ = ['DEVICE_HELP', 'DistributedEnv', 'init_distributed', 'shard_range', 'SeedPurpose', 'derive_seed',
+           'seed_global_rngs', 'preserved_global_rngs', 'seeded_global_rngs', 'save_atomic', 'load_for_resume',
+           'check_same_run', 'write_metrics', 'log', 'check_finite', 'on_terminal', 'progress']
 
 
 # ---- processes ---------------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def load_for_resume(path: Path, device: torch.device, required: Iterable[str], written_by: str) -> Dict[str, Any]:
-    """A run's own checkpoint (the safe reader's rule), holding the `required` keys; errors name the file and the fix."""
+    """A run's own checkpoint (the safe reader's rule) with the `required` keys; errors name the file and the fix."""
     try:
         ckpt = load_checkpoint(path, map_location=device)
     except CheckpointError as e:
@@ -224,7 +224,8 @@ def check_same_run(saved: Mapping[str, Any], current: Mapping[str, Any], path: P
     differ = {k: (saved.get(k, absent.get(k)), v) for k, v in current.items() if saved.get(k, absent.get(k)) != v}
     if differ:
         details = ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differ.items())
-        raise ValueError(f'{path} was written by a different run ({details}); use another output folder or drop --resume')
+        raise ValueError(f'{path} was written by a different run ({details}); '
+                         'use another output folder or drop --resume')
 
 
 # ---- progress and metrics ----------------------------------------------------------------------------------------

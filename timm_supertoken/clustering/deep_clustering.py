@@ -36,9 +36,9 @@ from .manifold import joint_features, umap_layout
 from .metrics import cluster_metrics, match_clusters, nmi
 from .plots import plot_cluster_grid, plot_nmi_curve
 
-__all__ = ['ClusterConfig', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'TARGETS', 'DEFAULT_MODEL',
-           'DEFAULT_MODEL_KWARGS', 'ClusterData', 'create_embed_net', 'for_dataset', 'data_and_config_from', 'pretrain_method', 'describe_readout',
-           'pretrain_representation', 'pixel_rows', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
+__all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'TARGETS', 'DEFAULT_MODEL',
+           'DEFAULT_MODEL_KWARGS', 'for_dataset', 'data_and_config_from', 'create_embed_net', 'pretrain_method',
+           'describe_readout', 'pretrain_representation', 'pixel_rows', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
            'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
@@ -62,7 +62,7 @@ _BEFORE_OPTION = {'readout': 'kmeans'}
 
 @dataclass
 class ClusterConfig:
-    """Every option of a deep-clustering run, saved in checkpoints and metrics.json; `cluster`'s options are its fields."""
+    """Every option of a deep-clustering run, saved in checkpoints and metrics.json; `cluster`'s options."""
     model: str = field(default=DEFAULT_MODEL, metadata=field_help('any timm model name'))
     model_kwargs: Optional[Dict[str, Any]] = field(default=None, metadata=field_help(
         'timm.create_model kwargs, e.g. depth=4 embed_dim=192 (default: '
@@ -207,7 +207,8 @@ def embed(net: nn.Module, images: torch.Tensor, cfg: ClusterConfig, in_chans: in
     if world == 1:
         return z
     # all_gather needs equal shapes: pad each shard to rank 0's, the largest, then trim the tail after concatenation
-    padded = torch.zeros(shard_range(n, 0, world)[1], z.shape[1] if z.numel() else _embed_dim(net, cfg, in_chans, device), device=device)
+    width = z.shape[1] if z.numel() else _embed_dim(net, cfg, in_chans, device)
+    padded = torch.zeros(shard_range(n, 0, world)[1], width, device=device)
     padded[:z.shape[0]] = z
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
@@ -524,8 +525,9 @@ def _umap_readout(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -
     """Round 0's targets: k-means on a UMAP layout of the pixels, beside the contrastive embedding z when there is one.
 
     The pixels' neighbourhoods are the more label-faithful and the embedding's global shape the better
-    for k-means; side by side they beat both (measured in docs/clustering.md). Rank 0 computes it and broadcasts: on a GPU the layout's index_add_ is not
-    bitwise reproducible, and every rank must train on the same targets.
+    for k-means; side by side they beat both (measured in docs/clustering.md). Rank 0 computes it and
+    broadcasts: on a GPU the layout's index_add_ is not bitwise reproducible, and every rank must train on
+    the same targets.
     """
     t0 = time.perf_counter()
     if run.env.is_primary:
