@@ -43,6 +43,7 @@ __all__ = ['DEVICE_HELP', 'DistributedEnv', 'init_distributed', 'shard_range', '
 
 DEVICE_HELP = "'auto' (CUDA if available), 'cpu', 'cuda', ...; under torchrun each process takes its local rank's GPU"
 
+
 def _resolve_device(device: str) -> torch.device:
     """'auto' is CUDA when there is a GPU, else the CPU; an explicit CUDA request without one is a clear error."""
     if device == 'auto':
@@ -75,20 +76,10 @@ class DistributedEnv:
         """Rank 0: the process that logs and writes the run's files."""
         return self.rank == 0
 
-    def shard(self, n: int) -> Tuple[int, int]:
-        """This rank's [start, stop) of n items (`shard_range`)."""
-        return shard_range(n, self.rank, self.world)
-
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for in one process)."""
         if self.world > 1:
             dist.barrier()
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """tensor summed over the ranks, in place."""
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
 
     def data_parallel(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         """model under DDP when there are several processes (kwargs go to DDP), else model itself."""
@@ -106,7 +97,7 @@ def init_distributed(device: str = 'auto') -> DistributedEnv:
 
 
 def shard_range(n: int, rank: int, world: int) -> Tuple[int, int]:
-    """Contiguous [start, stop) of rank's share of n items; shares are equal up to one item."""
+    """Contiguous [start, stop) of rank's share of n items: ceil(n / world) each, the last ranks take what is left."""
     per = -(-n // world)
     return min(rank * per, n), min((rank + 1) * per, n)
 
@@ -151,7 +142,7 @@ def derive_seed(seed: int, purpose: SeedPurpose, epoch: int = 0, index: int = 0)
 def seed_global_rngs(seed: int, device: Optional[torch.device] = None) -> None:
     """Seed Python's `random`, NumPy's and torch's CPU global RNGs (and device's, on CUDA), which timm draws from.
 
-    Callers hold the previous state in `preserved_global_rngs`; on its own this is for entry points only.
+    Library code calls it inside `preserved_global_rngs`, so that its caller's streams go on untouched.
     """
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)

@@ -186,7 +186,7 @@ def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) ->
                                 **cfg.model_kwargs)
 
 
-def create_embed_net(cfg: ClusterConfig, num_classes: int, in_chans: int, device: torch.device) -> 'EmbedNet':
+def create_embed_net(cfg: ClusterConfig, num_classes: int, in_chans: int, device: torch.device) -> EmbedNet:
     """The run's model as an EmbedNet on device, its initial weights drawn from cfg.seed's own stream."""
     with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.WEIGHTS), device):
         return EmbedNet(create_cluster_model(cfg, num_classes, in_chans).to(device))
