@@ -1,11 +1,11 @@
-"""Full-size deep clustering on a GPU: all 70,000 Fashion-MNIST images, written to docs/clustering.md.
+"""Full-size deep clustering on a GPU: all 70,000 Fashion-MNIST images, as results/cluster_gpu.json.
 
-    python benchmarks/bench_cluster_gpu.py [--pretrain-epochs 30] [--output docs/clustering.md] [any `cluster` option]
+    python benchmarks/bench_cluster_gpu.py [--pretrain-epochs 30] [any `cluster` option]
 
 Runs the `timm-supertoken cluster` loop with the GPU-sized defaults below while nvidia-smi samples the
-GPU's utilisation once a second, then rewrites only the `## Measured: Fashion-MNIST on a GPU` section of
-the output: the GPU, every baseline and round (NMI/ARI/ACC), the wall time and the utilisation against
-the targets, and the run's two figures, copied next to the page into figures/.
+GPU's utilisation once a second, then records every baseline and round (NMI/ARI/ACC), the wall time
+and the utilisation against the targets, and renders docs/benchmarks.md with the run's two figures,
+copied next to the page into figures/.
 """
 import shutil
 import statistics
