@@ -136,3 +136,25 @@ def test_command_line_is_parsed_only_in_cli_package():
         text = path.read_text(encoding='utf-8')
         assert 'from argparse' not in text, path
         assert set(re.findall(r'\bargparse\.(\w+)', text)) <= {'Namespace'}, path
+
+
+def test_run_options_are_the_config_fields():
+    """`cluster` and `compare` declare no option of their own for a setting: each is a config field, default and help."""
+    from timm_supertoken.clustering.deep_clustering import ClusterConfig, ClusterData
+    from timm_supertoken.config_fields import config_from_options
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cluster, compare = subparsers.choices['cluster'], subparsers.choices['compare']
+    defaults = vars(cluster.parse_args([]))
+    assert config_from_options(ClusterConfig, defaults) == ClusterConfig()  # the command's defaults are the library's
+    assert config_from_options(ClusterData, defaults) == ClusterData()
+    chosen = vars(cluster.parse_args(['--no-augment', '--hflip', '--view-scale', '0.5', '1', '--model-kwargs',
+                                      'depth=2', '--k', '3', '--targets', 'true']))
+    assert config_from_options(ClusterConfig, chosen) == ClusterConfig(
+        augment=False, hflip=True, view_scale=(0.5, 1.0), model_kwargs={'depth': 2}, k=3, targets='true')
+    with pytest.raises(SystemExit):
+        cluster.parse_args(['--targets', 'labels'])  # a field's choices are the option's
+    for parser in (cluster, compare):
+        for action in parser._actions:
+            if action.default is not None and action.nargs != 0:  # every valued option shows its default
+                assert '(default' in action.help, action.option_strings
