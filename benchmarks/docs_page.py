@@ -2,9 +2,8 @@
 
 Each benchmark script ends with `write_result(result_record(...))`: its tables as rows, with the run's
 hardware, versions, commit, date and command, go to `benchmarks/results/<benchmark>.json`, and
-`docs/benchmarks.md` is
-rendered again from every result file, so the page shows each benchmark's latest run once and nobody
-edits it by hand (`python benchmarks/docs_page.py` re-renders it). The scripts run as
+`docs/benchmarks.md` is rendered again from every result file, so the page shows each benchmark's latest
+run once and nobody edits it by hand (`python benchmarks/docs_page.py` re-renders it). The scripts run as
 `python benchmarks/<script>.py`, which puts this folder on sys.path, so they import it as `docs_page`;
 tests/conftest.py adds the folder for the tests.
 """
@@ -185,12 +184,13 @@ def _load(results_dir: Path) -> List[Dict[str, Any]]:
 def render_page(results_dir: Path = RESULTS_DIR) -> str:
     """docs/benchmarks.md from every result file: each benchmark's latest run, once."""
     head = ['# Benchmarks', '',
-            f'Generated from `benchmarks/results/*.json` by `benchmarks/docs_page.py`; each benchmark script '
-            f'rewrites its own result file when it runs. Do not edit this page by hand.', '']
+            'Generated from `benchmarks/results/*.json` by `benchmarks/docs_page.py`; each benchmark script '
+            'rewrites its own result file when it runs. Do not edit this page by hand.', '']
     return '\n'.join(head) + '\n' + '\n'.join(render_section(r) for r in _load(results_dir)).rstrip('\n') + '\n'
 
 
 def write_page(results_dir: Path = RESULTS_DIR, page: Path = PAGE) -> None:
+    """Render the page from `results_dir` into `page`."""
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render_page(results_dir), encoding='utf-8')
 
