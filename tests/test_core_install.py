@@ -6,6 +6,7 @@ Those distributions are linked from this test environment's site-packages rather
 the test runs offline and pip only checks that they satisfy the wheel. Anything else, matplotlib,
 scikit-learn and scipy included, is absent there, as on a machine that never installed it.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,6 +38,9 @@ def _applies(req: Requirement, extras=('',)) -> bool:
 
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory) -> Path:
+    if importlib.util.find_spec('hatchling') is None:
+        pytest.fail("hatchling, pyproject.toml's build backend, is not installed: the [test] extra brings it so "
+                    "that the wheel builds offline")
     out = tmp_path_factory.mktemp('wheel')
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--quiet', '--no-deps', '--no-index',
                     '--no-build-isolation', '--wheel-dir', str(out), str(ROOT)], check=True)
