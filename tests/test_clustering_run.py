@@ -185,6 +185,12 @@ def test_bad_input_is_rejected_before_training(tmp_path, digits160, kind, cfg_kw
     assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
+def test_a_bad_option_is_the_first_and_only_output(tmp_path, capsys):
+    with pytest.raises(SystemExit, match='^timm-supertoken cluster: error: k must be at least 2, got k=1$'):
+        main(['cluster', '--subset', '20', '--k', '1', '--out', str(tmp_path)])
+    assert capsys.readouterr() == ('', '')  # no settings, no machine description: the error alone
+
+
 def test_diverged_model_reports_nan(tmp_path, digits160):
     # a learning rate this large sends the tiny ViT's weights to Inf/NaN within the first round
     cfg = ClusterConfig(**dict(TINY, lr=1e30))

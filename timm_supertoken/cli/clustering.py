@@ -4,7 +4,8 @@ import time
 from typing import Tuple
 
 from ..clustering.deep_clustering import (DEFAULT_MODEL, DEFAULT_MODEL_KWARGS, ClusterConfig, ClusterData,
-                                          data_and_config_from, describe_readout, pretrain_method, run_deep_clustering)
+                                          check_run, data_and_config_from, describe_readout, pretrain_method,
+                                          run_deep_clustering)
 from ..clustering.report import results_markdown
 from ..data.image_sets import ImageSet
 from ..harness import init_distributed
@@ -23,6 +24,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data, cfg = data_and_config(args)
     env = init_distributed(cfg.device)
+    check_run(data, cfg, env.world)  # a bad option is the first and only thing printed
     if env.is_primary:
         print_preamble(_settings(data, cfg))
     result = run_deep_clustering(data, cfg, args.out, resume=args.resume, env=env)

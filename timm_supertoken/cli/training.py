@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 from typing import List
 
+from ..data.image_sets import load_splits
 from ..harness import init_distributed
 from ..training.compare import (
     FIGURE_NAME, FROM_RECIPE, QUICK_RECIPE, RECIPE_OPTIONS, RESULTS_CSV, RESULTS_JSON, RUN_OPTIONS, CompareConfig,
@@ -27,7 +28,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     notes: List[str] = []
     cfg = build_compare_config(args.config, log=notes.append,
                                **{name: getattr(args, name) for name in RUN_OPTIONS + RECIPE_OPTIONS})
-    check_model_specs(cfg)  # a misspelt model or keyword is the first and only thing printed
+    check_model_specs(cfg)  # a misspelt model or keyword, or missing data, is the first and only thing printed
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.img_size, cfg.seed)
     env = init_distributed(cfg.device)
     if env.is_primary:
         print_preamble([
@@ -38,7 +40,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             f'dataset {cfg.dataset}, {cfg.img_size}×{cfg.img_size}, seed {cfg.seed}, world size {env.world}',
             *([quick_recipe_note(cfg)] if args.config == QUICK_RECIPE else []),
         ])
-    results = run_compare(cfg, env=env)
+    results = run_compare(cfg, splits=splits, env=env)
     if env.is_primary:
         out = Path(cfg.out)
         print('\n' + results_markdown(results))

@@ -37,7 +37,7 @@ from .metrics import cluster_metrics, match_clusters, nmi
 from .plots import plot_cluster_grid, plot_nmi_curve
 
 __all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'TARGETS', 'DEFAULT_MODEL',
-           'DEFAULT_MODEL_KWARGS', 'for_dataset', 'data_and_config_from', 'create_embed_net', 'pretrain_method',
+           'DEFAULT_MODEL_KWARGS', 'for_dataset', 'data_and_config_from', 'check_run', 'create_embed_net', 'pretrain_method',
            'describe_readout', 'pretrain_representation', 'pixel_rows', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
            'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
@@ -288,8 +288,8 @@ def train_round(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.
     return {'loss': means[0], 'loss_vit': means[1], 'loss_clustering': means[2]}
 
 
-def _validate(data: ImageSet, cfg: ClusterConfig, world: int) -> int:
-    """Check the data and options before any work; returns k."""
+def check_run(data: ImageSet, cfg: ClusterConfig, world: int = 1) -> int:
+    """Check the data and options of a run on `world` processes before any work; returns k."""
     n = len(data)
     if n == 0:
         raise ValueError(f'dataset {data.name!r} is empty')
@@ -415,7 +415,7 @@ class _Run:
 
 def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str], None], env: DistributedEnv) -> _Run:
     """Checked options, output folder, and the model, seeded, with its optimizer."""
-    k = _validate(data, cfg, env.world)
+    k = check_run(data, cfg, env.world)
     in_chans = cfg.in_chans or data.images.shape[1]
     out = Path(out_dir)
     if env.is_primary:
