@@ -11,7 +11,7 @@ its host time is bound by its launches, not by its kernels.
 Models at 224², bf16 autocast: inference and AdamW training steps of the three embeddings beside timm's
 vit_small_patch16_224, eager NCHW, channels_last and `torch.compile`, interleaved round-robin over
 repeats (median); `patch_embed` forward+backward of vit_small_stconv, whole and stage by stage (each
-conv module as built and with the opt-in fused GELU-BatchNorm epilogue, then the clustering);
+conv module, then the clustering);
 training throughput against t (paper Table 8); vit_small_stconv and vit_small_patch16_224 under
 `torch.compile(mode='reduce-overhead')` (CUDA graphs); and the CUDA kernels where one vit_small_stconv training
 step spends more GPU time than one of vit_small_patch16_224 (torch.profiler).
@@ -354,8 +354,8 @@ def bench_models(args: argparse.Namespace, variants: Sequence[str], names: Seque
 
 @contextlib.contextmanager
 def _temporarily(owner: object, name: str, value: object) -> Iterator[None]:
-    """owner.name set to value for the block, then back to what it was (ConvActNorm.fuse_epilogue,
-    torch.backends.cudnn.benchmark)."""
+    """owner.name set to value for the block, then back to what it was (torch.backends.cudnn.benchmark,
+    super_token_triton.DIRECT_LAUNCH)."""
     default = getattr(owner, name)
     setattr(owner, name, value)
     try:
@@ -366,21 +366,18 @@ def _temporarily(owner: object, name: str, value: object) -> Iterator[None]:
 
 def bench_patch_embed(args: argparse.Namespace, top: int = 10) -> Dict[str, Tuple[float, float, float, list]]:
     """Forward+backward ms of vit_small_stconv's patch_embed alone (target ≤ 3 ms at B=128): eager, eager with
-    cuDNN's heuristic algorithms instead of its timed ones, eager with the opt-in fused GELU-BatchNorm epilogue
-    (side by side, so each one's effect is a ratio of one run), and compiled; each with the host's time to issue it,
-    its GPU time in kernels and its `top` kernels: where the epilogue's GPU time goes beside the modules'."""
+    cuDNN's heuristic algorithms instead of its timed ones (side by side, so the effect is a ratio of one run),
+    and compiled; each with the host's time to issue it, its GPU time in kernels and its `top` kernels."""
     import timm
     import timm_supertoken  # noqa: F401
-    from timm_supertoken.layers import ConvActNorm
 
     embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device)
     timer = Timer(args.device)
     result = {}
     compiled = None if args.skip_compile or args.smoke else torch.compile(embed)
-    variants = (('eager', embed, False, True), ('eager, cudnn.benchmark off', embed, False, False),
-                ('eager, fused GELU-BatchNorm epilogue', embed, True, True), ('compile', compiled, False, True))
-    for label, fn, epilogue, timed_algorithms in variants:
+    variants = (('eager', embed, True), ('eager, cudnn.benchmark off', embed, False), ('compile', compiled, True))
+    for label, fn, timed_algorithms in variants:
         if fn is None:
             continue
 
@@ -389,8 +386,7 @@ def bench_patch_embed(args: argparse.Namespace, top: int = 10) -> Dict[str, Tupl
                 out = fn(x)
             out.float().sum().backward()
 
-        with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue), \
-                _temporarily(torch.backends.cudnn, 'benchmark', timed_algorithms):
+        with _temporarily(torch.backends.cudnn, 'benchmark', timed_algorithms):
             split = timer.kernel_split(step)
             result[label] = (timer.median(step, args.repeats), timer.host_ms(step, args.repeats),
                              sum(ms for ms, _ in split.values()), list(split.items())[:top])
@@ -399,14 +395,12 @@ def bench_patch_embed(args: argparse.Namespace, top: int = 10) -> Dict[str, Tupl
 
 
 def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
-    """Forward+backward ms of each of vit_small_stconv's conv modules (as built, and with the opt-in fused
-    GELU-BatchNorm epilogue, side by side) and of its clustering, each on the input it gets in the model: which
-    stage the `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input.
+    """Forward+backward ms of each of vit_small_stconv's conv modules and of its clustering, each on the input it
+    gets in the model: which stage the `patch_embed` target must shorten. Gradients go to the parameters and, past the image, to the input.
     Beside each time, the host's time to issue it; and the host ops of the deepest conv module as built, whose
     kernels are the shortest, so that the host's share shows there first."""
     import timm
     import timm_supertoken  # noqa: F401
-    from timm_supertoken.layers import ConvActNorm
 
     embed = timm.create_model('vit_small_stconv', **args.model_kwargs).patch_embed.to(args.device).train()
     x = torch.randn(args.model_batch_size, 3, args.img_size, args.img_size, device=args.device).contiguous(
@@ -427,11 +421,8 @@ def bench_stem(args: argparse.Namespace) -> List[Dict[str, object]]:
                 y = module(x_in)
             torch.autograd.grad(y, inputs, grad)
 
-        for label, epilogue in (('default', False), ('epilogue', True)) if isinstance(module, ConvActNorm) \
-                else (('default', False),):
-            with _temporarily(ConvActNorm, 'fuse_epilogue', epilogue):
-                row[label] = timer.median(step, args.repeats)
-                row[f'{label} host'] = timer.host_ms(step, args.repeats)
+        row['ms'] = timer.median(step, args.repeats)
+        row['host ms'] = timer.host_ms(step, args.repeats)
         if module is embed.stem[-1]:
             row['host profile'] = timer.host_profile(step)
         rows.append(row)
@@ -609,10 +600,8 @@ def _patch_embed_lines(args, patch_embed) -> List[str]:
 def _stem_lines(args, stem) -> List[str]:
     return [f'### vit_small_stconv `patch_embed` by stage: forward+backward ms, batch {args.model_batch_size}, '
             'bf16 autocast, each stage on its input in the model (in brackets: the host\'s time to issue it)', '',
-            '| stage | (C, H, W) in → out | as built | with the fused GELU-BatchNorm epilogue |',
-            '|---|---|---:|---:|'] + \
-        [f"| {r['stage']} | {r['map']} | {r['default']:.3f} ({r['default host']:.3f}) | "
-         + (f"{r['epilogue']:.3f} ({r['epilogue host']:.3f})" if 'epilogue' in r else '—') + ' |' for r in stem] + \
+            '| stage | (C, H, W) in → out | ms |', '|---|---|---:|'] + \
+        [f"| {r['stage']} | {r['map']} | {r['ms']:.3f} ({r['host ms']:.3f}) |" for r in stem] + \
         [line for r in stem if 'host profile' in r for line in (
             '', f"{r['stage'].capitalize()} as built, host time by op (torch.profiler, self time per "
             "forward+backward): " + _host_ops(r['host profile']))]

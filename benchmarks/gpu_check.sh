@@ -21,11 +21,9 @@ PY
 total_s=$(awk "BEGIN { printf \"%d\", ${GPU_CHECK_MINUTES:-9} * 60 }")
 start_s=$(date +%s)
 
-# Kernel tests compiled on CUDA, super-token and conv epilogue (tests/conftest.py sets the interpreter only
-# where there is no GPU).
+# Kernel tests compiled on CUDA (tests/conftest.py sets the interpreter only where there is no GPU).
 # The kernel report's tests compile for sm_80/sm_90 without the GPU and are CI's job: not repeated here.
-timeout $((total_s / 3)) python3 -m pytest -q -p no:cacheprovider tests/test_super_token_triton.py tests/test_super_token.py \
-    tests/test_gelu_bn_triton.py
+timeout $((total_s / 3)) python3 -m pytest -q -p no:cacheprovider tests/test_super_token_triton.py tests/test_super_token.py
 tests_rc=$?
 
 left_s=$((total_s - ($(date +%s) - start_s)))

@@ -1,12 +1,11 @@
-"""Kernel report: the fused super-token and conv-epilogue kernels as an A100 and an H100 will run them, with no GPU.
+"""Kernel report: the fused super-token kernels as an A100 and an H100 will run them, with no GPU.
 
-    python benchmarks/kernel_report.py [--shapes model operator] [--json facts.json]
+    python benchmarks/kernel_report.py [--maps models operator] [--json facts.json]
 
 Compiles every kernel of the fused forward and backward (every autotune config) for sm_80 and sm_90,
-fp32/bf16/fp16, NCHW and channels_last input, at the model's map (vit_small_stconv, 224², B=128) and
-the operator benchmark's largest map (B=256, 56×56×64), and the stem's GELU-BatchNorm epilogue at the
-model's stem maps, with the specialisation Triton's JIT applies
-at run time; reads registers, local memory, shared memory, resident warps per SM and the SASS
+fp32/bf16/fp16, NCHW and channels_last input, at every map that a registered model or a stem depth of one
+hands the fused op (`timm_supertoken.ops.report.cluster_maps`, 224², B=128) and at the operator
+benchmark's largest map (B=256, 56×56×64), with the specialisation Triton's JIT applies at run time; reads registers, local memory, shared memory, resident warps per SM and the SASS
 instruction mix with the ptxas/cuobjdump of the Triton wheel; and sets the traffic/FLOP model of
 `timm_supertoken.ops.super_token_triton` beside it. Prints the tables, writes them to
 results/kernel_report.json and renders docs/benchmarks.md, or with --json writes the facts themselves (what
@@ -24,18 +23,17 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 import triton
-from triton import knobs
 
+from timm_supertoken.ops._triton_compat import ptxas_path
 from timm_supertoken.ops.aot import ARCHS
-from timm_supertoken.ops.report import SHAPES, collect, warp_instructions
+from timm_supertoken.ops.report import ClusterMap, cluster_maps, collect, operator_map, warp_instructions
 from timm_supertoken.ops.super_token_triton import LaunchCost, traffic_model
 
-from docs_page import PAGE, RESULTS_DIR, result_record, tables_from_markdown, write_result
+from docs_page import PAGE, RESULTS_DIR, Table, result_record, tables_from_markdown, write_result
 
 SECTION = '## Kernel report (compiled for sm_80 and sm_90, no GPU)'
 KERNELS = ('_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)', '_backward_kernel')
-EPILOGUE_KERNELS = ('_stats_kernel', '_combine_kernel', '_normalize_kernel', '_grad_reduce_kernel',
-                    '_sum_partials_kernel', '_grad_input_kernel')
+MAPS = {'models': cluster_maps, 'operator': lambda: [operator_map()]}
 ELEM = {'fp32': 4, 'bf16': 2, 'fp16': 2}
 
 
@@ -53,9 +51,7 @@ def fit_table(rows: List[Dict]) -> str:
     """Worst config of each kernel (most registers, fewest resident warps, any local memory) per combination."""
     worst = defaultdict(dict)
     for r in rows:
-        if r['op'] != 'super_token':
-            continue
-        combo = (_shape(r['shape']), r['arch'], r['dtype'], r['layout'])
+        combo = (f"{_shape(r['shape'])}, grid {r['grid']}", r['arch'], r['dtype'], r['layout'])
         name = r['kernel'].split('[')[0]
         regs, warps, local = worst[combo].get(name, (0, 64, 0))
         worst[combo][name] = (max(regs, r['registers']), min(warps, r['resident_warps']),
@@ -71,29 +67,13 @@ def fit_table(rows: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
-def epilogue_table(rows: List[Dict]) -> str:
-    """Registers per thread / resident warps per SM of the conv epilogue's kernels, per stem map, arch and dtype."""
-    fit = defaultdict(dict)
-    for r in rows:
-        if r['op'] == 'gelu_bn':
-            local = _local_memory(r)
-            fit[(_shape(r['shape']), r['arch'], r['dtype'])][r['kernel']] = \
-                f"{r['registers']} / {r['resident_warps']}" + (f' / **{local} B local**' if local else '')
-    lines = ['| map | arch | dtype | ' + ' | '.join(f'`{k}`' for k in EPILOGUE_KERNELS) + ' |',
-             '|---|---|---|' + '---:|' * len(EPILOGUE_KERNELS)]
-    for (shape, arch, dtype), kernels in fit.items():
-        lines.append(f'| {shape} | sm_{arch} | {dtype} | ' + ' | '.join(kernels[k] for k in EPILOGUE_KERNELS) + ' |')
-    return '\n'.join(lines)
-
-
 def _widths(counts: Dict) -> str:
     return ', '.join(f'{n}×{bits}b' for bits, n in sorted(counts.items(), key=lambda kv: int(kv[0]))) or '—'
 
 
-def _super_token_rows(rows: List[Dict], shape_name: str, arch: int, dtype: str, layout: str) -> List[Dict]:
+def _super_token_rows(rows: List[Dict], map_name: str, arch: int, dtype: str, layout: str) -> List[Dict]:
     """The fused op's kernels (one row per kernel and config) compiled for one map, arch, dtype and layout."""
-    return [r for r in rows if (r['op'], r['shape_name'], r['arch'], r['dtype'], r['layout'])
-            == ('super_token', shape_name, arch, dtype, layout)]
+    return [r for r in rows if (r['map'], r['arch'], r['dtype'], r['layout']) == (map_name, arch, dtype, layout)]
 
 
 def _short_config(label: str) -> str:
@@ -106,12 +86,13 @@ def _bytes_floor_us(cost: LaunchCost, arch: int) -> float:
     return max(cost.bytes / ARCHS[arch].hbm_bytes_per_s, cost.flops / ARCHS[arch].fp32_flops_per_s) * 1e6
 
 
-def detail_table(rows: List[Dict], shape_name: str, shape, arch: int, dtype: str, layout: str) -> str:
+def detail_table(rows: List[Dict], cluster_map: ClusterMap, arch: int, dtype: str, layout: str) -> str:
+    shape = cluster_map.shape
     pixels = shape[0] * shape[2] * shape[3]
     lines = ['| kernel [config] | registers | spill stores B | stack B | shared B | warps | resident warps/SM '
              '(limit) | MMA | FFMA | LDG | STG | warp instructions per pixel |',
              '|---|---:|---:|---:|---:|---:|---|---:|---:|---|---|---:|']
-    for r in _super_token_rows(rows, shape_name, arch, dtype, layout):
+    for r in _super_token_rows(rows, cluster_map.name, arch, dtype, layout):
         lines.append(f"| `{_short_config(r['kernel'])}` | {r['registers']} | {r['spill_store_bytes']} | "
                      f"{r['stack_bytes']} | {r['shared_bytes']} | {r['warps']} | "
                      f"{r['resident_warps']} ({r['occupancy_limiter']}) | {r['mma']} | {r['ffma']} | "
@@ -120,9 +101,10 @@ def detail_table(rows: List[Dict], shape_name: str, shape, arch: int, dtype: str
     return '\n'.join(lines)
 
 
-def traffic_table(shape, dtype: str, grid: int, iters: int) -> str:
+def traffic_table(cluster_map: ClusterMap, dtype: str) -> str:
     """Bytes and FLOPs per launch from the module's model, and the time floor they imply on each GPU."""
-    B, C, H, W = shape
+    B, C, H, W = cluster_map.shape
+    grid, iters = cluster_map.grid, cluster_map.iters
     costs = traffic_model(B, C, H, W, grid, iters, ELEM[dtype])
     head = ' | '.join(f'floor on {ARCHS[a].name.split(" ", 1)[1].strip("()")} µs' for a in sorted(ARCHS))
     lines = [f'| kernel | launches | MB per launch | MFLOP per launch | FLOP/B | {head} |',
@@ -145,22 +127,22 @@ def traffic_table(shape, dtype: str, grid: int, iters: int) -> str:
     return '\n'.join(lines)
 
 
-def fewest_instructions(rows: List[Dict], shape_name: str, arch: int, dtype: str) -> Dict[str, Dict]:
+def fewest_instructions(rows: List[Dict], map_name: str, arch: int, dtype: str) -> Dict[str, Dict]:
     """Per kernel, the autotune config that issues the fewest instructions (channels_last input)."""
     best = {}
-    for r in _super_token_rows(rows, shape_name, arch, dtype, 'channels_last'):
+    for r in _super_token_rows(rows, map_name, arch, dtype, 'channels_last'):
         name = r['kernel'].split('[')[0]
         if name not in best or warp_instructions(r) < warp_instructions(best[name]):
             best[name] = r
     return best
 
 
-def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, grid: int, iters: int) -> str:
+def issue_table(rows: List[Dict], cluster_map: ClusterMap, dtype: str) -> str:
     """Instructions each kernel issues, the floor the GPU's issue rate puts under it, and its bytes' floor beside it."""
-    B, C, H, W = shape
+    B, C, H, W = cluster_map.shape
     pixels = B * H * W
-    costs = {c.kernel: c for c in traffic_model(B, C, H, W, grid, iters, ELEM[dtype])}
-    best = {a: fewest_instructions(rows, shape_name, a, dtype) for a in sorted(ARCHS)}
+    costs = {c.kernel: c for c in traffic_model(B, C, H, W, cluster_map.grid, cluster_map.iters, ELEM[dtype])}
+    best = {a: fewest_instructions(rows, cluster_map.name, a, dtype) for a in sorted(ARCHS)}
     gpus = [ARCHS[a].name.split(' ', 1)[1].strip('()').replace(' 80GB', '') for a in sorted(ARCHS)]
     lines = ['| kernel (fewest-instruction config on sm_90) | launches | warp instructions per pixel | '
              + ' | '.join(f'issue floor {g} µs | bytes floor {g} µs' for g in gpus) + ' |',
@@ -188,28 +170,43 @@ def issue_table(rows: List[Dict], shape_name: str, shape, dtype: str, grid: int,
 
 
 def _ptxas_version() -> str:
-    out = subprocess.run([knobs.nvidia.ptxas.path, '--version'], capture_output=True, text=True).stdout
+    out = subprocess.run([ptxas_path(), '--version'], capture_output=True, text=True).stdout
     return out.strip().splitlines()[-1]
 
 
-def _per_map(shapes: Dict[str, tuple], table: Callable[[str, tuple, str], str]) -> List[str]:
+def _per_map(maps: Sequence[ClusterMap], table: Callable[[ClusterMap, str], str]) -> List[str]:
     """One titled table per map and dtype (bf16, fp32)."""
-    return [line for name, shape in shapes.items() for dtype in ('bf16', 'fp32')
-            for line in (f'{name} map, {_shape(shape)}, {dtype}:', '', table(name, shape, dtype), '')]
+    return [line for cluster_map in maps for dtype in ('bf16', 'fp32')
+            for line in (f'{cluster_map.name} map, {_shape(cluster_map.shape)}, grid {cluster_map.grid}, {dtype}:', '',
+                         table(cluster_map, dtype), '')]
 
 
-def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) -> str:
-    model = shapes.get('model')
+def _map_list(maps: Sequence[ClusterMap]) -> List[str]:
+    """The maps the report covers, each with the models that produce it, and those the fused op does not take."""
+    lines = []
+    for m in maps:
+        path = 'fused' if m.fused else 'reference path (grid beyond the fused kernels), not compiled'
+        lines.append(f"- {_shape(m.shape)}, grid {m.grid}, t = {m.iters}: {path}; from {', '.join(m.sources)}")
+    return lines
+
+
+def render(rows: List[Dict], maps: Sequence[ClusterMap]) -> str:
+    fused = [m for m in maps if m.fused]
+    model = next((m for m in fused if m.name == 'vit_small_stconv'), None)
+    # per-map traffic and issue tables for the default model's map and the operator benchmark's: the fit table
+    # covers every map
+    headline = [m for m in fused if m is model or m.name == 'operator benchmark']
     parts = [
         SECTION, '',
         f'Generated by `python benchmarks/kernel_report.py` on {datetime.date.today().isoformat()}, with no GPU: '
         f'Triton {triton.__version__} compiles each kernel for the target and its bundled ptxas '
-        f'({_ptxas_version()}) and cuobjdump read the result. Every launch of the fused op '
-        f'(grid {grid}, t = {iters}) is compiled as the launcher makes it (`forward_plan` / `backward_plan`), '
-        'every autotune config, with the argument specialisation of Triton\'s JIT (16-byte aligned '
-        'pointers, integers divisible by 16). tests/test_kernel_report.py holds the same facts in CI for the '
-        'model\'s map: no local memory, ≥ 16 resident warps per SM, no tensor-core instructions, no '
-        'sub-32-bit loads.', '',
+        f'({_ptxas_version()}) and cuobjdump read the result. Every launch of the fused op is compiled as the '
+        'launcher makes it (`forward_plan` / `backward_plan`), every autotune config, with the argument '
+        'specialisation of Triton\'s JIT (16-byte aligned pointers, integers divisible by 16). '
+        'tests/test_kernel_report.py holds the same facts in CI at every map the models produce: no local memory, '
+        '≥ 16 resident warps per SM, no tensor-core instructions, no sub-32-bit loads. The maps, read off the '
+        'registered models and their stem depths (`conv_modules`) at 224², B=128:', '',
+        *_map_list(maps), '',
         'Resident warps per SM come from the SM\'s 64K registers (allocated per warp in units of 256), '
         '64 warps, 32 blocks and shared memory (164 KB on sm_80, 228 KB on sm_90, 1 KB reserved per block). '
         'NCHW input is converted to channels_last by the op before the kernels run, so both layouts run '
@@ -218,26 +215,20 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
         fit_table(rows), '',
     ]
     if model:
-        parts += [f'### Detail: the model\'s map ({_shape(model)}), bf16, channels_last, sm_90', '',
-                  detail_table(rows, 'model', model, 90, 'bf16', 'channels_last'), '',
+        parts += [f'### Detail: the model\'s map ({_shape(model.shape)}), bf16, channels_last, sm_90', '',
+                  detail_table(rows, model, 90, 'bf16', 'channels_last'), '',
                   'MMA, FFMA, LDG and STG are static counts of those instructions in the SASS (a loop body counts '
                   'once); LDG/STG are given by access width (count × bits): the 128-bit ones move the pixel and '
                   'token tiles, the 32-bit ones A and 1/Z, one value per row. Warp instructions per pixel count '
                   'what the launch issues (below).', '']
-    if any(r['op'] == 'gelu_bn' for r in rows):
-        parts += ['### Conv epilogue (bias → GELU → BatchNorm) at the stem\'s maps: registers per thread / resident '
-                  'warps per SM', '',
-                  'The training forward and backward of `timm_supertoken.ops.gelu_bn_triton` (channels_last), '
-                  'compiled at the first map of each channel count of vit_small_stconv\'s stem (its kernels '
-                  'specialise on the channel count), the same batch.', '', epilogue_table(rows), '']
     parts += ['### Traffic model and time floors', '',
-              'From `traffic_model` (the module docstring\'s model): each launch reads its inputs and writes '
+              'From `traffic_model`: each launch reads its inputs and writes '
               'its outputs once; the floor of a launch is max(bytes / HBM bandwidth, FLOPs / FP32 peak) at the '
               'datasheet figures of an A100 SXM4 (2.04 TB/s, 19.5 TFLOP/s) and an H100 SXM5 (3.35 TB/s, 66.9 '
               'TFLOP/s). Where X fits in L2 (12.8 MB at the model\'s map in bf16; an H100 has 50 MB), the '
               'repeated reads of X after the first come from L2, so the measured forward can beat the sum of '
               'the per-launch floors.', '']
-    parts += _per_map(shapes, lambda name, shape, dtype: traffic_table(shape, dtype, grid, iters))
+    parts += _per_map(headline, traffic_table)
     parts += ['### Instructions issued and the issue floor', '',
               'Bytes are one floor; instructions are the other. An SM issues at most one warp instruction per '
               'clock from each of its 4 schedulers, so a launch cannot take less than its warp instructions / '
@@ -247,13 +238,22 @@ def render(rows: List[Dict], shapes: Dict[str, tuple], grid: int, iters: int) ->
               'neighbour cells), × warps × programs, for the autotune config that issues fewest. Where the '
               'issue floor is above the bytes floor (the traffic model\'s, repeated here), the kernel is bound '
               'by the instructions it issues: fewer instructions per pixel is what makes it faster.', '']
-    parts += _per_map(shapes, lambda name, shape, dtype: issue_table(rows, name, shape, dtype, grid, iters))
+    parts += _per_map(headline, lambda cluster_map, dtype: issue_table(rows, cluster_map, dtype))
     return '\n'.join(parts).rstrip() + '\n'
+
+
+def _on_page(table: Table) -> bool:
+    """The default model's map on the benchmarks page: its detail table, and its bf16 issue floors."""
+    caption = (table.title or '').splitlines()[-1] if table.title else ''
+    return caption.startswith('### Detail') or (table.columns[0].startswith('kernel (fewest')
+                                                 and caption.startswith(('model map', 'vit_small_stconv map'))
+                                                 and caption.endswith('bf16:'))
 
 
 def main(argv: Sequence[str] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['model', 'operator'])
+    parser.add_argument('--maps', nargs='+', choices=sorted(MAPS), default=['models', 'operator'],
+                        help="'models': every map the registered models and their stem depths produce")
     parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR, help='where the result file goes')
     parser.add_argument('--page', type=Path, default=PAGE, help='the page rendered from every result file')
     parser.add_argument('--json', type=Path, default=None,
@@ -262,15 +262,16 @@ def main(argv: Sequence[str] = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get('TRITON_INTERPRET') == '1':
         parser.error('unset TRITON_INTERPRET: the kernels must be compiled, not interpreted')
-    grid, iters = 2, 3
-    rows = collect(args.shapes, sorted(ARCHS), workers=args.workers, grid=grid, iters=iters)
+    maps = [m for name in args.maps for m in MAPS[name]()]
+    rows = collect(maps, sorted(ARCHS), workers=args.workers)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
         return 0
-    shapes = {name: SHAPES[name]() for name in args.shapes}
-    section = render(rows, shapes, grid, iters)
+    section = render(rows, maps)
     print(section)
     setting, tables = tables_from_markdown(section)
+    for table in tables:  # the page shows the default model's map; every map's tables stay in the result file
+        table.on_page = _on_page(table)
     path = write_result(result_record('kernel_report', SECTION.removeprefix('## '), tables, setting),
                         args.results_dir, args.page)
     print(f'wrote {path} and {args.page}', file=sys.stderr)

@@ -1,10 +1,10 @@
 """The fused kernels as an A100 and an H100 will run them, held to their design in CI with no GPU.
 
-The kernels of the model's map (vit_small_stconv at 224², B=128) are compiled for sm_80 and sm_90, in
-fp32/bf16/fp16, from NCHW and channels_last input, every autotune config, and so are the stem's
-GELU-BatchNorm epilogue kernels at its maps, in a subprocess without TRITON_INTERPRET (Triton's
-interpreter breaks its code generator, and tests/conftest.py sets it).
-Each check names the kernel, the architecture and the number that broke it.
+The kernels of every map the models hand the fused op (the registered models and their stem depths at
+224², B=128: `timm_supertoken.ops.report.cluster_maps`) are compiled for sm_80 and sm_90, in
+fp32/bf16/fp16, from NCHW and channels_last input, every autotune config, in a subprocess without
+TRITON_INTERPRET (Triton's interpreter breaks its code generator, and tests/conftest.py sets it).
+Each check names the kernel, the map, the architecture and the number that broke it.
 """
 import json
 import os
@@ -18,11 +18,11 @@ import torch
 triton = pytest.importorskip('triton')
 from timm_supertoken import ops  # noqa: E402
 from timm_supertoken.ops.aot import _config_label, _issued  # noqa: E402
-from timm_supertoken.ops.report import warp_instructions  # noqa: E402
+from timm_supertoken.ops.report import cluster_maps, warp_instructions  # noqa: E402
 from timm_supertoken.ops.super_token_triton import traffic_model  # noqa: E402
 
 KERNEL_REPORT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'kernel_report.py'
-MIN_RESIDENT_WARPS = 16  # of 64 per SM: enough loads in flight to keep HBM busy (module docstring)
+MIN_RESIDENT_WARPS = 16  # of 64 per SM: enough loads in flight to keep HBM busy (docs/kernels.md)
 # Warp instructions per pixel that each stencil may issue at the model's map (bf16, sm_90, its fewest-instruction
 # config). The kernels are bound by issue (docs/benchmarks.md); with a [rows, 16] slot tile and masked token
 # loads they issued 231 (affinity), 146 (aggregation) and 153 (backward).
@@ -33,35 +33,50 @@ MAX_WARP_INSTRUCTIONS_PER_PIXEL = {'_affinity_kernel': 130, '_aggregate_kernel':
 def facts(tmp_path_factory):
     out = tmp_path_factory.mktemp('kernel_report') / 'facts.json'
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    subprocess.run([sys.executable, str(KERNEL_REPORT), '--shapes', 'model', '--json', str(out)],
+    subprocess.run([sys.executable, str(KERNEL_REPORT), '--maps', 'models', '--json', str(out)],
                    env=env, check=True, timeout=1800)
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope='module')
+def maps():
+    return cluster_maps()
+
+
 def _where(row):
-    return f"{row['kernel']} on sm_{row['arch']} ({row['dtype']}, {row['layout']} input)"
+    B, C, H, W = row['shape']
+    return (f"{row['kernel']} at {H}×{W}×{C} grid {row['grid']} ({row['map']}) on sm_{row['arch']} "
+            f"({row['dtype']}, {row['layout']} input)")
 
 
-def _op(facts, op):
-    return [r for r in facts if r['op'] == op]
+def _model_map(facts):
+    """The rows of the default model's map, vit_small_stconv at 224²."""
+    return [r for r in facts if r['map'] == 'vit_small_stconv']
 
 
-def test_every_kernel_of_the_matrix_is_compiled(facts):
-    combos = {(r['arch'], r['dtype'], r['layout']) for r in _op(facts, 'super_token')}
-    assert combos == {(a, d, l) for a in (80, 90) for d in ('fp32', 'bf16', 'fp16') for l in ('NCHW', 'channels_last')}
-    names = {r['kernel'].split('[')[0] for r in _op(facts, 'super_token')}
-    assert names == {'_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)',
-                     '_backward_kernel'}
-    autotuned = [r['kernel'] for r in facts if r['kernel'].startswith('_affinity_kernel[')]
+def test_maps_are_read_off_the_models(maps):
+    """The default model's map first, then its stem depths (Table 7): those past the fused grid take the reference."""
+    assert (maps[0].shape, maps[0].grid, maps[0].iters) == ((128, 64, 28, 28), 2, 3)
+    assert {'vit_tiny_stconv', 'vit_small_stconv', 'vit_base_stconv'} <= set(maps[0].sources)
+    by_source = {source: m for m in maps for source in m.sources}
+    depth = {n: by_source[f'vit_small_stconv(conv_modules={n})'] for n in (0, 1, 2, 3, 4, 7)}
+    assert [(depth[n].shape[1:], depth[n].grid) for n in depth] == [
+        ((3, 224, 224), 16), ((16, 112, 112), 8), ((32, 112, 112), 8), ((32, 56, 56), 4), ((64, 56, 56), 4),
+        ((64, 14, 14), 1)]
+    assert [depth[n].fused for n in depth] == [False, False, False, True, True, True]
+    assert not any('patch' in source or 'convembed' in source for m in maps for source in m.sources)
+
+
+def test_every_kernel_of_the_matrix_is_compiled(facts, maps):
+    combos = {(r['map'], r['arch'], r['dtype'], r['layout']) for r in facts}
+    assert combos == {(m.name, a, d, l) for m in maps if m.fused for a in (80, 90) for d in ('fp32', 'bf16', 'fp16')
+                      for l in ('NCHW', 'channels_last')}
+    for m in maps:
+        names = {r['kernel'].split('[')[0] for r in facts if r['map'] == m.name}
+        assert names == ({'_cell_mean_kernel', '_affinity_kernel', '_aggregate_kernel', '_aggregate_kernel(output)',
+                          '_backward_kernel'} if m.fused else set()), m
+    autotuned = [r['kernel'] for r in _model_map(facts) if r['kernel'].startswith('_affinity_kernel[')]
     assert len(set(autotuned)) == len(ops.super_token_triton._affinity_kernel.configs)
-
-
-def test_every_epilogue_kernel_is_compiled_at_each_stem_channel_count(facts):
-    epilogue = _op(facts, 'gelu_bn')
-    assert {(r['arch'], r['dtype'], r['shape'][1]) for r in epilogue} == {
-        (a, d, c) for a in (80, 90) for d in ('fp32', 'bf16', 'fp16') for c in (16, 32, 64)}
-    assert {r['kernel'] for r in epilogue} == {'_stats_kernel', '_combine_kernel', '_normalize_kernel',
-                                               '_grad_reduce_kernel', '_sum_partials_kernel', '_grad_input_kernel'}
 
 
 def test_no_kernel_uses_local_memory(facts):
@@ -81,7 +96,7 @@ def test_every_kernel_keeps_enough_warps_resident(facts):
 def test_instruction_mix_is_the_documented_one(facts):
     """The module docstring: FFMA stencils, no tensor cores, vectorised tile loads (no 8/16-bit element loads)."""
     failures = []
-    for r in _op(facts, 'super_token'):
+    for r in facts:
         if r['mma']:
             failures.append(f"{_where(r)}: {r['mma']} tensor-core instructions, the docstring says none")
         if not r['kernel'].startswith('_cell_mean_kernel') and not r['ffma']:
@@ -90,14 +105,6 @@ def test_instruction_mix_is_the_documented_one(facts):
         if narrow or '128' not in r['global_loads']:
             failures.append(f"{_where(r)}: global loads by width {r['global_loads']}, the docstring says "
                             'tiles are read with 128-bit loads')
-    assert not failures, '\n'.join(failures)
-
-
-def test_epilogue_reads_its_maps_with_128_bit_loads(facts):
-    """The (rows, C) tiles of every stem map are contiguous, 16-byte aligned rows: no narrow element loads."""
-    failures = [f"{_where(r)} at C={r['shape'][1]}: global loads by width {r['global_loads']}"
-                for r in _op(facts, 'gelu_bn')
-                if '128' not in r['global_loads'] or any(int(bits) < 32 for bits in r['global_loads'])]
     assert not failures, '\n'.join(failures)
 
 
@@ -115,7 +122,7 @@ def test_compile_kernels_in_process():
 def test_stencils_issue_within_their_instruction_budget(facts):
     failures = []
     for name, budget in MAX_WARP_INSTRUCTIONS_PER_PIXEL.items():
-        rows = [r for r in _op(facts, 'super_token') if r['kernel'].split('[')[0] == name
+        rows = [r for r in _model_map(facts) if r['kernel'].split('[')[0] == name
                 and (r['arch'], r['dtype'], r['layout']) == (90, 'bf16', 'channels_last')]
         B, _, H, W = rows[0]['shape']
         fewest = min(warp_instructions(r) for r in rows) / (B * H * W)
@@ -134,7 +141,7 @@ def test_issued_warp_instructions_sum_the_report_over_the_launches(facts):
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     issued = json.loads(subprocess.run([sys.executable, '-c', code], env=env, check=True, capture_output=True,
                                        text=True, timeout=600).stdout)
-    rows = {r['kernel']: r for r in _op(facts, 'super_token')
+    rows = {r['kernel']: r for r in _model_map(facts)
             if (r['arch'], r['dtype'], r['layout']) == (90, 'bf16', 'channels_last')}
 
     def launch(key):

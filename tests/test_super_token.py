@@ -1,4 +1,6 @@
-"""The reference super-token clustering path against an independent loop implementation of docs/design.md §2."""
+"""The reference super-token clustering path against an independent loop implementation of docs/design.md §2,
+and the runtime settings (`timm_supertoken.layers.config`) that choose the module's path."""
+import importlib.util
 import random
 
 import pytest
@@ -8,9 +10,18 @@ from hypothesis import given, settings, strategies as st
 from loop_reference import super_token_clustering_loop
 from timm_supertoken.layers import (
     SuperTokenClustering,
+    config,
+    get_backend,
+    get_check_finite,
+    is_autotune_enabled,
+    set_backend,
+    set_check_finite,
     super_token_affinities,
     super_token_aggregate,
     super_token_clustering,
+    use_autotune,
+    use_backend,
+    use_check_finite,
 )
 
 # tolerances against the float64 loop: fp32 rounding, and bf16's 8-bit mantissa on the output cast
@@ -178,3 +189,75 @@ def test_overflow_of_a_finite_input_is_named():
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SuperTokenClustering(**kwargs)
+
+
+def _config_loaded_now():
+    """A fresh copy of `timm_supertoken.layers.config`, as an import in a new process would load it (the process's own
+    module, and its settings, stay as they are)."""
+    spec = importlib.util.spec_from_file_location('fresh_config', config.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_are_read_from_the_environment_once_at_import(monkeypatch):
+    monkeypatch.setenv('TIMM_SUPERTOKEN_BACKEND', 'reference')
+    monkeypatch.setenv('TIMM_SUPERTOKEN_AUTOTUNE', '0')
+    monkeypatch.setenv('TIMM_SUPERTOKEN_CHECK_FINITE', '1')
+    fresh = _config_loaded_now()
+    assert (fresh.get_backend(), fresh.is_autotune_enabled(), fresh.get_check_finite()) == ('reference', False, True)
+    monkeypatch.setenv('TIMM_SUPERTOKEN_BACKEND', 'triton')  # read at import only
+    assert fresh.get_backend() == 'reference'
+    for name in ('TIMM_SUPERTOKEN_BACKEND', 'TIMM_SUPERTOKEN_AUTOTUNE', 'TIMM_SUPERTOKEN_CHECK_FINITE'):
+        monkeypatch.delenv(name)
+    fresh = _config_loaded_now()
+    assert (fresh.get_backend(), fresh.is_autotune_enabled(), fresh.get_check_finite()) == ('auto', True, None)
+
+
+@pytest.mark.parametrize('name,value', [('TIMM_SUPERTOKEN_BACKEND', 'cuda'), ('TIMM_SUPERTOKEN_AUTOTUNE', 'fast'),
+                                        ('TIMM_SUPERTOKEN_CHECK_FINITE', 'yes')])
+def test_a_bad_environment_value_is_named_at_import(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf'\${name} must be one of .* got {value!r}'):
+        _config_loaded_now()
+
+
+def test_context_managers_restore_the_setting_even_on_error():
+    before = (get_backend(), is_autotune_enabled(), get_check_finite())
+    with pytest.raises(RuntimeError):
+        with use_backend('reference'), use_autotune(not before[1]), use_check_finite(False):
+            assert (get_backend(), is_autotune_enabled(), get_check_finite()) == ('reference', not before[1], False)
+            raise RuntimeError
+    assert (get_backend(), is_autotune_enabled(), get_check_finite()) == before
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="backend must be one of .* got 'cuda'"):
+        set_backend('cuda')
+    with pytest.raises(TypeError, match="True, False or None, got 'yes'"):
+        set_check_finite('yes')
+    assert get_backend() == 'auto' and get_check_finite() is None  # unchanged
+
+
+def test_check_finite_setting_decides_the_reference_scan():
+    """By default the reference path on CPU names NaN input; switched off, the NaN reaches the output instead."""
+    x = torch.full((1, 4, 4, 4), float('nan'))
+    with pytest.raises(ValueError, match='NaN or Inf'):
+        SuperTokenClustering(backend='reference')(x)
+    with use_check_finite(False):
+        assert SuperTokenClustering(backend='reference')(x).isnan().all()
+
+
+def test_backend_setting_decides_the_path_of_auto_modules(monkeypatch):
+    """'auto' modules follow the setting at each call; a module built with a backend keeps it."""
+    from timm_supertoken.layers import super_token as layer
+
+    chosen = []
+    monkeypatch.setattr(layer, '_fused_super_token_clustering', lambda x, grid, iters: chosen.append('triton') or x)
+    x = torch.randn(1, 4, 4, 4)
+    auto, reference = SuperTokenClustering(), SuperTokenClustering(backend='reference')
+    with use_backend('triton'):
+        auto(x)
+        reference(x)
+    auto(x)  # the default again: a CPU tensor takes the reference path
+    assert chosen == ['triton']

@@ -3,16 +3,19 @@
 Without a GPU the kernels run in Triton's interpreter: tests/conftest.py sets TRITON_INTERPRET=1 before
 anything imports Triton (the variable is read at import time). With a GPU they run compiled on CUDA tensors.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 triton = pytest.importorskip('triton')
 from timm_supertoken import ops  # noqa: E402
-from timm_supertoken.ops import super_token_triton as st  # noqa: E402
+from timm_supertoken.ops import _triton_compat as compat, super_token_triton as st  # noqa: E402
 from hypothesis import given, settings, strategies as hs  # noqa: E402
 
 from timm_supertoken.functional import check_finite, check_super_token_input, super_token_clustering  # noqa: E402
-from timm_supertoken.layers.super_token import BACKEND_ENV, CHECK_FINITE_ENV, SuperTokenClustering  # noqa: E402
+from timm_supertoken.layers import (  # noqa: E402
+    SuperTokenClustering, set_backend, use_autotune, use_backend, use_check_finite)
 from loop_reference import super_token_clustering_loop  # noqa: E402
 from host_sync import HostSyncRecorder, OpRecorder  # noqa: E402
 
@@ -98,18 +101,10 @@ def test_matches_reference_property(B, C, H, W, grid, iters, dtype):
     for kernel in st.AUTOTUNED_KERNELS for config in kernel.configs])
 def test_every_autotune_config_matches_reference(kernel, config, dtype, monkeypatch):
     """Each config an autotuner may pick, forced: the other tests run one config per kernel and shape (the
-    interpreter's, or $TIMM_SUPERTOKEN_AUTOTUNE=0 on a GPU, tests/conftest.py)."""
+    interpreter's, or with autotuning off on a GPU, tests/conftest.py)."""
     monkeypatch.setattr(kernel, 'configs', [config])
     monkeypatch.setattr(st, '_KNOWN_LAUNCHES', {})  # else a launch seen before keeps the config chosen then
     _assert_matches_reference((2, 24, 9, 7), 2, 2, dtype=dtype)
-
-
-def test_autotune_setting_is_validated(monkeypatch):
-    monkeypatch.setenv(st.AUTOTUNE_ENV, 'fast')
-    with pytest.raises(ValueError, match=st.AUTOTUNE_ENV):
-        st.autotuning()
-    monkeypatch.setenv(st.AUTOTUNE_ENV, '0')
-    assert not st.autotuning()
 
 
 def test_host_integer_helpers_match_triton():
@@ -142,41 +137,80 @@ def test_seen_launch_runs_its_compiled_kernel_without_the_jit(monkeypatch):
     """On a GPU with a Triton whose launcher convention is known (3.6-3.8) a seen launch runs the kernel compiled for
     it without Triton's JIT, with bitwise the same result; in the interpreter, which compiles nothing, and on other
     Tritons every launch goes through the JIT."""
-    from triton.runtime.jit import JITFunction
-
     monkeypatch.setattr(st, '_KNOWN_LAUNCHES', {})
     x = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(13)).to(DEVICE)
     first = fused(x, 2, 3)
-    through_jit = []
-    for jit_class in (JITFunction, st.InterpretedFunction):
-        run = jit_class.run
-        monkeypatch.setattr(jit_class, 'run', lambda self, *a, _run=run, **k: through_jit.append(self) or _run(
-            self, *a, **k))
+    through_jit = _count_jit_launches(monkeypatch)
     assert torch.equal(fused(x, 2, 3), first)
-    compiled = [known for known in st._KNOWN_LAUNCHES.values() if known.compiled is not None]
+    direct = [known for known in st._KNOWN_LAUNCHES.values() if known.launch is not None]
     forward_launches = 1 + 2 * 3
     if st.DIRECT_LAUNCH:
-        assert through_jit == [] and len(compiled) == forward_launches
+        assert through_jit == [] and len(direct) == forward_launches
     else:
-        assert compiled == [] and len(through_jit) == forward_launches
+        assert direct == [] and len(through_jit) == forward_launches
+
+
+def _count_jit_launches(monkeypatch):
+    """The JIT functions launched through Triton's JIT from now on (the class the kernels are built as, compiled or
+    interpreted), one entry per launch."""
+    through_jit = []
+    jit_class = type(st._cell_mean_kernel)
+    run = jit_class.run
+    monkeypatch.setattr(jit_class, 'run', lambda self, *a, **k: through_jit.append(self) or run(self, *a, **k))
+    return through_jit
+
+
+def test_fused_op_falls_back_to_the_jit_where_the_launcher_differs(monkeypatch):
+    """A compiled kernel without the launcher attributes the fast path reads (a Triton whose internals moved) is
+    launched through the JIT, every time, with bitwise the same results; nothing fails."""
+    x = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+    expected = _forward_backward(fused, x, 2, 3)
+    monkeypatch.setattr(st, '_KNOWN_LAUNCHES', {})
+    monkeypatch.setattr(compat, '_LAUNCHER_ATTRIBUTES', ('run', 'function', 'packed_metadata', 'moved_away'))
+    monkeypatch.setattr(st, 'DIRECT_LAUNCH', True)  # asked for, also in the interpreter (which compiles nothing)
+    first = _forward_backward(fused, x, 2, 3)
+    through_jit = _count_jit_launches(monkeypatch)
+    again = _forward_backward(fused, x, 2, 3)
+    assert all(known.launch is None for known in st._KNOWN_LAUNCHES.values())
+    assert len(through_jit) == 1 + 2 * 3 + 1  # the forward's launches and the backward's, all through the JIT
+    for got in (first, again):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+class _CompiledKernel:
+    """What `direct_launcher` reads off a compiled kernel, recording the launcher's calls."""
+    def __init__(self):
+        self.function, self.packed_metadata, self.calls = 'function', 'metadata', []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+def test_direct_launcher_is_taken_only_where_the_launcher_is_known(monkeypatch):
+    monkeypatch.setattr(compat, '_current_stream', lambda device: f'stream of {device}')
+    monkeypatch.setattr(compat, 'DIRECT_LAUNCH_TRITON', True)
+    kernel = _CompiledKernel()
+    compat.direct_launcher(kernel)((4, 2), 0, 'x', 3, 'BLOCK')
+    # the call Triton 3.6-3.8's JIT makes: grid padded to 3-D, no launch metadata or hooks, then every argument
+    assert kernel.calls == [(4, 2, 1, 'stream of 0', 'function', 'metadata', None, None, None, 'x', 3, 'BLOCK')]
+    del kernel.packed_metadata
+    assert compat.direct_launcher(kernel) is None  # internals that moved: the JIT launches it
+    assert compat.direct_launcher(None) is None  # what the interpreter returns
+    monkeypatch.setattr(compat, 'DIRECT_LAUNCH_TRITON', False)
+    assert compat.direct_launcher(_CompiledKernel()) is None  # another Triton: the JIT launches it
 
 
 def test_direct_launch_passes_the_arguments_tritons_jit_passes():
     """What a seen launch hands the compiled kernel, its positional arguments then `_signature_tail`, is what Triton's
-    JIT binds and hands it (`bound_args.values()`), for every launch of both fused ops: bound on CPU by the binder
+    JIT binds and hands it (`bound_args.values()`), for every launch of the fused op: bound on CPU by the binder
     Triton generates from each kernel's signature. Its grid comes from the constexprs and config alone."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import JITFunction, create_function_from_signature
 
-    from timm_supertoken.ops import gelu_bn_triton as gbn
-
     x = torch.randn(2, 16, 6, 8).contiguous(memory_format=torch.channels_last)
     forward, (s, aff, inv_norm) = st.forward_plan(x, 2, 3)
-    u, c = torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), torch.ones(8)
-    epilogue, (_, mean, rstd) = gbn.forward_plan(u, c, c, c, c.clone(), c.clone(), 0.1)
-    launches = forward + st.backward_plan(torch.randn_like(s), aff, inv_norm, 2)[0] + epilogue + \
-        gbn.backward_plan(u, c, c, mean, rstd, torch.randn_like(u))[0]
+    launches = forward + st.backward_plan(torch.randn_like(s), aff, inv_norm, 2)[0]
     backend = CUDABackend(GPUTarget('cuda', 90, 32))
     for launch in launches:
         kernel = launch.kernel
@@ -197,17 +231,20 @@ def test_hooked_launches_keep_the_jit(monkeypatch):
         assert not st.DIRECT_LAUNCH
         return
     runtime = triton.knobs.runtime
-    assert not st._launch_hooks_set()
+    assert not compat.launch_hooks_set()
     hook = lambda *args: None  # noqa: E731
     if hasattr(runtime.launch_exit_hook, 'add'):
         runtime.launch_exit_hook.add(hook)
         try:
-            assert st._launch_hooks_set()
+            assert compat.launch_hooks_set()
         finally:
             runtime.launch_exit_hook.remove(hook)
     else:
         monkeypatch.setattr(runtime, 'launch_exit_hook', hook)
-        assert st._launch_hooks_set()
+        assert compat.launch_hooks_set()
+    # a Triton that keeps its hooks elsewhere: assume one is set
+    monkeypatch.setattr(compat, 'triton', SimpleNamespace(knobs=SimpleNamespace(runtime=SimpleNamespace())))
+    assert compat.launch_hooks_set()
 
 
 def test_launch_key_separates_what_triton_compiles_apart():
@@ -230,11 +267,11 @@ def test_launch_key_separates_what_triton_compiles_apart():
         assert specialisations.setdefault(st._arg_key(arg), spec) == spec, arg
 
 
-def test_lone_config_is_not_timed(monkeypatch):
+def test_lone_config_is_not_timed():
     """With autotuning off a kernel keeps one config, and the autotuner's timing of it launches nothing."""
-    monkeypatch.setenv(st.AUTOTUNE_ENV, '0')
     launches = []
-    assert st._time_config(lambda: launches.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    with use_autotune(False):
+        assert st._time_config(lambda: launches.append(1), quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
     assert launches == []
 
 
@@ -292,7 +329,7 @@ def super_token_clustering_checked(x, grid, iters):
 
 
 @pytest.mark.parametrize('make,grid,iters,error,message', BAD_INPUTS)
-def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message, monkeypatch):
+def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message):
     x = make().to(DEVICE)
     with pytest.raises(error, match=message) as ref_error:
         super_token_clustering_checked(x, grid, iters)
@@ -300,8 +337,7 @@ def test_bad_inputs_same_error_as_reference(make, grid, iters, error, message, m
         fused(x, grid, iters)
     assert str(fused_error.value) == str(ref_error.value)
     if grid >= 1 and iters >= 1:
-        monkeypatch.setenv(CHECK_FINITE_ENV, '1')  # the module scans for NaN/Inf on the fused path on request
-        with pytest.raises(error, match=message):
+        with use_check_finite(True), pytest.raises(error, match=message):  # the fused path scans on request
             SuperTokenClustering(grid, iters, backend='triton')(x)
 
 
@@ -329,24 +365,23 @@ def test_dispatch(monkeypatch):
 
     monkeypatch.setattr(st, 'super_token_clustering_triton', spy)  # where the layer looks it up
     x = torch.randn(1, 4, 4, 4, device=DEVICE)
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
-    SuperTokenClustering()(x.cpu())  # auto: a CPU tensor takes the reference path
-    assert not calls
-    if DEVICE == 'cuda':
-        SuperTokenClustering()(x)  # ... and a CUDA tensor the fused one
+    with use_backend('auto'):
+        SuperTokenClustering()(x.cpu())  # auto: a CPU tensor takes the reference path
+        assert not calls
+        if DEVICE == 'cuda':
+            SuperTokenClustering()(x)  # ... and a CUDA tensor the fused one
+            assert len(calls) == 1
+            calls.clear()
+    with use_backend('triton'):  # the process-wide setting decides for 'auto' modules ...
+        SuperTokenClustering()(x)
         assert len(calls) == 1
-        calls.clear()
-    monkeypatch.setenv(BACKEND_ENV, 'triton')  # the variable overrides 'auto' ...
-    SuperTokenClustering()(x)
-    assert len(calls) == 1
-    SuperTokenClustering(backend='reference')(x)  # ... but not an explicit backend
-    assert len(calls) == 1
+        SuperTokenClustering(backend='reference')(x)  # ... but not for an explicit backend
+        assert len(calls) == 1
     torch.jit.script(SuperTokenClustering(backend='triton'))(x)  # TorchScript: always the reference
     torch.export.export(SuperTokenClustering(backend='triton'), (x,))
     assert len(calls) == 1
-    monkeypatch.setenv(BACKEND_ENV, 'cuda')
-    with pytest.raises(ValueError, match=BACKEND_ENV):
-        SuperTokenClustering()(x)
+    with pytest.raises(ValueError, match='backend must be one of'):
+        set_backend('cuda')
     with pytest.raises(ValueError, match='backend must be one of'):
         SuperTokenClustering(backend='cuda')
 
@@ -386,27 +421,10 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize('checked', [False, True])
-def test_fused_forward_reads_nothing_back(checked, monkeypatch):
+def test_fused_forward_reads_nothing_back(checked):
     """The module's fused forward makes no host sync (capturable in a CUDA graph) unless a NaN scan is asked for."""
-    monkeypatch.delenv(BACKEND_ENV, raising=False)
-    if checked:
-        monkeypatch.setenv(CHECK_FINITE_ENV, '1')
-    else:
-        monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
     x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(9)).to(DEVICE)
     module = SuperTokenClustering(grid=2, iters=2, backend='triton')
-    with HostSyncRecorder() as recorder:
+    with use_check_finite(True if checked else None), HostSyncRecorder() as recorder:
         module(x)
     assert bool(recorder.calls) == checked, recorder.calls
-
-
-def test_check_finite_setting_is_validated(monkeypatch):
-    monkeypatch.setenv(CHECK_FINITE_ENV, 'yes')
-    with pytest.raises(ValueError, match=CHECK_FINITE_ENV):
-        SuperTokenClustering(backend='triton')(torch.randn(1, 4, 4, 4, device=DEVICE))
-
-
-def test_reference_path_on_cpu_scans_for_nan(monkeypatch):
-    monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
-    with pytest.raises(ValueError, match='NaN or Inf'):
-        SuperTokenClustering(backend='reference')(torch.full((1, 4, 4, 4), float('nan')))

@@ -15,7 +15,7 @@ from torch import nn
 from timm.layers import ConvNormAct, Format, nhwc_to, to_2tuple
 from timm.layers.trace_utils import _assert
 
-from .super_token import SuperTokenClustering, is_traced_or_exported, use_triton
+from .super_token import SuperTokenClustering, is_traced_or_exported
 
 __all__ = ['PatchEmbedArgs', 'TokenEmbed', 'Patchify', 'PatchLayerNormEmbed', 'ConvStemEmbed', 'SuperTokenConvEmbed',
            'ConvActNorm']
@@ -214,35 +214,19 @@ class ConvActNorm(nn.Sequential):
     """The paper's convolution module, eq. 1: Conv3×3 -> GELU -> BatchNorm (in that order).
 
     The stem runs channels_last, and GELU is applied to the NHWC view of the conv output: PyTorch's CPU
-    GELU vectorises a contiguous tensor but not a channels_last NCHW one (1.5× slower on the stem's maps);
-    the view has the same memory, so values and layout are unchanged.
+    GELU vectorises a contiguous tensor but not a channels_last NCHW one; the view has the same memory,
+    so values and layout are unchanged.
 
     Inference (BatchNorm in eval mode and a conv output that needs no gradient, e.g. under
     `torch.inference_mode()`) runs GELU and the BatchNorm's affine map in place on the conv output: one
-    buffer per module instead of three. On the CPU every fresh multi-MB buffer costs a page fault per
-    4 KiB page, and the two extra buffers made the stem's forward 1.5× slower (36 vs 24 ms, fastest of 15,
-    batch 8, 224², 2 cores; the embedding inside the whole model 64 vs 48 ms, median of 10 interleaved). Training,
-    and anything autograd records, keeps the out-of-place modules (GELU's backward needs its input).
+    buffer per module instead of three, where on the CPU every fresh multi-MB buffer costs a page fault
+    per 4 KiB page. Training, and anything autograd records, keeps the out-of-place modules (GELU's
+    backward needs its input).
 
-    The BN is not folded into the next conv. GELU keeps it out of its own conv, and the next conv zero-pads
-    the normalised map, i.e. pads the raw map with -shift/scale per channel, so an exact fold needs a border
-    correction on the first and last output row and column. That fold was built and measured at batch 8,
-    224², 2 CPU cores: the folded stem was no faster (29-30 vs 26-28 ms, min of 40), because the
-    correction's dozen small ops per module cost what the in-place BN pass does; with the correction
-    skipped the fold would save at most 1-2 ms of ~28.
-
-    `ConvActNorm.fuse_epilogue = True` (opt-in) runs, on CUDA (Triton importable, `nn.BatchNorm2d` as built,
-    not under torch.compile, whose Inductor fuses the three itself), the conv without its bias and bias, GELU
-    and BN as one fused Triton epilogue, forward and backward (`timm_supertoken.ops.gelu_bn_triton`): 8 passes
-    over the map per training step instead of ~14, one saved copy of it instead of three, and the same
-    parameters, state and maths. It is off by default because it lost where it was meant to win: on an H200,
-    vit_small_stconv's `patch_embed` forward+backward at B=128 took 10.03 ms with it and 7.92 ms without it
-    (7.52 and 6.63 ms in an earlier run). There the stem is bound by the host's launches, not by bytes: conv
-    module 5 took 1.57 ms per forward+backward for 0.25 ms of GPU kernels, and the epilogue's seven Triton
-    launches per module cost more host time than the passes they save (docs/benchmarks.md).
-    $TIMM_SUPERTOKEN_BACKEND=reference keeps the modules whatever the setting.
+    The BN is not folded into the next conv: GELU keeps it out of its own conv, and the next conv
+    zero-pads the normalised map, i.e. pads the raw map with -shift/scale per channel, so an exact fold
+    needs a border correction whose small ops cost what the in-place BN pass does (docs/kernels.md).
     """
-    fuse_epilogue: bool = False
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, device=None, dtype=None) -> None:
         dd = {'device': device, 'dtype': dtype}
@@ -252,35 +236,11 @@ class ConvActNorm(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._can_fuse(x):
-            return self._forward_fused(x)
         x = self.conv(x)
         if not torch.jit.is_scripting() and self._can_run_in_place(x):
             return self._forward_in_place(x)
         x = self.act(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.bn(x)
-
-    @torch.jit.unused
-    def _can_fuse(self, x: torch.Tensor) -> bool:
-        """Whether bias, GELU and BN run as the Triton epilogue: it covers exactly nn.GELU() and nn.BatchNorm2d.
-
-        SyncBatchNorm (timm's --sync-bn), the tanh GELU and a BN in eval mode that autograd must go through
-        keep the modules.
-        """
-        bn = self.bn
-        if not self.fuse_epilogue or type(bn) is not nn.BatchNorm2d or self.act.approximate != 'none' \
-                or torch.compiler.is_compiling() \
-                or is_traced_or_exported(x):  # before reading x's dtype: a torch.fx Proxy has none
-            return False
-        if not bn.training and bn.running_mean is not None and torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return False
-        return use_triton(x, x.dtype in (torch.float32, torch.float16, torch.bfloat16))
-
-    @torch.jit.unused
-    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from ..ops.gelu_bn_triton import gelu_batch_norm_triton  # imports Triton: only on this path
-        return gelu_batch_norm_triton(self.conv._conv_forward(x, self.conv.weight, None), self.conv.bias, self.bn)
 
     @torch.jit.unused
     def _can_run_in_place(self, x: torch.Tensor) -> bool:

@@ -5,7 +5,6 @@ this module picks the implementation: CUDA tensors go to the fused Triton kernel
 `timm_supertoken.ops` (same maths, see `backend`), everything else to the reference path.
 """
 import importlib.util
-import os
 
 import torch
 from torch import nn
@@ -14,12 +13,10 @@ from timm.layers import register_notrace_module
 
 from ..functional.super_token import (
     FUSED_DTYPES, MAX_FUSED_GRID, check_finite, check_finite_result, check_super_token_input, super_token_clustering)
+from .config import BACKENDS, get_backend, get_check_finite
 
 __all__ = ['SuperTokenClustering', 'use_triton']
 
-BACKENDS = ('auto', 'reference', 'triton')
-BACKEND_ENV = 'TIMM_SUPERTOKEN_BACKEND'
-CHECK_FINITE_ENV = 'TIMM_SUPERTOKEN_CHECK_FINITE'
 _TRITON_AVAILABLE = importlib.util.find_spec('triton') is not None  # looked up once, outside torch.compile's trace
 
 
@@ -38,16 +35,14 @@ def use_triton(x: torch.Tensor, supported: bool, backend: str = 'auto') -> bool:
     """Whether a layer runs its Triton kernels on x, or its plain PyTorch ops.
 
     torch.jit tracing, torch.fx symbolic tracing, torch.export and ONNX export always get the plain ops,
-    which are exportable. `'auto'` (overridable by $TIMM_SUPERTOKEN_BACKEND) takes Triton for CUDA tensors
-    when it is importable and the layer `supported` x; `'triton'` forces it (the ops raise a clear error
-    for a CPU tensor outside Triton's interpreter).
+    which are exportable. `'auto'` follows the process-wide setting (`timm_supertoken.layers.config`), which
+    by default takes Triton for CUDA tensors when it is importable and the layer `supported` x; `'triton'`
+    forces it (the ops raise a clear error for a CPU tensor outside Triton's interpreter).
     """
     if is_traced_or_exported(x):
         return False
     if backend == 'auto':
-        backend = os.environ.get(BACKEND_ENV, 'auto')
-        if backend not in BACKENDS:
-            raise ValueError(f'${BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}')
+        backend = get_backend()
     if backend == 'reference':
         return False
     if backend == 'triton':
@@ -68,14 +63,12 @@ def _scan_for_nonfinite(x: torch.Tensor, fused: bool) -> bool:
     The fused path scans X before launching; the reference path checks its g²-smaller output and reads X
     only to name the cause (`check_finite_result`). On the fused path and on CUDA a sync would stall the GPU
     every step and break CUDA-graph capture (`torch.compile(mode='reduce-overhead')`), so by default only the
-    reference path on CPU checks.
-    $TIMM_SUPERTOKEN_CHECK_FINITE=1 scans everywhere (for hunting a NaN), =0 nowhere.
+    reference path on CPU checks. `timm_supertoken.layers.config.set_check_finite` (or
+    $TIMM_SUPERTOKEN_CHECK_FINITE) scans everywhere (for hunting a NaN) or nowhere.
     """
-    setting = os.environ.get(CHECK_FINITE_ENV, '')
-    if setting not in ('', '0', '1'):
-        raise ValueError(f'${CHECK_FINITE_ENV} must be 0 or 1, got {setting!r}')
-    if setting:
-        return setting == '1'
+    setting = get_check_finite()
+    if setting is not None:
+        return setting
     return not fused and x.device.type == 'cpu'
 
 
@@ -95,12 +88,12 @@ class SuperTokenClustering(nn.Module):
         iters: number of affinity computations t (paper Table 8; t=3 is the paper's choice).
         backend: 'reference' (pure PyTorch, runs everywhere), 'triton' (the fused kernels of
             `timm_supertoken.ops`: CUDA tensors, or CPU ones under TRITON_INTERPRET=1) or 'auto' (the
-            default: $TIMM_SUPERTOKEN_BACKEND if set, else fused for fp32/fp16/bf16 CUDA tensors when Triton
-            is importable and grid ≤ 4). TorchScript, tracing, torch.fx, torch.export and ONNX export always
-            use the reference path.
+            default: the process-wide `timm_supertoken.layers.config.get_backend()`, which by default is
+            fused for fp32/fp16/bf16 CUDA tensors when Triton is importable and grid ≤ 4). TorchScript,
+            tracing, torch.fx, torch.export and ONNX export always use the reference path.
 
     Shapes, dtypes and settings are checked on every eager call (free). NaN/Inf input is rejected by
-    the reference path on CPU; elsewhere see $TIMM_SUPERTOKEN_CHECK_FINITE (`_scan_for_nonfinite`).
+    the reference path on CPU; elsewhere see `config.set_check_finite` (`_scan_for_nonfinite`).
     """
 
     def __init__(self, grid: int = 2, iters: int = 3, backend: str = 'auto') -> None:

@@ -1,8 +1,8 @@
 """The fused kernels as a GPU will run them, compiled and inspected ahead of time, with no GPU present.
 
-Triton compiles for a target that is not there (`GPUTarget('cuda', arch, 32)` needs no driver), and the
-`ptxas` and `cuobjdump` bundled in its wheel read the result. `compile_kernels` compiles the launches
-that `forward_plan` / `backward_plan` make (the same code the launcher runs), with the argument
+Triton compiles for a target that is not there (`_triton_compat.compile_for_target`), and the `ptxas` and
+`cuobjdump` bundled in its wheel read the result. `compile_kernels` compiles the launches that
+`forward_plan` / `backward_plan` make (the same code the launcher runs), with the argument
 specialisation of Triton's own JIT binder (16-byte pointer alignment, integers divisible by 16 or
 equal to 1), so the registers, spills and instructions it shows are those of the kernels a GPU runs.
 `kernel_facts` turns one compiled kernel into the numbers that decide its fit: registers, local memory,
@@ -11,8 +11,6 @@ shared memory, resident warps per SM and the SASS instruction mix.
 Triton's interpreter replaces its standard library (`tl.sum`, `tl.max`, ...) with interpreted versions
 when TRITON_INTERPRET=1 is set at import, which breaks code generation: compile in a process without it.
 """
-import contextlib
-import io
 import math
 import re
 import subprocess
@@ -24,18 +22,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
-from triton.compiler import ASTSource
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime import Autotuner
 
-from . import gelu_bn_triton as gbn
+from ._triton_compat import TargetKernel, compile_for_target, cuobjdump_path, pruned_configs
 from .super_token_triton import INTERPRET, Launch, backward_plan, forward_plan
 
-__all__ = ['ARCHS', 'KernelFacts', 'LaunchGeometry', 'compile_gelu_bn_kernels', 'compile_kernels',
-           'issued_warp_instructions', 'kernel_facts', 'launch_geometry']
+__all__ = ['ARCHS', 'KernelFacts', 'LaunchGeometry', 'TargetKernel', 'compile_kernels', 'issued_warp_instructions',
+           'kernel_facts', 'launch_geometry']
 
 
 @dataclass(frozen=True)
@@ -66,30 +59,7 @@ ARCHS: Dict[int, SMLimits] = {
                  fp32_flops_per_s=66.9e12, sms=132, boost_clock_hz=1.98e9),
 }
 
-_PTXAS_LOGS: Dict[str, str] = {}  # CompiledKernel.hash -> what ptxas -v said when it built the kernel
-_COMPILED: Dict[Tuple, triton.compiler.CompiledKernel] = {}  # one compile per distinct specialisation
-_SASS: Dict[str, List[Tuple[int, str]]] = {}  # CompiledKernel.hash -> its disassembly, read once
-
-
-def _compile(jit: JITFunction, args: Tuple, kwargs: Dict, arch: int) -> triton.compiler.CompiledKernel:
-    """Compile one launch for `arch` exactly as `jit[grid](*args, **kwargs)` would on that GPU."""
-    target = GPUTarget('cuda', arch, 32)
-    backend = CUDABackend(target)
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
-    key = (jit.fn, arch, repr(signature), repr(constexprs), repr(attrs), repr(options))
-    if key in _COMPILED:
-        return _COMPILED[key]
-    log = io.StringIO()
-    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
-        knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers, stack, spills; printed to stdout
-        knobs.compilation.always_compile = True  # a cached kernel would come back without its log
-        kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target,
-                                options=options.__dict__)
-    _PTXAS_LOGS[kernel.hash] = log.getvalue()
-    _COMPILED[key] = kernel
-    return kernel
+_SASS: Dict[str, List[Tuple[int, str]]] = {}  # TargetKernel.hash -> its disassembly, read once
 
 
 def _config_label(config: triton.Config) -> str:
@@ -101,9 +71,8 @@ def _launch_variants(launch: Launch, chosen: Optional[Dict[str, triton.Config]] 
     or only the one `chosen` names for the kernel."""
     if isinstance(launch.kernel, Autotuner):
         name = launch.label or launch.kernel.fn.__name__
-        named_args = dict(zip(launch.kernel.arg_names, launch.args))
         configs = ([chosen[launch.kernel.fn.__name__]] if chosen is not None else
-                   launch.kernel.early_config_prune(launch.kernel.configs, named_args, **launch.constexprs))
+                   pruned_configs(launch.kernel, launch.args, launch.constexprs))
         for config in configs:
             yield f'{name}[{_config_label(config)}]', launch.kernel.fn, {**launch.constexprs, **config.all_kwargs()}
     else:
@@ -126,7 +95,7 @@ def compile_kernels(
         iters: int = 3,
         arch: int = 90,
         memory_format: torch.memory_format = torch.contiguous_format,
-) -> Dict[str, triton.compiler.CompiledKernel]:
+) -> Dict[str, TargetKernel]:
     """Compile every kernel the fused forward and backward launch for a (B, C, H, W) input, for sm_`arch`.
 
     Needs no GPU. Keys are the kernels' names; an autotuned kernel gives one entry per config, keyed
@@ -179,21 +148,9 @@ def issued_warp_instructions(
     issued: Dict[str, int] = Counter()
     for launch in _super_token_launches(shape, dtype, grid, iters, torch.channels_last):
         (_, jit, kwargs), = _launch_variants(launch, configs)
-        facts = kernel_facts(_compile(jit, launch.args, kwargs, arch), arch, launch.loops)
+        facts = kernel_facts(compile_for_target(jit, launch.args, kwargs, arch), arch, launch.loops)
         issued[jit.__name__] += facts.issued * facts.warps * math.prod(launch.grid(kwargs))
     return dict(issued)
-
-
-def compile_gelu_bn_kernels(shape: Tuple[int, int, int, int], dtype: torch.dtype, *, arch: int = 90
-                            ) -> Dict[str, triton.compiler.CompiledKernel]:
-    """Compile every kernel of the GELU-BatchNorm epilogue's training forward and backward for a (B, C, H, W) map."""
-    _check_can_compile(arch)
-    u = torch.empty(shape, dtype=dtype, device='meta', memory_format=torch.channels_last)
-    C = shape[1]
-    params = [torch.empty(C, device='meta') for _ in range(5)]  # conv bias, γ, β, running mean and variance
-    launches, (out, mean, rstd) = gbn.forward_plan(u, *params, factor=0.1, eps=1e-5)
-    bwd_launches, _ = gbn.backward_plan(u, params[0], params[1], mean, rstd, torch.empty_like(out))
-    return _compile_launches(launches + bwd_launches, arch)
 
 
 def _check_can_compile(arch: int) -> None:
@@ -205,13 +162,13 @@ def _check_can_compile(arch: int) -> None:
         raise ValueError(f'the kernel report knows the SM limits of archs {sorted(ARCHS)}, got {arch}')
 
 
-def _compile_launches(launches, arch: int) -> Dict[str, triton.compiler.CompiledKernel]:
+def _compile_launches(launches, arch: int) -> Dict[str, TargetKernel]:
     """One compiled kernel per name (and per autotune config) among the launches."""
     kernels = {}
     for launch in launches:
         for key, jit, kwargs in _launch_variants(launch):
             if key not in kernels:
-                kernels[key] = _compile(jit, launch.args, kwargs, arch)
+                kernels[key] = compile_for_target(jit, launch.args, kwargs, arch)
     return kernels
 
 
@@ -253,7 +210,7 @@ def _sass(cubin: bytes) -> List[Tuple[int, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / 'kernel.cubin'
         path.write_bytes(cubin)
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, '-sass', str(path)], check=True,
+        sass = subprocess.run([cuobjdump_path(), '-sass', str(path)], check=True,
                               capture_output=True, text=True).stdout
     return [(int(address, 16), instruction.strip()) for address, instruction in
             re.findall(r'^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][^;]*);', sass, re.M)]
@@ -317,21 +274,19 @@ def _resident_warps(registers: int, shared: int, warps: int, limits: SMLimits) -
     return caps[limiter] * warps, limiter
 
 
-def kernel_facts(kernel: triton.compiler.CompiledKernel, arch: int, loop_trips: Sequence[int] = ()) -> KernelFacts:
+def kernel_facts(kernel: TargetKernel, arch: int, loop_trips: Sequence[int] = ()) -> KernelFacts:
     """Registers, local memory, shared memory, occupancy and instruction mix of a kernel from `compile_kernels`.
 
     `loop_trips` are the trip counts of the kernel's loops, outer to inner (`launch_geometry`); without them a
     loop body counts once in `issued`.
     """
-    if kernel.hash not in _PTXAS_LOGS:
-        raise ValueError('kernel_facts reads the ptxas log that compile_kernels keeps: compile the kernel with it')
-    registers, stack, spill_stores, spill_loads = _ptxas_numbers(_PTXAS_LOGS[kernel.hash])
+    registers, stack, spill_stores, spill_loads = _ptxas_numbers(kernel.ptxas_log)
     if kernel.hash not in _SASS:
-        _SASS[kernel.hash] = _sass(kernel.asm['cubin'])
+        _SASS[kernel.hash] = _sass(kernel.cubin)
     sass = _SASS[kernel.hash]
     ops = Counter(_opcode(instruction) for _, instruction in sass)
     issued, depth = _issued(sass, loop_trips)
-    warps, shared = kernel.metadata.num_warps, kernel.metadata.shared
+    warps, shared = kernel.num_warps, kernel.shared_bytes
     resident, limiter = _resident_warps(registers, shared, warps, ARCHS[arch])
     loads, stores = Counter(), Counter()
     for op, count in ops.items():

@@ -1,9 +1,9 @@
-"""Facts of every fused kernel for a matrix of shapes, dtypes, layouts and GPUs, compiled with no GPU.
+"""Facts of every fused kernel at every map the models hand it, for a matrix of dtypes, layouts and GPUs.
 
 The data behind `benchmarks/kernel_report.py`, which renders it into docs/benchmarks.md or writes it as
-JSON for tests/test_kernel_report.py (which holds the kernels to it in CI). Each (shape, arch, dtype)
-is compiled in its own worker process (both layouts in one, as they share kernels), so the matrix
-takes a few minutes on 2 cores.
+JSON for tests/test_kernel_report.py (which holds the kernels to it in CI). The maps are read off the
+models (`cluster_maps`), not listed by hand. Each (arch, dtype) is compiled in its own worker process,
+every map and both layouts in one, so that the kernels they share compile once.
 """
 import dataclasses
 import os
@@ -12,39 +12,72 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ['DTYPES', 'LAYOUTS', 'SHAPES', 'model_map_shape', 'stem_map_shapes', 'collect', 'warp_instructions']
+__all__ = ['DTYPES', 'LAYOUTS', 'ClusterMap', 'cluster_maps', 'collect', 'operator_map', 'warp_instructions']
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 LAYOUTS = {'NCHW': torch.contiguous_format, 'channels_last': torch.channels_last}
 
 
-def model_map_shape(batch: int = 128, model: str = 'vit_small_stconv', img_size: int = 224) -> Tuple[int, ...]:
-    """(B, C, H, W) of the map that the model's stem hands to super-token clustering, read off the model."""
-    import timm
-    with torch.device('meta'):
-        embed = timm.create_model(model, img_size=img_size).patch_embed
-        return tuple(embed.stem(torch.empty(batch, 3, img_size, img_size)).shape)
+@dataclasses.dataclass(frozen=True)
+class ClusterMap:
+    """An input of super-token clustering: its (B, C, H, W), grid and iterations, and the models that produce it."""
+    shape: Tuple[int, int, int, int]
+    grid: int
+    iters: int
+    sources: Tuple[str, ...]
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused op takes this map (its grid is within the kernels' unrolling), or the reference path."""
+        from ..functional.super_token import MAX_FUSED_GRID
+        return self.grid <= MAX_FUSED_GRID
+
+    @property
+    def name(self) -> str:
+        return self.sources[0]
 
 
-def stem_map_shapes(batch: int = 128, model: str = 'vit_small_stconv', img_size: int = 224) -> List[Tuple[int, ...]]:
-    """(B, C, H, W) of the first map of each channel count that the stem's conv modules hand to their GELU-BN.
+def _ablations(embed: torch.nn.Module) -> List[Dict[str, int]]:
+    """The kwargs of the paper's ablations of a super-token embedding: every stem depth of Table 7."""
+    from ..layers import SuperTokenConvEmbed
+    if not isinstance(embed, SuperTokenConvEmbed):
+        return []
+    return [{'conv_modules': depth} for depth in range(len(SuperTokenConvEmbed.STEM_CHS) + 1)
+            if depth != len(embed.stem)]
 
-    The epilogue's kernels specialise on the channel count (their tile), so one map per count covers them.
+
+def cluster_maps(batch: int = 128, img_size: int = 224) -> List[ClusterMap]:
+    """Every clustering input that a registered model, or a stem depth (`conv_modules`) of one, produces.
+
+    Built on the meta device, at the model benchmark's batch. Maps that several models share (the stem is
+    the same at every width) are listed once, with each source named; the default model's map comes first.
+    The iteration count does not change which kernels compile (Table 8's `cluster_iters` only repeats them).
     """
     import timm
-    with torch.device('meta'):
-        x = torch.empty(batch, 3, img_size, img_size)
-        shapes = {}
-        for module in timm.create_model(model, img_size=img_size).patch_embed.stem:
-            x = module(x)
-            shapes.setdefault(x.shape[1], tuple(x.shape))
-        return list(shapes.values())
+    from ..layers import SuperTokenClustering
+    from ..models import REGISTERED_MODEL_NAMES
+
+    found: Dict[Tuple, List[str]] = {}
+
+    def add(name: str, kwargs: Dict[str, int]) -> None:
+        with torch.device('meta'):
+            embed = timm.create_model(name, img_size=img_size, **kwargs).patch_embed
+            clusters = [m for m in embed.modules() if isinstance(m, SuperTokenClustering)]
+            if clusters:
+                stem_out = embed.stem(torch.empty(batch, embed.in_chans, img_size, img_size))
+                label = name + ''.join(f'({k}={v})' for k, v in kwargs.items())
+                found.setdefault((tuple(stem_out.shape), clusters[0].grid, clusters[0].iters), []).append(label)
+        return embed
+
+    for name in sorted(REGISTERED_MODEL_NAMES, key=lambda n: n != 'vit_small_stconv'):
+        for kwargs in _ablations(add(name, {})):
+            add(name, kwargs)
+    return [ClusterMap(shape, grid, iters, tuple(sources)) for (shape, grid, iters), sources in found.items()]
 
 
-SHAPES = {
-    'model': model_map_shape,  # vit_small_stconv at 224², B=128: the model benchmark's batch
-    'operator': lambda: (256, 64, 56, 56),  # the operator benchmark's largest map
-}
+def operator_map() -> ClusterMap:
+    """The operator benchmark's largest map (benchmarks/bench_supertoken.py)."""
+    return ClusterMap((256, 64, 56, 56), 2, 3, ('operator benchmark',))
 
 
 def warp_instructions(row: Dict) -> int:
@@ -52,41 +85,36 @@ def warp_instructions(row: Dict) -> int:
     return row['issued'] * row['warps'] * row['programs']
 
 
-def _facts_of(job: Tuple[str, Tuple[int, ...], int, str, Tuple[str, ...], int, int]) -> List[Dict]:
-    """Compile one (shape, arch, dtype) in each layout and return one row of facts per kernel and layout."""
-    from .aot import compile_gelu_bn_kernels, compile_kernels, kernel_facts, launch_geometry
-    shape_name, shape, arch, dtype, layouts, grid, iters = job
+def _facts_of(job: Tuple[Tuple[ClusterMap, ...], int, str, Tuple[str, ...]]) -> List[Dict]:
+    """Compile every map for one arch and dtype, in each layout, and return one row of facts per kernel."""
+    from ..layers.config import use_autotune
+    from .aot import compile_kernels, kernel_facts, launch_geometry
+    maps, arch, dtype, layouts = job
     rows = []
-    for layout in layouts:  # one worker per layout group: kernels that two layouts share compile once
-        plan = dict(shape=shape, dtype=DTYPES[dtype], grid=grid, iters=iters, memory_format=LAYOUTS[layout])
-        kernels = compile_kernels(arch=arch, **plan)
-        for key, geometry in launch_geometry(**plan).items():
-            facts = dataclasses.asdict(kernel_facts(kernels[key], arch, geometry.loop_trips))
-            rows.append(dict(op='super_token', shape_name=shape_name, shape=list(shape), arch=arch, dtype=dtype,
-                             layout=layout, grid=grid, iters=iters, kernel=key, launches=geometry.launches,
-                             programs=geometry.programs,
-                             **facts))
-    if shape_name == 'model':  # the stem's conv epilogue runs in the same model: its maps, channels_last
-        for stem_shape in stem_map_shapes(shape[0]):
-            for key, kernel in compile_gelu_bn_kernels(stem_shape, DTYPES[dtype], arch=arch).items():
-                facts = dataclasses.asdict(kernel_facts(kernel, arch))
-                rows.append(dict(op='gelu_bn', shape_name='stem', shape=list(stem_shape), arch=arch, dtype=dtype,
-                                 layout='channels_last', kernel=key, **facts))
+    with use_autotune(True):  # every config an autotuner may pick, whatever the environment says
+        for cluster_map in maps:
+            for layout in layouts:
+                plan = dict(shape=cluster_map.shape, dtype=DTYPES[dtype], grid=cluster_map.grid,
+                            iters=cluster_map.iters, memory_format=LAYOUTS[layout])
+                kernels = compile_kernels(arch=arch, **plan)
+                for key, geometry in launch_geometry(**plan).items():
+                    facts = dataclasses.asdict(kernel_facts(kernels[key], arch, geometry.loop_trips))
+                    rows.append(dict(op='super_token', map=cluster_map.name, shape=list(cluster_map.shape),
+                                     arch=arch, dtype=dtype, layout=layout, grid=cluster_map.grid,
+                                     iters=cluster_map.iters, kernel=key, launches=geometry.launches,
+                                     programs=geometry.programs, **facts))
     return rows
 
 
 def collect(
-        shapes: Sequence[str] = ('model',),
+        maps: Sequence[ClusterMap],
         archs: Sequence[int] = (80, 90),
         dtypes: Sequence[str] = tuple(DTYPES),
         layouts: Sequence[str] = tuple(LAYOUTS),
-        grid: int = 2,
-        iters: int = 3,
         workers: int = 0,
 ) -> List[Dict]:
-    """Kernel facts for every combination, one row per compiled kernel; compiled in parallel processes."""
-    jobs = [(name, SHAPES[name](), arch, dtype, tuple(layouts), grid, iters)
-            for name in shapes for arch in archs for dtype in dtypes]
+    """Kernel facts for every fused map, arch, dtype and layout, one row per compiled kernel, in parallel."""
+    fused = tuple(m for m in maps if m.fused)
+    jobs = [(fused, arch, dtype, tuple(layouts)) for arch in archs for dtype in dtypes]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         return [row for rows in pool.map(_facts_of, jobs) for row in rows]
-

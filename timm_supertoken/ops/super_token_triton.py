@@ -8,134 +8,70 @@ specification. For X of shape (B, C, H, W), grid g, h = ⌈H/g⌉, w = ⌈W/g⌉
     Z_j   = Σ_p A_pj + ε,       s_j ← Σ_p A_pj x_p / Z_j                          `_aggregate_kernel`
     dX_p  = Σ_k A_pk / Z_k · dS_k                                                  `_backward_kernel`
 
-Traffic and FLOPs (n = B·H·W pixels, T = B·h·w ≈ n/g² tokens, e = bytes per element of X; `traffic_model`):
-- the op must read X once and write S once: (n + T)·C·e bytes, the floor of the whole forward;
-- each launch reads its inputs once and writes its outputs once (neighbours' re-reads hit L1/L2):
-  init (n·C·e + 4T·C), affinity (n·C·e + 4T·C + 36n, 18·n·C FLOPs), aggregation (n·C·e + 36n + 4T·C,
-  18·n·C FLOPs), backward (T·C·e + 36n + n·C·e, 18·n·C FLOPs): 3-6 FLOPs per byte, where an H100's
-  FP32 FFMA balances its HBM at 20 (66.9 TFLOP/s over 3.35 TB/s) and an A100's at 9.6. Every launch is
-  memory-bound on plain FFMA, so tensor cores could not shorten it.
+Every launch does a few FLOPs per byte (`traffic_model`), so it is bound by memory or by the instructions
+it issues, never by arithmetic; the kernels are written for few instructions (docs/kernels.md):
+- one affinity row per pixel per iteration, stored as A (B, 9, H, W), and one aggregation row per token
+  gathering its ≤ 9g² weighted pixels: two launches per iteration, the least the dependence between
+  neighbouring tokens allows without recomputing;
+- the nine slots are unrolled; an off-grid token is read at its clamped position with weight 0, so token
+  loads need no mask, and `EVEN_C` / `EVEN_MAP` drop the channel and border masks where they cannot bite;
+- a 9-point stencil, not a matrix product: no tensor cores; half-precision inputs are converted in
+  registers and all arithmetic, and the running tokens, are fp32;
+- channels_last (NHWC) only: a row's channels are contiguous, so tiles move in 128-bit accesses, and an
+  NCHW input is converted once;
+- the backward gathers the 9 dS tokens of each pixel: deterministic, no atomics.
 
-Instructions: an SM issues one warp instruction per clock per scheduler (4 per SM), so a launch also takes
-at least (warp instructions) / (SMs × 4 × clock); the higher of its two floors bounds it. Triton's lowering of
-the first design issued 231 (affinity), 146 (aggregation) and 153 (backward) warp instructions per pixel,
-against 18 FFMA's worth of useful work each: at B=256, 56×56×64, the forward issued 0.92 G warp
-instructions, 0.88 ms at an H200's issue rate (132 SMs × 4 × 1.98 GHz), and measured 1.17 ms in its
-kernels: it was bound by issue, not by bytes (2.6% of HBM bandwidth).
-
-As compiled for sm_90 (`benchmarks/kernel_report.py`, docs/benchmarks.md), at the model's map (B=128,
-28×28×64, bf16, channels_last), first config of each kernel; the bytes floor is the launch's traffic at
-3.35 TB/s, the issue floor its warp instructions at an H100 SXM5's 1.05 T per second:
-
-    kernel               registers  resident warps/SM  local memory  warp instr/pixel  bytes floor  issue floor
-    _cell_mean_kernel        71           28                0              16.7           5.8 µs      1.6 µs
-    _affinity_kernel        104           16                0             115.3           6.8 µs     11.1 µs  (×t)
-    _aggregate_kernel        64           32                0             113.1           6.9 µs     10.8 µs  (×t)
-    _backward_kernel         80           24                0             103.3           5.9 µs      9.9 µs
-
-Every config of every kernel, in fp32/bf16/fp16 and on sm_80 too, uses no local memory and keeps
-≥ 16 warps resident (≤ 128 registers); tests/test_kernel_report.py holds that, and the instruction budget
-of each stencil.
-
-Why this shape (the numbers come from `benchmarks/kernel_report.py`, which reads the compiled kernels):
-- Each pixel's 9 logits and softmax are computed exactly once per iteration (`_affinity_kernel`, one
-  row per pixel), written as A (B, 9, H, W) fp32, and each token gathers its ≤ 9g² weighted pixels
-  (`_aggregate_kernel`, one row per token). Two launches per iteration is the least the dependence
-  allows without recomputation: a token needs the affinities of pixels in the 3×3 cells around it,
-  which need the tokens around those cells, i.e. other programs' results of the same iteration.
-- The stencils are written for few instructions, since issue is their floor. The nine slots are
-  unrolled: each logit is a [rows] vector and the softmax (exp2, logits pre-scaled by log₂e) runs over
-  nine of them, with no [rows, 16] slot tile to build, mask and reduce. A token off the grid is read
-  at its clamped, in-grid position with no mask and weighted 0 (a -inf logit, then A = 0), so the
-  token loads need no predicates and no zero fill. Rows past the map take its last pixel and mask only
-  their stores. The aggregation unrolls a cell's g² pixels with clamped addresses and masks only A.
-  It saves 1/Z, so the backward multiplies where it divided. `EVEN_C` / `EVEN_MAP` drop the
-  channel and border masks where C fills the channel blocks and the grid divides the map.
-- It is a 9-point stencil, not a matrix product: the 9 tokens differ for every cell, so tensor cores
-  would need a dense [pixels × window] product that is ≥ 75% zeros (a 3×(TW+2)-token window per strip
-  of TW cells). The kernels use no tensor cores, in any dtype, and the kernel report checks the SASS
-  for it.
-- Half-precision inputs are read as they are and converted in registers; all arithmetic is fp32, and
-  the running super tokens are fp32 (the reference's compute dtype).
-- Rows are pixels or tokens of one image (program axis 1 is the image), so per-row offsets are int32
-  and only the image base pointer is 64-bit: registers stay low and inputs beyond 2³¹ elements work.
-- The kernels address channels_last (NHWC) tensors only: a row's channels are contiguous, so every
-  tile load and store is a coalesced 128-bit access, and one 64-bit base per image plus int32 offsets
-  address everything. An NCHW input is converted once (one read and one write of X, ~1/8 of the
-  forward's traffic at t = 3); gathering NCHW tiles in place instead costs 160-255 registers per
-  thread and 8-12 resident warps (measured with the kernel report). S and dX come out channels_last.
-- The whole batch goes through each of the 2t + 1 launches at once. Splitting it into L2-sized chunks
-  (so that a chunk's launches re-read X from L2) was measured on an H200 (docs/benchmarks.md): every shape
-  took 35-57 µs per launch, so the time followed the launch count (8 chunks at B=256 56×56×64 made 56
-  launches and 2.99 ms), while re-reading X from HBM instead of L2 costs about 0.03 ms per launch there.
-- The backward is a gather of 9 dS tokens per pixel (no atomics): deterministic.
-
-Block sizes and warps are autotuned per shape among configs that the report proves free of local
-memory and at ≥ 16 resident warps per SM on sm_80 and sm_90 (tests/test_kernel_report.py holds
-every config to that in CI). A config runs only where its tile fits a per-thread byte budget at the
-input's dtype (`_row_autotune`): the unrolled stencils keep all nine token loads in flight, so an fp32
-input takes tiles half as tall as a bf16 one. Under Triton's interpreter, or with
-$TIMM_SUPERTOKEN_AUTOTUNE=0, only the first fitting config runs: one compile per kernel and shape instead of
-one per config (a test suite's many shapes), and on Triton >= 3.2 no timing runs (`_time_config`).
-
-The custom op `timm_supertoken::super_token_clustering` (+ fake and autograd registrations) lets
-`torch.compile` keep the fused op in its graph. Eager calls go through `_SuperTokenClustering`, a
-`torch.autograd.Function` over the same launches, as in Liger-Kernel-style ops: the custom op's dispatch cost
-about two thirds of the op's host time, and on an H200 the stem is bound by host time.
+Block sizes and warps are autotuned per shape among configs the kernel report holds free of local memory
+at every map the models produce (tests/test_kernel_report.py); `timm_supertoken.layers.config` turns
+autotuning off. The custom op `timm_supertoken::super_token_clustering` keeps the fused op in
+torch.compile's graph; eager calls go through `_SuperTokenClustering`, the same launches without the
+custom op's dispatch, and a launch seen before skips Triton's JIT where `_triton_compat` allows it.
 """
 import inspect
 import math
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from triton.compiler import CompiledKernel
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime import Autotuner
 
 from ..functional.super_token import FUSED_DTYPES, MAX_FUSED_GRID, NORM_EPS, check_finite, check_super_token_input
+from ..layers.config import is_autotune_enabled
+from ._triton_compat import DIRECT_LAUNCH_TRITON, direct_launcher, is_interpreted, kernel_arg_names, launch_hooks_set
 
 __all__ = [
     'super_token_clustering_triton', 'forward_plan', 'backward_plan', 'traffic_model', 'Launch', 'LaunchCost',
-    'INTERPRET', 'DIRECT_LAUNCH', 'AUTOTUNED_KERNELS', 'AUTOTUNE_ENV', 'autotuning', 'run_plan',
+    'INTERPRET', 'DIRECT_LAUNCH', 'AUTOTUNED_KERNELS', 'run_plan',
 ]
 
 _NORM_EPS: tl.constexpr = tl.constexpr(NORM_EPS)  # the reference's ε, as a constant the kernels can read
-AUTOTUNE_ENV = 'TIMM_SUPERTOKEN_AUTOTUNE'
-
-
-def autotuning() -> bool:
-    """Whether a new shape times every fitting config ($TIMM_SUPERTOKEN_AUTOTUNE, default 1) or takes the first (0)."""
-    setting = os.environ.get(AUTOTUNE_ENV, '1')
-    if setting not in ('0', '1'):
-        raise ValueError(f'${AUTOTUNE_ENV} must be 0 or 1, got {setting!r}')
-    return setting == '1'
 
 
 def _times_configs() -> bool:
     """Whether a new shape times its fitting configs (on a GPU, autotuning on) or keeps the first one."""
-    return autotuning() and not INTERPRET
+    return is_autotune_enabled() and not INTERPRET
 
 
-def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: str, tile_bytes: int
-                  ) -> Dict[str, Any]:
+def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: str,
+                  tile_bytes: Callable[[int], int]) -> Dict[str, Any]:
     """`triton.autotune` arguments: `rows` per program × warps, keeping the configs whose [rows, BLOCK_C] tile
-    of the `tile` argument holds at most `tile_bytes` bytes per thread, and at least 16 where C allows.
+    of the `tile` argument holds at most `tile_bytes(GRID)` bytes per thread, and at least 16 where C allows.
 
     At most the budget, in bytes, so a half-precision input runs tiles twice as tall as fp32 does; at
-    least 16 bytes, so that each thread reads its share with 128-bit loads. The interpreter cannot time
-    configs (it gives the same numbers for each): it keeps the first that fits.
+    least 16 bytes, so that each thread reads its share with 128-bit loads. Where no config is within the
+    budget, the one with the smallest tile per thread runs. The interpreter cannot time configs (it gives
+    the same numbers for each): it keeps the first that fits.
     """
     configs = [triton.Config({rows: n}, num_warps=warps, num_stages=1) for n, warps in rows_and_warps]
 
     def fitting(configs: List[triton.Config], named_args: Dict[str, Any], **kwargs) -> List[triton.Config]:
         per_row = named_args[tile].element_size() * kwargs['BLOCK_C']
-        within = [c for c in configs if c.kwargs[rows] * per_row <= tile_bytes * c.num_warps * 32]
-        fit = [c for c in within if c.kwargs[rows] * per_row >= 16 * c.num_warps * 32] or within
+        per_thread = {id(c): c.kwargs[rows] * per_row / (c.num_warps * 32) for c in configs}
+        within = [c for c in configs if per_thread[id(c)] <= tile_bytes(kwargs['GRID'])]
+        fit = ([c for c in within if per_thread[id(c)] >= 16] or within
+               or [min(configs, key=lambda c: per_thread[id(c)])])
         return fit if _times_configs() else fit[:1]
 
     arguments = dict(configs=configs, key=['C', 'H', 'W', 'GRID'], prune_configs_by={'early_config_prune': fitting})
@@ -146,20 +82,28 @@ def _row_autotune(rows: str, rows_and_warps: Tuple[Tuple[int, int], ...], tile: 
 
 def _time_config(kernel_call: Callable[[], None], quantiles: Tuple[float, ...]) -> List[float]:
     """The autotuner's timing of a config, skipped where `fitting` keeps one config: Triton 3.6 and older time
-    even a lone config (about 0.1 s of launches and a 256 MB L2 flush per kernel and new shape)."""
+    even a lone config, with its launches and an L2 flush per kernel and new shape."""
     if _times_configs():
-        return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
+        from triton.testing import do_bench  # what the autotuner times with by default on CUDA
+        return do_bench(kernel_call, quantiles=quantiles)
     return [0.0] * len(quantiles)
 
 
-# The loaded tiles, their fp32 products and the partial sums stay in registers (≤ 128 per thread). The
-# affinity's X tile holds ≤ 32 bytes per thread (two 128-bit loads) and the token kernels' ≤ 64. The
-# backward's nine dS tiles are all in flight at once, so its tile holds 16: at 32, fp32 on sm_90 takes 164-166
-# registers (8-12 resident warps) and spills 104 bytes with 64 rows on 16 warps.
-_TOKEN_AUTOTUNE = _row_autotune('BLOCK_N', ((32, 4), (16, 2), (32, 8), (64, 8)), 'x_ptr', 64)
-_AFFINITY_AUTOTUNE = _row_autotune('BLOCK_M', ((32, 4), (64, 8), (32, 8), (16, 4)), 'x_ptr', 32)
+# The loaded tiles, their fp32 products and the partial sums stay in registers (≤ 128 per thread), at every map
+# the models produce (tests/test_kernel_report.py). The affinity's X tile holds ≤ 32 bytes per thread (two 128-bit
+# loads); at grid 1 (a token per pixel, conv_modules=7) ptxas spills that on sm_80, so 16. The aggregation keeps
+# a cell's g² pixel tiles in flight: 64 bytes per thread up to grid 2, shrinking with g² beyond (at grid 4, 64
+# bytes spilled or left 8-12 warps resident). The backward's nine dS tiles are all in flight at once, so its
+# tile holds 16: at 32 bytes, fp32 on sm_90 needs more than 128 registers and spills. The configs with few rows
+# per warp are those that keep 16 bytes per thread at 32 channels in half precision (conv_modules=3) or at
+# grid 4 in fp32; with more rows per thread than that the backward spilled.
+_TOKEN_AUTOTUNE = _row_autotune('BLOCK_N', ((32, 4), (16, 2), (32, 8), (64, 8), (16, 8)), 'x_ptr',
+                                lambda grid: 64 * 4 // max(4, grid * grid))
+_AFFINITY_AUTOTUNE = _row_autotune('BLOCK_M', ((32, 4), (64, 8), (32, 8), (16, 4)), 'x_ptr',
+                                   lambda grid: 32 if grid > 1 else 16)
 _BACKWARD_AUTOTUNE = _row_autotune(
-    'BLOCK_M', ((32, 8), (16, 4), (8, 2), (64, 16), (16, 8), (8, 4), (32, 16)), 'grad_ptr', 16)
+    'BLOCK_M', ((32, 8), (16, 4), (8, 2), (64, 16), (16, 8), (8, 4), (32, 16), (32, 4)), 'grad_ptr',
+    lambda grid: 16)
 
 
 @triton.jit
@@ -449,7 +393,9 @@ def _backward_kernel(
 AUTOTUNED_KERNELS = (_affinity_kernel, _aggregate_kernel, _backward_kernel)
 
 # the kernels were built as interpreter functions iff TRITON_INTERPRET=1 was set when Triton loaded
-INTERPRET: bool = isinstance(_cell_mean_kernel, InterpretedFunction)
+INTERPRET: bool = is_interpreted(_cell_mean_kernel)
+# whether a seen launch runs its compiled kernel without Triton's JIT (`_triton_compat.direct_launcher`)
+DIRECT_LAUNCH: bool = DIRECT_LAUNCH_TRITON and not INTERPRET
 
 
 @dataclass(frozen=True)
@@ -476,13 +422,10 @@ class Launch:
             return
         if known.config is not None:
             self.kernel.best_config = known.config  # what the GPU benchmark reads back
-        if known.compiled is None or _launch_hooks_set():
+        if known.launch is None or launch_hooks_set():
             known.jit[self.grid](*self.args, **known.kwargs)
             return
-        grid, compiled = self.grid(known.kwargs), known.compiled
-        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                     triton.runtime.driver.active.get_current_stream(key[1]), compiled.function,
-                     compiled.packed_metadata, None, None, None, *self.args, *known.tail)
+        known.launch(self.grid(known.kwargs), key[1], *self.args, *known.tail)
 
     def _through_triton(self) -> '_KnownLaunch':
         """The first launch of its kind: Triton's JIT compiles or finds the kernel, an autotuner picks its config."""
@@ -491,47 +434,36 @@ class Launch:
         config = kernel.best_config if isinstance(kernel, Autotuner) else None
         jit = kernel if config is None else kernel.fn
         kwargs = self.constexprs if config is None else {**self.constexprs, **config.all_kwargs()}
-        direct = DIRECT_LAUNCH and isinstance(compiled, CompiledKernel) and (config is None or config.pre_hook is None)
-        tail = _signature_tail(jit, self.args, kwargs) if direct else None
+        direct = DIRECT_LAUNCH and (config is None or config.pre_hook is None)
+        launch = direct_launcher(compiled) if direct else None
+        tail = _signature_tail(jit, self.args, kwargs) if launch is not None else None
         if tail is None:
             return _KnownLaunch(jit, kwargs, config)
-        return _KnownLaunch(jit, kwargs, config, compiled, tail)
+        return _KnownLaunch(jit, kwargs, config, launch, tail)
 
 
 @dataclass(frozen=True)
 class _KnownLaunch:
     """A launch seen before: its JIT function and keyword arguments (the autotuner's chosen `config` included) and,
-    where it can run without Triton's JIT, its compiled kernel and the constexpr values that follow the positional
-    arguments in the kernel's signature."""
+    where it can run without Triton's JIT, its compiled kernel's launcher and the constexpr values that follow the
+    positional arguments in the kernel's signature."""
     jit: Any
     kwargs: Dict[str, Any]
     config: Optional[triton.Config]
-    compiled: Optional[CompiledKernel] = None
+    launch: Optional[Callable[..., None]] = None
     tail: Tuple[Any, ...] = ()
 
 
-# A launch's key -> what its first launch found. A seen launch skips Triton's JIT: on an H200 host with Triton
-# 3.6, the JIT took 19 µs to launch a 3-argument kernel and its compiled kernel's own launcher 7.6 µs, and the
-# fused ops are bound by host time at the model's map (docs/benchmarks.md). The key holds what makes Triton
-# compile a different kernel (`_arg_key`), the autotuners' keys (the int arguments) and the current device.
+# A launch's key -> what its first launch found. A seen launch skips Triton's JIT, whose binding and cache lookup
+# are most of a launch's host time, and the fused ops are bound by host time at the model's map (docs/kernels.md).
+# The key holds what makes Triton compile a different kernel (`_arg_key`), the autotuners' keys (the int
+# arguments) and the current device.
 _KNOWN_LAUNCHES: Dict[Tuple[Any, ...], _KnownLaunch] = {}
 
 
-def _triton_minor() -> Tuple[int, ...]:
-    return tuple(int(v) for v in re.match(r'(\d+)\.(\d+)', triton.__version__).groups())
-
-
-# The Tritons whose compiled kernels are launched directly: `CompiledKernel.run(gx, gy, gz, stream, function,
-# packed_metadata, launch_metadata, enter_hook, exit_hook, *every argument in signature order, constexprs
-# included)` is the call their JIT makes, read in the source of 3.6-3.8 and run on an H200 with 3.6. Others, and
-# the interpreter (which compiles nothing), go through the JIT at every launch.
-DIRECT_LAUNCH_TRITON: bool = (3, 6) <= _triton_minor() <= (3, 8)
-DIRECT_LAUNCH: bool = DIRECT_LAUNCH_TRITON and not INTERPRET
-
-
 def _current_device() -> int:
-    """The CUDA device Triton launches on (the current one, as its JIT reads it); -1 where nothing is compiled."""
-    return torch.cuda.current_device() if DIRECT_LAUNCH else -1
+    """The CUDA device Triton launches on (the current one, as its JIT reads it); -1 in the interpreter."""
+    return -1 if INTERPRET else torch.cuda.current_device()
 
 
 def _arg_key(arg: Any) -> Any:
@@ -547,17 +479,13 @@ def _arg_key(arg: Any) -> Any:
 
 def _signature_tail(jit: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
     """The values that follow a launch's positional arguments in its kernel's signature (its constexprs), in order:
-    the rest of what Triton's JIT hands the compiled kernel. None where one is not given (a default: keep the JIT)."""
-    names = jit.arg_names[len(args):]
+    the rest of what Triton's JIT hands the compiled kernel. None where one is not given (a default: keep the JIT)
+    or the kernel does not list its parameters."""
+    names = kernel_arg_names(jit)
+    if names is None:
+        return None
+    names = names[len(args):]
     return tuple(kwargs[name] for name in names) if all(name in kwargs for name in names) else None
-
-
-def _launch_hooks_set() -> bool:
-    """Whether something (a profiler such as Triton's proton) hooks Triton's launches: those launches keep its JIT.
-    A hook is a function or None (Triton 3.6), or a chain of them that may be empty (3.8)."""
-    runtime = triton.knobs.runtime
-    enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
-    return bool(getattr(enter, 'calls', enter)) or bool(getattr(leave, 'calls', leave))
 
 
 def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
@@ -569,8 +497,8 @@ def run_plan(plan: Tuple[List[Launch], Any]) -> Any:
 
 
 def cdiv(a: int, b: int) -> int:
-    """⌈a / b⌉ on host ints. triton.cdiv is a constexpr function whose wrapper costs ~3 µs a call (Triton 3.6-3.8),
-    and a fused op's launches make about a dozen calls: host time, which bounds the op at the model's map."""
+    """⌈a / b⌉ on host ints. triton.cdiv is a constexpr function whose wrapper costs host time on every call,
+    and a fused op's launches make about a dozen calls: host time bounds the op at the model's map."""
     return -(-a // b)
 
 
@@ -583,6 +511,12 @@ def _channel_blocks(C: int) -> Tuple[int, int, bool]:
     """(BLOCK_C, channel blocks, C fills them: EVEN_C): all channels in one block up to 64 (the model's C)."""
     block_c = max(16, min(next_power_of_2(C), 64))
     return block_c, cdiv(C, block_c), C % block_c == 0
+
+
+def _cell_mean_rows(grid: int) -> int:
+    """Tokens per program of the cell mean, which keeps a cell's g² pixel tiles in flight: 32 up to grid 2, fewer
+    beyond, so that rows × g² stays within 128 (at grid 4 and 32 rows fp32 took 255 registers and spilled)."""
+    return min(32, 1 << ((128 // (grid * grid)).bit_length() - 1))
 
 
 def _nhwc(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -611,7 +545,8 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
     launches = [Launch(
         _cell_mean_kernel, _rows(h * w, 'BLOCK_N', B),
         (x, tokens[0], C, H, W, h, w),
-        dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, EVEN_MAP=even_map, num_warps=4, num_stages=1),
+        dict(GRID=grid, BLOCK_N=_cell_mean_rows(grid), BLOCK_C=block_c, EVEN_MAP=even_map, num_warps=4,
+             num_stages=1),
         loops=(channel_blocks,))]
     for step in range(iters):
         last = step == iters - 1
@@ -656,10 +591,13 @@ class LaunchCost:
 
 
 def traffic_model(B: int, C: int, H: int, W: int, grid: int, iters: int, elem: int) -> List[LaunchCost]:
-    """The module docstring's traffic/FLOP model, per kernel (for a whole batch, each launch counted once).
+    """Compulsory DRAM bytes and FLOPs of each kernel's launch, for a whole batch (each launch counted once).
 
     Each launch reads its inputs once and writes its outputs once (a neighbour's re-read hits L1/L2); a
-    multiply-add is 2 FLOPs. n = B·H·W pixels, T = B·h·w tokens, e = bytes per element of X.
+    multiply-add is 2 FLOPs. With n = B·H·W pixels, T = B·h·w tokens, e = bytes per element of X: init
+    n·C·e + 4T·C bytes; affinity n·C·e + 4T·C + 36n bytes and 18·n·C FLOPs; aggregation n·C·e + 36n + 4T·C
+    (+ 4T for 1/Z) bytes and 18·n·C FLOPs; backward T·C·e + 36n + 4T + n·C·e bytes and 18·n·C FLOPs.
+    The floor of the whole forward is reading X and writing S once, (n + T)·C·e bytes.
     """
     h, w = -(-H // grid), -(-W // grid)
     n, T = B * H * W, B * h * w
@@ -734,9 +672,8 @@ _super_token_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _SuperTokenClustering(torch.autograd.Function):
     """The fused op in eager mode: the same launches as the custom op, without its dispatch.
 
-    The custom op's dispatcher round trip and generated autograd were about two thirds of the op's host time
-    (with the launches stubbed out, on the CPU); the stem is bound by host time on an H200 (docs/benchmarks.md).
-    torch.compile and export see the custom op.
+    The custom op's dispatcher round trip and generated autograd cost most of the op's host time, and the
+    op is bound by host time at the model's map (docs/kernels.md). torch.compile and export see the custom op.
     """
 
     @staticmethod
