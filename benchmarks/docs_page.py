@@ -41,13 +41,15 @@ class Table:
     """One table of a result: column names, rows of values, and per column an optional str.format pattern.
 
     Numbers stay numbers in the JSON; `formats` (e.g. '{:.3f}×', '{:,}') say how the page prints them.
-    None prints as a dash.
+    None prints as a dash. A table with `on_page=False` is kept in the result file only, which keeps the
+    page short where a script records more detail than a reader needs.
     """
     columns: List[str]
     rows: List[List[Cell]]
     formats: Optional[List[Optional[str]]] = None
     title: Optional[str] = None
     notes: List[str] = field(default_factory=list)
+    on_page: bool = True
 
     def __post_init__(self):
         for row in self.rows:
@@ -164,14 +166,21 @@ def render_section(record: Dict[str, Any]) -> str:
                   f'commit {record["commit"]}' if record.get('commit') else 'commit not recorded']
     lines = [f'## {record["title"]}', '', ' · '.join(provenance) + f' · {_machine(record)}.']
     lines += [f'- {item}' for item in record.get('setting', [])] + ['']
-    for table in record.get('tables', []):
+    tables = record.get('tables', [])
+    for table in tables:
+        if not table.get('on_page', True):
+            continue
         if table.get('title'):
             lines.append(table['title'])
         lines += _markdown_table(table) + ['']
         if table.get('notes'):
             lines += [f'- {note}' for note in table['notes']] + ['']
-    if record.get('findings'):
-        lines += [f'- {item}' for item in record['findings']] + ['']
+    findings = list(record.get('findings', []))
+    hidden = sum(not table.get('on_page', True) for table in tables)
+    if hidden:
+        findings.append(f'{hidden} more table(s) in `benchmarks/results/{record["benchmark"]}.json`.')
+    if findings:
+        lines += [f'- {item}' for item in findings] + ['']
     return '\n'.join(lines)
 
 
@@ -227,9 +236,10 @@ def _typed_column(cells: List[str]) -> Optional[tuple]:
 def tables_from_markdown(text: str) -> Tuple[List[str], List[Table]]:
     """The paragraphs before the first table, and the Markdown tables of `text` as Tables with typed columns.
 
-    For the scripts that still print Markdown. The paragraph before a table becomes its title, and the
-    paragraphs between it and the next table (or the end) its notes. A column becomes numbers only when
-    printing them back gives the same text.
+    For the scripts that still print Markdown. The paragraph before a table, from the last heading on if
+    there is one, becomes its title, and the paragraphs between it and the next table (or the end) its
+    notes; a bullet list gives one item per bullet. A column becomes numbers only when printing them
+    back gives the same text.
     """
     blocks = [b.strip('\n') for b in re.split(r'\n\s*\n', text) if b.strip()]
     tables: List[Table] = []
@@ -237,8 +247,16 @@ def tables_from_markdown(text: str) -> Tuple[List[str], List[Table]]:
     pending: List[str] = []
     for block in blocks:
         lines = block.splitlines()
+        first_row = next((i for i, line in enumerate(lines) if line.startswith('|')), len(lines))
+        if 0 < first_row < len(lines):  # a caption line directly above its table, as the page prints them
+            pending.append(' '.join(line.strip() for line in lines[:first_row]))
+            block, lines = '\n'.join(lines[first_row:]), lines[first_row:]
         if not lines[0].startswith('|'):
-            if not block.startswith('## '):
+            if block.startswith('## '):
+                continue
+            if all(line.startswith('- ') or line.startswith('  ') for line in lines):
+                pending += [' '.join(item.split()) for item in re.split(r'(?m)^- ', block) if item.strip()]
+            else:
                 pending.append(' '.join(line.strip() for line in lines))
             continue
         split = [[c.strip() for c in re.split(r'(?<!\\)\|', line.strip())[1:-1]] for line in lines]
@@ -251,10 +269,10 @@ def tables_from_markdown(text: str) -> Tuple[List[str], List[Table]]:
                                                    for c in cells])
             formats.append(typed[1] if typed else None)
         rows = [list(r) for r in zip(*values)] if body else []
-        if len(pending) > 1:
-            (tables[-1].notes if tables else leading).extend(pending[:-1])
-            pending = pending[-1:]
-        tables.append(Table(header, rows, formats, title=pending[-1] if pending else None))
+        start = max([i for i, item in enumerate(pending) if item.startswith('#')] or [len(pending) - 1])
+        (tables[-1].notes if tables else leading).extend(pending[:max(start, 0)])
+        title = '\n\n'.join(pending[max(start, 0):]) or None
+        tables.append(Table(header, rows, formats, title=title))
         pending = []
     (tables[-1].notes if tables else leading).extend(pending)
     return leading, tables

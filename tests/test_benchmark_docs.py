@@ -58,6 +58,22 @@ def test_markdown_tables_become_typed_rows_that_print_back_the_same(tmp_path):
     assert '| a | 1,204.5 | 0.950× | — |' in page and '| b | 3.0 | 1.000× | fast |' in page
 
 
+def test_headings_title_the_next_table_and_off_page_tables_stay_in_the_result_file(tmp_path):
+    text = ('## Report\n\n- map a\n- map b\n\n### Fit\n\nAll maps:\n\n| map | regs |\n|---|---:|\n| a | 64 |\n\n'
+            'Note on fit.\n\n### Detail\n| kernel | regs |\n|---|---:|\n| k | 80 |\n')
+    leading, (fit, detail) = tables_from_markdown(text)
+    assert leading == ['map a', 'map b'] and fit.title == '### Fit\n\nAll maps:' and fit.notes == ['Note on fit.']
+    assert detail.title == '### Detail'
+    fit.on_page = False
+    write_result(result_record('kernel_report', 'Kernel report', [fit, detail], leading, command='c'), tmp_path,
+                 page=None)
+    page = render_page(tmp_path)
+    assert '| k | 80 |' in page and '| a | 64 |' not in page and '- map a\n- map b\n' in page
+    assert '1 more table(s) in `benchmarks/results/kernel_report.json`' in page
+    record = json.loads((tmp_path / 'kernel_report.json').read_text())
+    assert record['tables'][0]['rows'] == [['a', 64]] and record['tables'][0]['on_page'] is False
+
+
 def test_a_table_row_must_match_its_columns():
     with pytest.raises(ValueError, match='a row has 1 cells for 2 columns'):
         Table(['model', 'img/s'], [['vit_small_stconv']])
