@@ -134,6 +134,28 @@ def test_augmentation_is_seeded_per_sample_and_leaves_global_rngs_alone():
     assert erase_seed != data[(1, 5)][2] and erase_seed == data[(0, 5)][2]
 
 
+def test_seeded_blocks_repeat_their_draws_and_give_the_caller_its_streams_back():
+    from timm_supertoken.harness import SeedPurpose, derive_seed, seeded_global_rngs
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    def seed_caller():
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+
+    seed = derive_seed(0, SeedPurpose.STEPS, epoch=3, index=1)
+    seed_caller()
+    with seeded_global_rngs(seed):
+        inside = draws()
+    after = draws()
+    with seeded_global_rngs(seed):
+        assert draws() == inside  # a resumed epoch draws what the interrupted one drew
+    seed_caller()
+    assert draws() == after  # the block left the caller's streams where they were
+    keys = [(p, e, i) for p in SeedPurpose for e in range(3) for i in range(3)]
+    assert len({derive_seed(0, *key) for key in keys}) == len(keys)  # every purpose, epoch and rank its own stream
+
+
 @pytest.mark.parametrize('mean', [(0.286,) * 3, (0.485, 0.456, 0.406)], ids=['grey-fill', 'imagenet-fill'])
 @pytest.mark.parametrize('aa', ['rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2', ''], ids=['randaugment', 'augmix', 'jitter'])
 def test_grey_images_match_timms_rgb_pipeline_bit_for_bit(mean, aa):
