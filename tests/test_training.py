@@ -482,3 +482,8 @@ def test_compare_checkpoint_exports_to_hub_files(tmp_path):
     saved = torch.load(ckpt, weights_only=True)['state_dict']
     assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())  # the trained weights, unchanged
     assert trained['models']['vit_small_stconv:cluster_iters=2']['params'] == sum(p.numel() for p in loaded.parameters())
+    # the recipe as run travels with the weights, and the card names it
+    import yaml
+    hparams = yaml.safe_load((tmp_path / 'hub' / 'train_hparams.yaml').read_text())
+    assert hparams['epochs'] == 1 and hparams['model'] == 'vit_small_stconv'
+    assert 'train_hparams.yaml' in (tmp_path / 'hub' / 'README.md').read_text()
