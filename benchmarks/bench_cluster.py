@@ -9,7 +9,6 @@ below differ from the command's.
 """
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from timm_supertoken.clustering.deep_clustering import (ClusterConfig, ClusterDa
 from timm_supertoken.config_fields import field_arguments
 from timm_supertoken.clustering.report import results_markdown
 
-from docs_page import PAGE, RESULTS_DIR, result_record, tables_from_markdown, write_result
+from docs_page import PAGE, RESULTS_DIR, reproducing_command, result_record, tables_from_markdown, write_result
 
 TARGET_GAIN = 0.10  # issue 13: NMI at least k-means-on-pixels + 0.10 on the same images
 TARGET_MINUTES = 15
@@ -93,19 +92,6 @@ def cluster_parser(description: str, defaults: Dict[str, Any]) -> argparse.Argum
 def pretrain_method_name(cfg: Dict[str, Any]) -> str:
     """'SimCLR (NT-Xent)' or 'none' for the table's settings line."""
     return {'simclr': 'SimCLR (NT-Xent)', 'none': 'none (round 0 starts from k-means on pixels)'}[cfg['pretrain']]
-
-
-def reproducing_command(script: str, argv: List[str]) -> str:
-    """`python benchmarks/<script> <argv>` minus where the results go, shell-quoted: what the page shows."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip or arg.startswith(('--results-dir=', '--page=')):
-            skip = False
-        elif arg in ('--results-dir', '--page'):
-            skip = True
-        else:
-            kept.append(arg)
-    return shlex.join(['python', f'benchmarks/{script}', *kept])
 
 
 def main(argv: Optional[List[str]] = None) -> None:

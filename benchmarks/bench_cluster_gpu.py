@@ -23,8 +23,8 @@ from timm_supertoken.clustering.deep_clustering import data_and_config_from, pre
 from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import use_cudnn_benchmark
 
-from bench_cluster import cluster_parser, reproducing_command, settings_lines
-from docs_page import result_record, tables_from_markdown, write_result
+from bench_cluster import cluster_parser, settings_lines
+from docs_page import reproducing_command, result_record, tables_from_markdown, write_result
 
 TARGET_NMI = 0.70  # issue 13, all 70k images, no labels used but for scoring
 TARGET_MINUTES = 15  # on an H100

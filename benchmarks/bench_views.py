@@ -28,8 +28,8 @@ from timm_supertoken.clustering.kmeans import kmeans
 from timm_supertoken.clustering.metrics import cluster_metrics
 from timm_supertoken.harness import DistributedEnv
 
-from bench_cluster import cluster_parser, reproducing_command
-from docs_page import Table, result_record, write_result
+from bench_cluster import cluster_parser
+from docs_page import Table, reproducing_command, result_record, write_result
 
 NEIGHBOURS = 20
 DEFAULT_VARIANTS = ('', 'seed=1', 'seed=2', 'view_scale=0.2,1', 'view_scale=0.6,1', 'view_scale=0.8,1',

@@ -23,8 +23,8 @@ import torch
 
 from timm_supertoken.runtime import cpu_name
 
-__all__ = ['Table', 'target_verdict', 'run_metadata', 'result_record', 'write_result', 'render_section',
-           'render_page', 'write_page', 'tables_from_markdown']
+__all__ = ['Table', 'target_verdict', 'reproducing_command', 'run_metadata', 'result_record', 'write_result',
+           'render_section', 'render_page', 'write_page', 'tables_from_markdown']
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / 'benchmarks' / 'results'
@@ -88,13 +88,26 @@ def _commit() -> Optional[str]:
     return commit + ('+changes' if dirty else '')
 
 
+def reproducing_command(script: str, argv: Sequence[str]) -> str:
+    """`python benchmarks/<script> <argv>` minus where the results go, shell-quoted: what the page shows."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith(('--results-dir=', '--page=')):
+            skip = False
+        elif arg in ('--results-dir', '--page'):
+            skip = True
+        else:
+            kept.append(arg)
+    return shlex.join(['python', f'benchmarks/{script}', *kept])
+
+
 def run_metadata(command: Optional[str] = None, device: Optional[torch.device] = None) -> Dict[str, Any]:
     """What a figure is meaningless without: date, commit, command, hardware and versions."""
     gpu = None
     if device is not None and device.type == 'cuda':
         gpu = torch.cuda.get_device_name(device)
     if command is None:
-        command = shlex.join(['python', f'benchmarks/{Path(sys.argv[0]).name}', *sys.argv[1:]])
+        command = reproducing_command(Path(sys.argv[0]).name, sys.argv[1:])
     return {
         'date': datetime.datetime.now(datetime.timezone.utc).date().isoformat(),
         'commit': _commit(),
