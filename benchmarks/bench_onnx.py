@@ -17,7 +17,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnxruntime as ort
@@ -73,21 +73,21 @@ def time_sessions(sessions: Dict[str, ort.InferenceSession], batch_sizes: Sequen
 
 
 def throughput_table(rates: Dict[Tuple[str, int], List[float]], batch_sizes: Sequence[int]) -> Table:
+    """One row per batch size: both models' images/s (median, fastest repeat) and their ratio."""
     rows = []
     for b in batch_sizes:
-        base_median, base_best = statistics.median(rates[BASELINE, b]), max(rates[BASELINE, b])
-        for name in (BASELINE, MODEL):
-            median, best = statistics.median(rates[name, b]), max(rates[name, b])
-            rows.append([name, b, median, best, 1e3 * b / median, median / base_median, best / base_best])
+        base, model = rates[BASELINE, b], rates[MODEL, b]
+        rows.append([b, statistics.median(base), max(base), statistics.median(model), max(model),
+                     statistics.median(model) / statistics.median(base), max(model) / max(base)])
     return Table(
-        columns=['model', 'batch', 'img/s (median)', 'img/s (best)', 'ms per batch (median)',
-                 f'× {BASELINE} (median)', f'× {BASELINE} (best)'],
+        columns=['batch', f'{BASELINE} img/s (median)', '(best)', f'{MODEL} img/s (median)', '(best)',
+                 'ratio (median)', 'ratio (best)'],
         rows=rows,
-        formats=[None, None, '{:.1f}', '{:.1f}', '{:.1f}', '{:.3f}×', '{:.3f}×'],
+        formats=[None, '{:.1f}', '{:.1f}', '{:.1f}', '{:.1f}', '{:.3f}×', '{:.3f}×'],
     )
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--repeats', type=int, default=10, help='measurements per (model, batch size)')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[8, 1])
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='onnxruntime intra-op threads')
     parser.add_argument('--results-dir', type=Path, default=RESULTS_DIR, help='where the result file goes')
     parser.add_argument('--page', type=Path, default=PAGE, help='the page rendered from every result file')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.repeats < 1 or args.images < 1 or min(args.batch_sizes) < 1:
         parser.error('--repeats, --images and every --batch-sizes value must be >= 1')
 
@@ -107,21 +107,18 @@ def main() -> None:
         rates = time_sessions(sessions, args.batch_sizes, args.img_size, args.repeats, args.images)
         load_after = os.getloadavg()
     table = throughput_table(rates, args.batch_sizes)
-    ratios = {row[1]: (row[5], row[6]) for row in table.rows if row[0] == MODEL}
+    load = f'{load_before[0]:.2f} before and {load_after[0]:.2f} after the timing'
     setting = [
-        f'onnxruntime {metadata.version("onnxruntime")} CPUExecutionProvider, fp32, '
-        f'{args.img_size}×{args.img_size}, intra_op_num_threads={args.threads}, all graph optimisations',
-        'files from `timm_supertoken.deploy.export_onnx` (dynamo exporter, dynamic batch), random weights',
-        f'{args.repeats} repeats, each a round-robin over both models at every batch size; '
-        f'a measurement feeds {args.images} images',
-        f'1-minute load average {load_before[0]:.2f} before and {load_after[0]:.2f} after the timing',
+        f'onnxruntime {metadata.version("onnxruntime")} CPU provider, fp32, {args.img_size}², '
+        f'intra_op_num_threads={args.threads}; files from `timm_supertoken.deploy.export_onnx` (dynamic batch)',
+        f'{args.repeats} round-robin repeats of both models at each batch, {args.images} images per measurement; '
+        f'ratio = {MODEL} / {BASELINE}; 1-minute load average {load}',
     ]
-    findings = [f'batch {b}: {MODEL} at {median:.3f}× the throughput of {BASELINE} (median; fastest repeats '
-                f'{best:.3f}×)' for b, (median, best) in ratios.items()]
     record = result_record('onnx_cpu', f'onnxruntime CPU throughput: {MODEL} vs {BASELINE}', [table],
-                           setting=setting, findings=findings)
+                           setting=setting)
     write_result(record, args.results_dir, args.page)
     print(render_section(record))
+
 
 if __name__ == '__main__':
     main()
