@@ -160,9 +160,9 @@ def export_onnx(
             fixed = {axes[axis]: size for axis, size in _specialised_axes(e).items() if axis in axes}
             if not fixed:
                 raise
-            sizes = ' and '.join(f'{axis} to {size}' for axis, size in fixed.items())
-            raise ValueError(f'{name} cannot be exported with a dynamic {" and ".join(fixed)}: its traced code fixes '
-                             f'the {sizes} of the example; export it with a fixed size') from e
+            sizes = ' and '.join(f'the {axis} to {size}' for axis, size in fixed.items())
+            raise ValueError(f'{name} cannot be exported with a dynamic {" and ".join(fixed)}: its traced code '
+                             f'fixes {sizes}; export it with a fixed size') from e
         if check:
             batches = (batch_size, batch_size + 1) if dynamic_batch else (batch_size,)
             sizes = ((height, width), _second_size(height, width)) if dynamic_size else ((height, width),)
