@@ -121,7 +121,8 @@ def result_tables(
          'ratio if FLOP-bound'],
         [[name, s['img_per_s'], s['ms_per_batch'], s['ratio'], s['embed_ms'], 100 * s['embed_share'],
           s['best_ms_per_batch'], s['best_ratio'], *flops[name], base / flops[name][1]] for name, s in results.items()],
-        [None, '{:.2f}', '{:.1f}', '{:.3f}×', '{:.1f}', '{:.1f}%', '{:.1f}', '{:.3f}×', '{:.3f}', '{:.3f}', '{:.3f}×'])
+        [None, '{:.2f}', '{:.1f}', '{:.3f}×', '{:.1f}', '{:.1f}%', '{:.1f}', '{:.3f}×', '{:.3f}', '{:.3f}',
+         '{:.3f}×'])
     stages = Table(['stage', 'ms / batch'], [[name, ms] for name, ms in breakdown['stages'].items()], [None, '{:.1f}'],
                    title=f"Where vit_small_stconv's embedding time goes (each stage on its own, median of "
                          f'{args.repeats}):')
@@ -142,7 +143,8 @@ def write_cpu_result(
         f'fp32, `model.eval()`, `torch.inference_mode()`, batch {args.batch_size}, {args.img_size}×{args.img_size}, '
         f'{torch.get_num_threads()} torch threads, random weights; the four models interleaved round-robin in one '
         f'process, median of {args.repeats} repeats after {args.warmup} warm-up calls. Embedding share: '
-        '`model.patch_embed(x)` alone over the whole `model(x)`. GFLOPs: conv/matmul only (`torch.utils.flop_counter`).',
+        '`model.patch_embed(x)` alone over the whole `model(x)`. GFLOPs: conv/matmul only '
+        '(`torch.utils.flop_counter`).',
         f'1-min load average at start / end: {load[0]:.1f} / {load[1]:.1f} on {cores} cores (a shared machine: read '
         'the ratios with a few percent of noise).',
     ]

@@ -114,11 +114,13 @@ def write_loader_result(results: Dict[str, Dict[str, float]], args: argparse.Nam
     ratio, best = results[OURS]['ratio'], results[OURS]['best_ratio']
     per_worker = 'per worker process' if args.workers else 'in the main process (no workers)'
     setting = [
-        f'The `{RECIPE}` recipe\'s training augmentation at {args.img_size}×{args.img_size} (random-resized crop, flip, '
-        f'RandAugment, random erasing, normalisation with the recipe\'s mean {args.mean[0]:g} and std {args.std[0]:g}) '
-        f'on {images} Fashion-MNIST images in memory, batch {args.batch_size}, {args.workers} worker process(es); '
+        f'The `{RECIPE}` recipe\'s training augmentation at {args.img_size}×{args.img_size} (random-resized crop, '
+        f'flip, RandAugment, random erasing, normalisation with the recipe\'s mean {args.mean[0]:g} and std '
+        f'{args.std[0]:g}) on {images} Fashion-MNIST images in memory, batch {args.batch_size}, {args.workers} '
+        'worker process(es); '
         f'normalisation and erasing on the CPU as the "device"; images/s {per_worker}, median of {args.repeats} '
-        f'interleaved passes. 1-min load average at start / end: {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores.',
+        f'interleaved passes. 1-min load average at start / end: {load[0]:.1f} / {load[1]:.1f} on '
+        f'{os.cpu_count()} cores.',
     ]
     table = Table(['loader', 'img/s per worker (median)', 'ms per image', f'ratio to {TIMM}', 'fastest pass: img/s',
                    'fastest pass: ratio'],

@@ -92,7 +92,8 @@ def write_views_result(rows: List[Dict[str, Any]], data, base: ClusterConfig, co
     """results/cluster_views.json: the data, the base settings, and one row per variant."""
     setting = [
         f'{data.name}, {len(data)} images, k = {data.num_classes}, {torch.get_num_threads()} torch threads. Base: '
-        f'`{base.model}` {base.model_kwargs} at {base.img_size}×{base.img_size}; SimCLR {base.pretrain_epochs} epochs, '
+        f'`{base.model}` {base.model_kwargs} at {base.img_size}×{base.img_size}; SimCLR {base.pretrain_epochs} '
+        'epochs, '
         f'batch {base.pretrain_batch_size}, peak lr {base.pretrain_lr}, temperature {base.temperature}, '
         f'hflip={base.hflip}, view scale {base.view_scale[0]:g}-{base.view_scale[1]:g}, color jitter '
         f'{base.color_jitter:g}, seed {base.seed}; each variant changes one setting.',
@@ -102,7 +103,7 @@ def write_views_result(rows: List[Dict[str, Any]], data, base: ClusterConfig, co
     ]
     table = Table(['variant', 'NMI', 'ARI', 'ACC', f'{NEIGHBOURS}-NN label agreement', 'UMAP readout NMI', 'NT-Xent',
                    'stage time (s)'],
-                  [[r['variant'] or 'base', r['nmi'], r['ari'], r['acc'], r['knn'], r['umap_nmi'], r['loss'], r['time_s']]
+                  [[r['variant'] or 'base', *(r[k] for k in ('nmi', 'ari', 'acc', 'knn', 'umap_nmi', 'loss', 'time_s'))]
                    for r in rows],
                   [None, '{:.4f}', '{:.4f}', '{:.4f}', '{:.4f}', '{:.4f}', '{:.3f}', '{:.1f}'])
     record = result_record('cluster_views', "Deep clustering: what the representation stage's settings change",

@@ -1,4 +1,4 @@
-"""docs/benchmarks.md is rendered from benchmarks/results/*.json, which the scripts write; their code paths run in CI."""
+"""docs/benchmarks.md is rendered from benchmarks/results/*.json, which the scripts write; their paths run in CI."""
 import json
 import subprocess
 import sys
