@@ -5,8 +5,9 @@
 Compiles every kernel of the fused forward and backward (every autotune config) for sm_80 and sm_90,
 fp32/bf16/fp16, NCHW and channels_last input, at every map that a registered model or a stem depth of one
 hands the fused op (`timm_supertoken.ops.report.cluster_maps`, 224², B=128) and at the operator
-benchmark's largest map (B=256, 56×56×64), with the specialisation Triton's JIT applies at run time; reads registers, local memory, shared memory, resident warps per SM and the SASS
-instruction mix with the ptxas/cuobjdump of the Triton wheel; and sets the traffic/FLOP model of
+benchmark's largest map (B=256, 56×56×64), with the specialisation Triton's JIT applies at run time;
+reads registers, local memory, shared memory, resident warps per SM and the SASS instruction mix with
+the ptxas/cuobjdump of the Triton wheel; and sets the traffic/FLOP model of
 `timm_supertoken.ops.super_token_triton` beside it. Prints the tables, writes them to
 results/kernel_report.json and renders docs/benchmarks.md, or with --json writes the facts themselves (what
 tests/test_kernel_report.py holds the kernels to). A few minutes on 2 cores; no CUDA toolkit, no GPU.

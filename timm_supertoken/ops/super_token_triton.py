@@ -513,10 +513,13 @@ def _channel_blocks(C: int) -> Tuple[int, int, bool]:
     return block_c, cdiv(C, block_c), C % block_c == 0
 
 
-def _cell_mean_rows(grid: int) -> int:
-    """Tokens per program of the cell mean, which keeps a cell's g² pixel tiles in flight: 32 up to grid 2, fewer
-    beyond, so that rows × g² stays within 128 (at grid 4 and 32 rows fp32 took 255 registers and spilled)."""
-    return min(32, 1 << ((128 // (grid * grid)).bit_length() - 1))
+def _cell_mean_warps(grid: int, block_c: int, elem: int) -> int:
+    """Warps of the cell mean's 32-token programs, which keep a cell's g² pixel tiles in flight: 4 up to grid 2;
+    beyond, enough that each thread holds 16 bytes of a tile (one 128-bit load), at most 16 warps. At grid 4 with
+    4 warps, fp32 took 255 registers and spilled."""
+    if grid <= 2:
+        return 4
+    return max(4, min(16, 32 * block_c * elem // (16 * 32)))
 
 
 def _nhwc(like: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -545,8 +548,8 @@ def forward_plan(x: torch.Tensor, grid: int, iters: int) -> Tuple[List[Launch], 
     launches = [Launch(
         _cell_mean_kernel, _rows(h * w, 'BLOCK_N', B),
         (x, tokens[0], C, H, W, h, w),
-        dict(GRID=grid, BLOCK_N=_cell_mean_rows(grid), BLOCK_C=block_c, EVEN_MAP=even_map, num_warps=4,
-             num_stages=1),
+        dict(GRID=grid, BLOCK_N=32, BLOCK_C=block_c, EVEN_MAP=even_map,
+             num_warps=_cell_mean_warps(grid, block_c, x.element_size()), num_stages=1),
         loops=(channel_blocks,))]
     for step in range(iters):
         last = step == iters - 1
