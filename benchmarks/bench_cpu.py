@@ -125,7 +125,7 @@ def result_tables(
          '{:.3f}×'])
     stages = Table(['stage', 'ms / batch'], [[name, ms] for name, ms in breakdown['stages'].items()], [None, '{:.1f}'],
                    title=f"Where vit_small_stconv's embedding time goes (each stage on its own, median of "
-                         f'{args.repeats}):')
+                         f'{args.repeats}):', on_page=False)  # detail for the result file
     return [models, stages]
 
 
