@@ -16,8 +16,9 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from timm.data import resolve_model_data_config
 from timm.layers import to_2tuple
+
+from .models.complexity import model_input_size
 
 __all__ = ['export_onnx', 'OnnxMismatchError', 'ONNX_INSTALL_HINT']
 
@@ -55,8 +56,8 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _input_size(model: nn.Module, img_size: Optional[Union[int, Tuple[int, int]]]) -> Tuple[int, int, int]:
-    """(C, H, W) of the example: the model's data config, with `img_size` for H and W if given."""
-    channels, height, width = resolve_model_data_config(model)['input_size']
+    """(C, H, W) of the example: what the model was built for, with `img_size` for H and W if given."""
+    channels, height, width = model_input_size(model)
     return (channels,) + (to_2tuple(img_size) if img_size is not None else (height, width))
 
 

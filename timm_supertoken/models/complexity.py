@@ -62,7 +62,7 @@ class _CountMode(TorchDispatchMode):
 
 def model_input_size(model: torch.nn.Module) -> Tuple[int, int, int]:
     """(C, H, W) the model was built for: a ViT's embedding knows it after `img_size=`, pretrained_cfg does not."""
-    channels, height, width = model.pretrained_cfg['input_size']
+    channels, height, width = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))  # timm's default
     embed = getattr(model, 'patch_embed', None)
     if getattr(embed, 'img_size', None) is not None:
         height, width = embed.img_size
