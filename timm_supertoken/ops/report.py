@@ -2,8 +2,8 @@
 
 The data behind `benchmarks/kernel_report.py`, which renders it into docs/benchmarks.md or writes it as
 JSON for tests/test_kernel_report.py (which holds the kernels to it in CI). The maps are read off the
-models (`cluster_maps`), not listed by hand. Each (arch, dtype) is compiled in its own worker process,
-every map and both layouts in one, so that the kernels they share compile once.
+models (`cluster_maps`), not listed by hand. Each (map, arch, dtype) is compiled in a worker process,
+both layouts in one, since they run the same kernels.
 """
 import dataclasses
 import os
@@ -85,24 +85,23 @@ def warp_instructions(row: Dict) -> int:
     return row['issued'] * row['warps'] * row['programs']
 
 
-def _facts_of(job: Tuple[Tuple[ClusterMap, ...], int, str, Tuple[str, ...]]) -> List[Dict]:
-    """Compile every map for one arch and dtype, in each layout, and return one row of facts per kernel."""
+def _facts_of(job: Tuple[ClusterMap, int, str, Tuple[str, ...]]) -> List[Dict]:
+    """Compile one map for one arch and dtype, in each layout, and return one row of facts per kernel."""
     from ..layers.config import use_autotune
     from .aot import compile_kernels, kernel_facts, launch_geometry
-    maps, arch, dtype, layouts = job
+    cluster_map, arch, dtype, layouts = job
     rows = []
     with use_autotune(True):  # every config an autotuner may pick, whatever the environment says
-        for cluster_map in maps:
-            for layout in layouts:
-                plan = dict(shape=cluster_map.shape, dtype=DTYPES[dtype], grid=cluster_map.grid,
-                            iters=cluster_map.iters, memory_format=LAYOUTS[layout])
-                kernels = compile_kernels(arch=arch, **plan)
-                for key, geometry in launch_geometry(**plan).items():
-                    facts = dataclasses.asdict(kernel_facts(kernels[key], arch, geometry.loop_trips))
-                    rows.append(dict(op='super_token', map=cluster_map.name, shape=list(cluster_map.shape),
-                                     arch=arch, dtype=dtype, layout=layout, grid=cluster_map.grid,
-                                     iters=cluster_map.iters, kernel=key, launches=geometry.launches,
-                                     programs=geometry.programs, **facts))
+        for layout in layouts:
+            plan = dict(shape=cluster_map.shape, dtype=DTYPES[dtype], grid=cluster_map.grid,
+                        iters=cluster_map.iters, memory_format=LAYOUTS[layout])
+            kernels = compile_kernels(arch=arch, **plan)
+            for key, geometry in launch_geometry(**plan).items():
+                facts = dataclasses.asdict(kernel_facts(kernels[key], arch, geometry.loop_trips))
+                rows.append(dict(op='super_token', map=cluster_map.name, shape=list(cluster_map.shape),
+                                 arch=arch, dtype=dtype, layout=layout, grid=cluster_map.grid,
+                                 iters=cluster_map.iters, kernel=key, launches=geometry.launches,
+                                 programs=geometry.programs, **facts))
     return rows
 
 
@@ -114,7 +113,6 @@ def collect(
         workers: int = 0,
 ) -> List[Dict]:
     """Kernel facts for every fused map, arch, dtype and layout, one row per compiled kernel, in parallel."""
-    fused = tuple(m for m in maps if m.fused)
-    jobs = [(fused, arch, dtype, tuple(layouts)) for arch in archs for dtype in dtypes]
+    jobs = [(m, arch, dtype, tuple(layouts)) for m in maps if m.fused for arch in archs for dtype in dtypes]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         return [row for rows in pool.map(_facts_of, jobs) for row in rows]
