@@ -26,9 +26,8 @@ from docs_page import PAGE, RESULTS_DIR, reproducing_command, result_record, tab
 
 TARGET_GAIN = 0.10  # issue 13: NMI at least k-means-on-pixels + 0.10 on the same images
 TARGET_MINUTES = 15
-# a 0.5M-parameter vit_small_stconv (2 blocks of width 128) at 16×16: ~3x the training throughput of the
-# CLI's default depth-4 width-384 model, and 16² costs ~1/4 of 32² in the conv stem; on a 3,000-image
-# subset 16×16 also clustered better than 32×32 (contrastive-embedding NMI 0.560 vs 0.507, docs/clustering.md)
+# a 0.5M-parameter vit_small_stconv (2 blocks of width 128) at 16×16, a fraction of the CLI's default
+# depth-4 width-384 model's cost; on a 3,000-image subset 16×16 also clustered better than 32×32
 BENCH_DEFAULTS: Dict[str, Any] = dict(
     dataset='fashion-mnist:test', model_kwargs={'depth': 2, 'embed_dim': 128, 'num_heads': 4}, img_size=16,
     pretrain_epochs=8, epochs=2, max_rounds=2, batch_size=128, kmeans_restarts=2)

@@ -2,7 +2,7 @@
 
 Why: in pseudo-label mode round 0 has no clusters but k-means on pixels, so training L_ViT on them
 teaches the model to reproduce the pixel partition, and eq. 8 then barely moves off that fixed point
-(docs/clustering.md). Contrastive pretraining instead learns what stays the same
+(docs/benchmarks.md). Contrastive pretraining instead learns what stays the same
 under crops, flips and intensity changes, so the loop starts from clusters of shape rather than of
 pixel overlap (read out of this embedding beside the pixels, `manifold.py`). The embedding is the model's
 pre-logits feature (the one the loop clusters); a small MLP projection head carries the loss and is dropped

@@ -525,7 +525,7 @@ def _umap_readout(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -
     """Round 0's targets: k-means on a UMAP layout of the pixels, beside the contrastive embedding z when there is one.
 
     The pixels' neighbourhoods are the more label-faithful and the embedding's global shape the better
-    for k-means; side by side they beat both (measured in docs/clustering.md). Rank 0 computes it and
+    for k-means; side by side they beat both (measured in docs/benchmarks.md). Rank 0 computes it and
     broadcasts: on a GPU the layout's index_add_ is not bitwise reproducible, and every rank must train on
     the same targets.
     """
