@@ -12,8 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from timm.layers import ConvNormAct, Format, nhwc_to, to_2tuple
-from timm.layers.trace_utils import _assert
+from timm.layers import ConvNormAct, Format, _assert, nhwc_to, to_2tuple
 
 from .super_token import SuperTokenClustering, is_traced_or_exported
 
