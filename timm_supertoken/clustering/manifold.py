@@ -79,6 +79,22 @@ def fuzzy_graph(idx: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
     return (a + at - a * at).coalesce()
 
 
+def _drop_trivial_direction(vectors: np.ndarray, trivial: np.ndarray) -> np.ndarray:
+    """The leading eigenvectors (by eigenvalue, descending) with the trivial direction D^½·1 taken out.
+
+    On a connected graph that direction is the first eigenvector, and this returns the rest as they are.
+    A graph of c components has eigenvalue 1 c times, and the solver returns any basis of that space: its
+    vectors mix the trivial direction with the ones that tell the components apart, so none may be dropped
+    whole. Removing the direction from every vector and re-orthonormalising in eigenvalue order keeps them.
+    """
+    trivial = trivial / np.linalg.norm(trivial)
+    rest = vectors - np.outer(trivial, trivial @ vectors)
+    q, r = np.linalg.qr(rest)
+    q = q * np.sign(np.where(np.diag(r) == 0, 1, np.diag(r)))  # QR's signs: keep each vector's own
+    keep = np.sort(np.argsort(np.abs(np.diag(r)))[1:])  # the column the removal emptied goes
+    return q[:, keep]
+
+
 def spectral_layout(graph: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     """The graph's Laplacian eigenmap in dim dimensions (umap-learn's start), each axis scaled to [0, 10].
 
@@ -88,13 +104,14 @@ def spectral_layout(graph: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     n = graph.shape[0]
     ij = graph.indices().cpu().numpy()
     w = scipy.sparse.csr_matrix((graph.values().cpu().double().numpy(), (ij[0], ij[1])), shape=(n, n))
-    inv_sqrt_deg = 1 / np.sqrt(np.maximum(np.asarray(w.sum(1)).ravel(), 1e-12))
+    deg = np.maximum(np.asarray(w.sum(1)).ravel(), 1e-12)
+    inv_sqrt_deg = 1 / np.sqrt(deg)
     norm = scipy.sparse.diags(inv_sqrt_deg) @ w @ scipy.sparse.diags(inv_sqrt_deg)
     rng = np.random.default_rng(seed)
     try:
         values, vectors = scipy.sparse.linalg.eigsh(norm, k=dim + 1, which='LA', tol=1e-4, v0=np.ones(n),
                                                     maxiter=n * 5)
-        layout = vectors[:, np.argsort(values)[::-1][1:dim + 1]]
+        layout = _drop_trivial_direction(vectors[:, np.argsort(values)[::-1]], np.sqrt(deg))
     except (scipy.sparse.linalg.ArpackNoConvergence, scipy.sparse.linalg.ArpackError):
         warnings.warn('the spectral start of the UMAP layout did not converge; starting from random positions')
         layout = rng.uniform(-10, 10, (n, dim))
