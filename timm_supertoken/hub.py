@@ -255,8 +255,8 @@ def _usage(model: torch.nn.Module, repo_id: str) -> str:
     x = torch.zeros(1, *model_input_size(model))
     with torch.no_grad():
         last_n = min(3, len(model.blocks))  # timm's default for ViTs: the last three blocks
-        maps = model.forward_intermediates(x, indices=last_n, intermediates_only=True)  # what features_only gives
-        tokens = model.forward_features(x)
+        # one forward: the maps features_only gives, and forward_features' tokens
+        tokens, maps = model.forward_intermediates(x, indices=last_n)
     name = f"'hf-hub:{repo_id}'"
     top_k = min(5, model.num_classes)
     feature_shapes = '\n'.join(f'    #  {tuple(m.shape)}' for m in maps)
