@@ -8,8 +8,8 @@ from sklearn.neighbors import NearestNeighbors
 
 from timm_supertoken.clustering import cluster_metrics, kmeans
 from timm_supertoken.clustering.deep_clustering import pixel_rows
-from timm_supertoken.clustering.manifold import (_membership, fuzzy_graph, joint_features, knn_cosine,
-                                                 optimize_layout, spectral_layout, umap_layout)
+from timm_supertoken.clustering.manifold import (_membership, fuzzy_graph, joint_features, knn_cosine, knn_ivf,
+                                                 nearest_neighbors, optimize_layout, spectral_layout, umap_layout)
 from timm_supertoken.data import load_digits_set
 
 
@@ -102,3 +102,76 @@ def test_bad_input_is_named(x, match):
 def test_too_many_neighbours_is_named():
     with pytest.raises(ValueError, match='n_neighbors=5 for 5 points'):
         knn_cosine(torch.randn(5, 3), 5)
+
+
+def recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return (approx.unsqueeze(2) == exact.unsqueeze(1)).any(2).float().mean().item()
+
+
+@pytest.fixture(scope='module')
+def digits_pixels():
+    digits = load_digits_set()
+    return pixel_rows(digits.images, torch.device('cpu'))
+
+
+def test_ivf_finds_the_exact_neighbours_in_order_and_never_the_point_itself(digits_pixels):
+    idx, dist = knn_ivf(digits_pixels, 30, seed=0)
+    exact_idx, _ = knn_cosine(digits_pixels, 30)
+    assert idx.shape == dist.shape == (len(digits_pixels), 30)
+    assert recall(idx, exact_idx) >= 0.9
+    assert not (idx == torch.arange(len(digits_pixels))[:, None]).any()
+    assert (dist[:, 1:] >= dist[:, :-1]).all()
+    assert (idx.sort(1).values[:, 1:] != idx.sort(1).values[:, :-1]).all()  # k distinct neighbours
+    unit = torch.nn.functional.normalize(digits_pixels, dim=1)
+    cosine = 1 - (unit.unsqueeze(1) * unit[idx]).sum(2)
+    torch.testing.assert_close(dist, cosine.clamp(min=0), atol=1e-5, rtol=0)
+
+
+def test_ivf_is_deterministic_per_seed(digits_pixels):
+    first = knn_ivf(digits_pixels, 10, nprobe=2, seed=3)
+    again = knn_ivf(digits_pixels, 10, nprobe=2, seed=3)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_ivf_searches_exactly_where_the_probed_cells_hold_too_few_points():
+    # 100 cells of ~4 points and one probe: most rows see fewer than k others and take the exact search
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(4))
+    idx, dist = knn_ivf(x, 8, cells=100, nprobe=1)
+    exact_idx, exact_dist = knn_cosine(x, 8)
+    assert (idx >= 0).all() and not (idx == torch.arange(400)[:, None]).any()
+    assert (dist >= exact_dist - 1e-6).all()  # never closer than the true neighbours
+    assert recall(idx, exact_idx) > 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_ivf_runs_on_the_points_device(digits_pixels):
+    idx, dist = knn_ivf(digits_pixels.cuda(), 30)
+    assert idx.is_cuda and dist.is_cuda
+    assert recall(idx.cpu(), knn_cosine(digits_pixels, 30)[0]) >= 0.9
+
+
+def test_auto_search_is_exact_up_to_the_threshold_and_approximate_above(digits_pixels):
+    n = len(digits_pixels)
+    exact, approx = knn_cosine(digits_pixels, 15), knn_ivf(digits_pixels, 15, seed=1)
+    assert not torch.equal(exact[0], approx[0])  # the two searches differ here, so the switch is visible
+    assert torch.equal(nearest_neighbors(digits_pixels, 15, 'auto', exact_max_n=n, seed=1)[0], exact[0])
+    assert torch.equal(nearest_neighbors(digits_pixels, 15, 'auto', exact_max_n=n - 1, seed=1)[0], approx[0])
+    assert torch.equal(nearest_neighbors(digits_pixels, 15, 'approximate', seed=1)[0], approx[0])
+    x = digits_pixels[:300]
+    layout = umap_layout(x, dim=2, n_neighbors=10, epochs=20, knn='auto', exact_max_n=299)
+    assert torch.equal(layout, umap_layout(x, dim=2, n_neighbors=10, epochs=20, knn='approximate'))
+    layout = umap_layout(x, dim=2, n_neighbors=10, epochs=20, knn='auto', exact_max_n=300)
+    assert torch.equal(layout, umap_layout(x, dim=2, n_neighbors=10, epochs=20, knn='exact'))
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda x: knn_ivf(x, 5, nprobe=0), 'nprobe must be at least 1'),
+    (lambda x: knn_ivf(x, 5, cells=51), 'cells=51 for 50 points'),
+    (lambda x: knn_ivf(x, 50), 'n_neighbors=50 for 50 points'),
+    (lambda x: knn_ivf(x[0], 5), 'expected a 2-D'),
+    (lambda x: nearest_neighbors(x, 5, 'annoy'), "knn must be one of auto, exact, approximate, got 'annoy'"),
+    (lambda x: fuzzy_graph(torch.tensor([[1], [1]]), torch.tensor([[0.1], [0.2]])), 'its own neighbour'),
+])
+def test_bad_search_arguments_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(50, 4, generator=torch.Generator().manual_seed(5)))
