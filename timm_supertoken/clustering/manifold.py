@@ -6,8 +6,10 @@ among their neighbours, and on Fashion-MNIST the pixels have the more label-fait
 k-NN graph laid out in a few dimensions, where k-means then finds the dense groups (N2D, McConville et
 al. 2020, clusters an autoencoder's features the same way). The steps follow the reference
 implementation (umap-learn); the layout's SGD updates every sampled edge at once instead of one after
-the other, so an epoch is a handful of tensor operations on the CPU or the GPU. The neighbour search is
-exact, O(n²·d) in row chunks: made for the tens of thousands of images a clustering run holds, not millions.
+the other, so an epoch is a few tensor operations per block of edges on the CPU or the GPU. The neighbour
+search is exact, O(n²·d) in row chunks, for the tens of thousands of images a clustering run usually
+holds, and an inverted file (IVF) above, O(n^1.5·d) with a small constant; every stage after it is linear
+in the number of edges and works in blocks of fixed size, so no n × n matrix is ever formed.
 """
 import math
 import warnings
@@ -19,7 +21,8 @@ import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
-__all__ = ['knn_cosine', 'knn_ivf', 'nearest_neighbors', 'fuzzy_graph', 'spectral_layout', 'optimize_layout', 'umap_layout', 'joint_features']
+__all__ = ['knn_cosine', 'knn_ivf', 'nearest_neighbors', 'fuzzy_graph', 'spectral_layout', 'optimize_layout',
+           'umap_layout', 'joint_features']
 
 # the curve 1 / (1 + a·d^(2b)) that umap-learn fits to its min_dist = 0, spread = 1 (find_ab_params): the
 # tightest clumps, which is what a clustering readout wants (N2D's choice)
@@ -27,6 +30,7 @@ CURVE_A, CURVE_B = 1.929, 0.7915
 GRAD_CLIP = 4.0  # umap-learn's clip of each edge's gradient
 REPULSION_EPS = 1e-3  # umap-learn's guard against dividing by a zero distance in the repulsive term
 SIGMA_SEARCH_STEPS = 64
+MIN_SIGMA_SCALE = 1e-3  # σ_i ≥ this × the mean neighbour distance (umap-learn's MIN_K_DIST_SCALE)
 KNN_METHODS = ('auto', 'exact', 'approximate')
 EXACT_KNN_MAX_N = 100_000  # 'auto' searches exactly up to this many points, approximately above
 # the IVF's defaults, chosen by recall@30 against the exact search on Fashion-MNIST (docs/benchmarks.md)
@@ -36,7 +40,6 @@ IVF_TRAIN_PER_CELL = 64  # the coarse quantiser learns from this many sampled ro
 IVF_TRAIN_ITERS = 10
 EDGE_BLOCK = 1 << 20  # sampled edges per SGD block (each with its negatives)
 SIMILARITY_BLOCK = 1 << 22  # entries of one query × member similarity block of the IVF search
-MIN_SIGMA_SCALE = 1e-3  # σ_i ≥ this × the mean neighbour distance (umap-learn's MIN_K_DIST_SCALE)
 
 
 def _check_neighbors(x: torch.Tensor, k: int) -> None:
@@ -99,10 +102,10 @@ def knn_ivf(x: torch.Tensor, k: int, nprobe: int = IVF_NPROBE, cells: Optional[i
     is a member of its nearest cell and searches its nprobe nearest cells exactly, so near neighbours
     are missed only when they sit past the nprobe-th cell boundary. The search runs cell by cell: the
     rows probing a cell against the cell's members, in blocks of at most `block` similarities, each
-    block merged into the running top k of its rows. With c cells a row compares itself with
-    about nprobe·n/c members: O(n·nprobe·n/c·d) in all, O(n^1.5) for c ∝ √n, and memory O(n·k + block).
-A row's running top k and the block's similarities are ranked together, one topk per block.
-    The rare row whose probed cells hold fewer than k others is searched exactly. Deterministic per seed.
+    block ranked together with its rows' running top k (one topk a block). With c cells a row compares
+    itself with about nprobe·n/c members: O(n·nprobe·n/c·d) in all, O(n^1.5·d) for c ∝ √n, and memory
+    O(n·(k + nprobe) + block). The rare row whose probed cells hold fewer than k others is searched
+    exactly. Deterministic per seed.
     """
     _check_neighbors(x, k)
     if nprobe < 1:
@@ -153,7 +156,8 @@ def nearest_neighbors(x: torch.Tensor, k: int, method: str = 'auto', exact_max_n
     """The readout's k-NN search: 'exact' (`knn_cosine`), 'approximate' (`knn_ivf`), or 'auto'.
 
     'auto' is exact up to exact_max_n points, where the quadratic search is still affordable and the graph
-    is the reference's, and the IVF above, whose cost grows near-linearly instead.
+    stays the reference's, and the IVF above, where the quadratic cost would dominate the readout.
+    Both return (indices (n, k), cosine distances (n, k)), ascending, without the point itself.
     """
     if method not in KNN_METHODS:
         raise ValueError(f'knn must be one of {", ".join(KNN_METHODS)}, got {method!r}')
@@ -184,7 +188,7 @@ def _membership(dist: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def fuzzy_graph(idx: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """The k-NN graph's symmetric fuzzy simplicial set A + Aᵀ − A∘Aᵀ (fuzzy union), as a coalesced sparse (n, n).
+    """The k-NN graph's symmetric fuzzy simplicial set A + Aᵀ − A∘Aᵀ (fuzzy union), a coalesced sparse (n, n).
 
     Each edge i → j is keyed i·n + j, and its mirror j·n + i; one sort of both lists brings the two
     directions of an edge side by side, where they combine. That is the memory of 2·n·k keys and values,
