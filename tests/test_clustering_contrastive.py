@@ -7,7 +7,7 @@ import torch
 
 from timm_supertoken.clustering import ClusterConfig, create_cluster_model
 from timm_supertoken.clustering.batches import augmented_view, draw_view_params, prepare_batch
-from timm_supertoken.clustering.contrastive import ContrastiveNet, nt_xent, pretrain_contrastive
+from timm_supertoken.clustering.contrastive import ContrastiveNet, nt_xent, projection_head, train_on_views
 from timm_supertoken.clustering.deep_clustering import EmbedNet, pretrain_representation
 from timm_supertoken.data import load_digits_set
 
@@ -74,9 +74,9 @@ def test_contrastive_pretraining_lowers_nt_xent():
     cfg = ClusterConfig(model='vit_small_stconv', model_kwargs={'depth': 1, 'embed_dim': 32, 'num_heads': 2},
                         img_size=16)
     torch.manual_seed(0)
-    net = ContrastiveNet(create_cluster_model(cfg, num_classes=10, in_chans=1), 32)
+    net = ContrastiveNet(create_cluster_model(cfg, num_classes=10, in_chans=1), projection_head(32))
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    losses = [pretrain_contrastive(net, opt, images, epochs, 32, 3e-3, 0.5, False, 16, 1, CPU, seed=0)['loss_contrastive']
+    losses = [train_on_views(net, opt, images, epochs, 32, 3e-3, 0.5, False, 16, 1, CPU, seed=0)['loss_contrastive']
               for epochs in (1, 4)]
     assert losses[0] > losses[1] + 0.1, losses
 

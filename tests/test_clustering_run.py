@@ -14,7 +14,8 @@ from timm_supertoken.clustering.deep_clustering import CHECKPOINT_NAME, EmbedNet
 
 # vit_small_stconv with 1 block of width 32 on 16×16 inputs, one contrastive epoch: seconds per round on 2 CPU cores
 TINY = dict(model='vit_small_stconv', model_kwargs={'depth': 1, 'embed_dim': 32, 'num_heads': 2}, img_size=16,
-            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3, pretrain_epochs=1, pretrain_batch_size=32)
+            epochs=1, batch_size=32, kmeans_restarts=1, lr=1e-3, pretrain='simclr', pretrain_epochs=1,
+            pretrain_batch_size=32)
 TINY_ARGS = ['--subset', '160', '--model-kwargs', 'depth=1', 'embed_dim=32', 'num_heads=2', '--img-size', '16',
              '--epochs', '1', '--batch-size', '32', '--kmeans-restarts', '1', '--lr', '1e-3', '--threads', '1',
              '--pretrain', 'simclr', '--pretrain-epochs', '1', '--pretrain-batch-size', '32']
@@ -91,8 +92,9 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path, digits160):
-    cfg = ClusterConfig(**TINY, max_rounds=2, eps=-1e9, seed=3)
+@pytest.mark.parametrize('rounds', ['paper', 'views'])
+def test_resume_after_kill_matches_uninterrupted(tmp_path, digits160, rounds):
+    cfg = ClusterConfig(**TINY, max_rounds=2, eps=-1e9, seed=3, rounds=rounds)
     full = run_deep_clustering(digits160, cfg, str(tmp_path / 'full'), log=lambda s: None)
 
     def kill_after_round_0(r, record):
@@ -113,10 +115,11 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, digits160):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a['round'], key)
     assert (tmp_path / 'full' / 'assignments.csv').read_text() == (tmp_path / 'cut' / 'assignments.csv').read_text()
 
-    for changed in (dict(img_size=24), dict(readout='kmeans')):
+    other_rounds = {'paper': 'views', 'views': 'paper'}[rounds]
+    for changed in (dict(img_size=24), dict(readout='kmeans'), dict(rounds=other_rounds)):
         with pytest.raises(ValueError, match='written by a different run'):
-            run_deep_clustering(digits160, ClusterConfig(**dict(TINY, **changed), seed=3), str(tmp_path / 'cut'),
-                                resume=True, log=lambda s: None)
+            run_deep_clustering(digits160, ClusterConfig(**{**TINY, 'rounds': rounds, 'seed': 3, **changed}),
+                                str(tmp_path / 'cut'), resume=True, log=lambda s: None)
 
 
 def test_resume_after_the_representation_stage_skips_it(tmp_path, digits160, monkeypatch):
@@ -138,6 +141,31 @@ def test_resume_after_the_representation_stage_skips_it(tmp_path, digits160, mon
     result = run_deep_clustering(digits160, cfg, str(tmp_path), resume=True, log=logged.append)
     assert stages == [1] and result['pretrain'] == first and [r['round'] for r in result['rounds']] == [0]
     assert 'resumed from' in logged[0] and 'after the representation stage' in logged[0]
+
+
+def test_views_rounds_train_on_views_and_read_out_again(tmp_path, digits160, monkeypatch):
+    from timm_supertoken.clustering import deep_clustering
+
+    readouts = []
+    readout = deep_clustering.umap_readout
+    monkeypatch.setattr(deep_clustering, 'umap_readout', lambda *a, **kw: readouts.append(a[1]) or readout(*a, **kw))
+    cfg = ClusterConfig(**TINY, rounds='views', max_rounds=2, eps=-1e9)
+    result = run_deep_clustering(digits160, cfg, str(tmp_path), log=lambda s: None)
+    assert result['config']['rounds'] == 'views' and [r['round'] for r in result['rounds']] == [0, 1, 2]
+    # the stage's readout, then one per round, each of the newest embedding
+    assert len(readouts) == 4 and all(z.shape == (160, 32) for z in readouts)
+    assert not any(torch.equal(readouts[i], readouts[i + 1]) for i in range(3))
+    for r in result['rounds']:
+        assert r['loss_contrastive'] > 0 and r['loss'] >= r['loss_contrastive'] + r['loss_vit']
+    assert result['rounds'][0]['loss_clustering'] == 0.0 and result['rounds'][1]['loss_clustering'] > 0
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    assign, centroids = state['state']['assignments'], state['state']['centroids']
+    # eq. 7's centroids are the clusters' mean embeddings; the projection head is saved for a resume
+    z = readouts[-1].cpu()
+    members = assign == assign[0]
+    assert torch.allclose(centroids[assign[0]], z[members].mean(0), atol=1e-5)
+    assert state['projection'] is not None and cluster_metrics(digits160.labels, assign.numpy())['nmi'] == \
+        pytest.approx(result['rounds'][-1]['nmi'])
 
 
 def test_true_labels_mode_and_a_timm_model(tmp_path, digits160):

@@ -11,6 +11,7 @@ Works for any timm model: the embedding of an image is its pre-logits feature,
 classifier applied to it. One process or many under `torchrun` (DDP; every rank clusters the same
 gathered embeddings). Every round is checkpointed, and `resume=True` continues a killed run.
 """
+import copy
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..harness import (DEVICE_HELP, DistributedEnv, SeedPurpose, check_finite, c
 from ..harness import log as log_line
 from ..runtime import create_model_at_size
 from .batches import VIEW_CROP_AREA, VIEW_JITTER, prepare_batch
-from .contrastive import ContrastiveNet, pretrain_contrastive
+from .contrastive import ContrastiveNet, projection_head, train_on_views
 from .kmeans import KMeansResult, check_embeddings, kmeans
 from .manifold import joint_features, umap_layout
 from .metrics import cluster_metrics, match_clusters, nmi
@@ -42,22 +43,37 @@ __all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READ
            'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
-CHECKPOINT_KEYS = ('model', 'optimizer', 'state', 'config', 'n')  # what a resume reads
+CHECKPOINT_KEYS = ('model', 'optimizer', 'state', 'config', 'n')  # what a resume reads (and 'projection')
 # the settings a resumed run must share with the one that wrote the checkpoint
-RESUME_KEYS = ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed', 'pretrain', 'pretrain_epochs', 'readout')
+RESUME_KEYS = ('model', 'model_kwargs', 'img_size', 'k', 'targets', 'seed', 'pretrain', 'pretrain_epochs', 'readout',
+               'rounds')
 METRICS_NAME = 'metrics.json'
 # augmentation ranges: isotropic rescale and translation (fraction of the half-width, affine_grid units)
 AUG_SCALE = (0.85, 1.15)
 AUG_SHIFT = 0.15
 PRETRAIN_METHODS = ('simclr', 'none')
 READOUTS = ('umap', 'kmeans')
+ROUNDS = ('views', 'paper')
 TARGETS = ('pseudo', 'true')
 # the default model, scaled down so that the default run finishes on 2 CPU cores in minutes: ViT-S width,
 # 4 of its 12 blocks, at 32×32
 DEFAULT_MODEL = 'vit_small_stconv'
 DEFAULT_MODEL_KWARGS: Dict[str, Any] = {'depth': 4}
+# the options a dataset chooses when they are not given (None), as `for_dataset` applies them. Digits: no
+# contrastive views, which crop whole strokes off an 8×8 glyph and mirror one glyph into another. Fashion-MNIST:
+# the default model at width 128, 2 blocks and 16×16, sized so that all 70,000 images cluster on 2 CPU cores
+# in under half an hour (docs/clustering.md)
+DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    'digits': dict(pretrain='none', hflip=False, rounds='paper'),
+    'fashion-mnist': dict(model_kwargs={'depth': 2, 'embed_dim': 128, 'num_heads': 4}, img_size=16,
+                          pretrain_epochs=12, epochs=2, max_rounds=3),
+}
+# and what every other dataset gets
+GENERAL_DEFAULTS: Dict[str, Any] = dict(model_kwargs=DEFAULT_MODEL_KWARGS, img_size=32, pretrain_epochs=20, epochs=4,
+                                        max_rounds=5, hflip=True)
+ROUND_LR = {'views': 1e-3, 'paper': 5e-4}  # the views rounds' peak of a one-cycle schedule; the paper's is constant
 # checkpoints written before an option existed, resumed: what those runs did
-_BEFORE_OPTION = {'readout': 'kmeans'}
+_BEFORE_OPTION = {'readout': 'kmeans', 'rounds': 'paper'}
 
 
 @dataclass
@@ -67,8 +83,10 @@ class ClusterConfig:
     model_kwargs: Optional[Dict[str, Any]] = field(default=None, metadata=field_help(
         'timm.create_model kwargs, e.g. depth=4 embed_dim=192 (default: '
         + ' '.join(f'{k}={v}' for k, v in DEFAULT_MODEL_KWARGS.items())
-        + f' for {DEFAULT_MODEL}, scaled down so the default run fits a CPU; none for other models)'))
-    img_size: int = field(default=32, metadata=field_help('model input side; images are resized'))
+        + f' for {DEFAULT_MODEL}, scaled down so the default run fits a CPU, and depth=2 embed_dim=128 num_heads=4 '
+        'for Fashion-MNIST; none for other models)'))
+    img_size: Optional[int] = field(default=None, metadata=field_help(
+        'model input side; images are resized (default: 32; 16 for Fashion-MNIST)'))
     in_chans: Optional[int] = field(default=None, metadata=field_help(
         "model input channels (default: the data's; 3 replicates grayscale)"))
     k: Optional[int] = field(default=None, metadata=field_help('clusters (default: the number of classes)'))
@@ -77,11 +95,19 @@ class ClusterConfig:
         choices=TARGETS))
     gamma: float = field(default=0.01, metadata=field_help('weight of L_clustering, eq. 8'))
     eps: float = field(default=1e-3, metadata=field_help('stop when l_current - l_new < eps'))
-    max_rounds: int = field(default=5, metadata=field_help('retraining rounds after round 0'))
-    epochs: int = field(default=4, metadata=field_help('training epochs per round, round 0 included'))
+    rounds: Optional[str] = field(default=None, metadata=field_help(
+        "what a round trains on: 'views' = eq. 8 on two contrastive views of every image beside NT-Xent, "
+        "re-clustered by the UMAP readout; 'paper' = eq. 8 on lightly augmented images, re-clustered by k-means of "
+        "the embedding, as the paper (default: 'views'; 'paper' for digits and with true targets)", choices=ROUNDS))
+    max_rounds: Optional[int] = field(default=None, metadata=field_help(
+        'retraining rounds after round 0 (default: 5; 3 for Fashion-MNIST)'))
+    epochs: Optional[int] = field(default=None, metadata=field_help(
+        'training epochs per round, round 0 included (default: 4; 2 for Fashion-MNIST)'))
     augment: bool = field(default=True, metadata=field_help('random rescale/shift augmentation of training images'))
     batch_size: int = field(default=64, metadata=field_help('global batch, split evenly over the processes'))
-    lr: float = field(default=5e-4, metadata=field_help('AdamW learning rate'))
+    lr: Optional[float] = field(default=None, metadata=field_help(
+        "AdamW learning rate of the rounds (default: 1e-3, the peak of each round's one-cycle schedule, for 'views' "
+        "rounds; 5e-4, constant, for 'paper' rounds)"))
     weight_decay: float = field(default=0.05, metadata=field_help('AdamW weight decay'))
     kmeans_restarts: int = field(default=4, metadata=field_help('k-means++ restarts'))
     match_ids: bool = field(default=True, metadata=field_help(
@@ -94,9 +120,11 @@ class ClusterConfig:
         "how round 0's pseudo-labels are read out: 'umap' = k-means of a UMAP layout of the pixels and the "
         "contrastive embedding side by side (of the pixels without the stage), 'kmeans' = k-means of the "
         "embedding (of the pixels without the stage)", choices=READOUTS))
-    pretrain_epochs: int = field(default=20, metadata=field_help('contrastive epochs'))
+    pretrain_epochs: Optional[int] = field(default=None, metadata=field_help(
+        'contrastive epochs (default: 20; 12 for Fashion-MNIST)'))
     pretrain_batch_size: int = field(default=256, metadata=field_help(
-        "contrastive global batch; NT-Xent's negatives are the other 2B - 2 views of the batch"))
+        "contrastive global batch, of the stage and the 'views' rounds; NT-Xent's negatives are the other 2B - 2 "
+        "views of the batch"))
     pretrain_lr: float = field(default=2e-3, metadata=field_help(
         'peak AdamW learning rate of the contrastive stage (one-cycle cosine schedule)'))
     temperature: float = field(default=0.5, metadata=field_help("NT-Xent temperature (SimCLR's for small images)"))
@@ -111,20 +139,28 @@ class ClusterConfig:
     seed: int = field(default=0, metadata=field_help('random seed of the whole run'))
     device: str = field(default='auto', metadata=field_help(DEVICE_HELP))
 
-    def __post_init__(self) -> None:
-        if self.model_kwargs is None:
-            self.model_kwargs = dict(DEFAULT_MODEL_KWARGS) if self.model == DEFAULT_MODEL else {}
+
+def dataset_family(name: str) -> Optional[str]:
+    """The DATASET_DEFAULTS key of a dataset option or an ImageSet's name (splits and subsets included), if any."""
+    for family in DATASET_DEFAULTS:
+        if name == family or name.startswith((family + ':', family + '-', family + '[')):
+            return family
+    return None
 
 
 def for_dataset(cfg: ClusterConfig, dataset: str) -> ClusterConfig:
-    """cfg with the options it leaves to the dataset (None) chosen for it, as `timm-supertoken cluster` runs it.
+    """cfg with the options it leaves to the dataset (None) chosen for it: DATASET_DEFAULTS, then GENERAL_DEFAULTS.
 
-    Digits get no representation stage and no mirrored views: on 8×8 glyphs crops remove whole strokes,
-    and a mirrored glyph is another glyph. Every other dataset mirrors its views.
+    `run_deep_clustering` applies it to the images it is given, so a library caller's None options get
+    the command line's values; options already chosen stay. Other models than the default get no
+    model_kwargs, and true targets the paper's rounds.
     """
-    digits = dataset == 'digits'
-    return replace(cfg, pretrain=cfg.pretrain if cfg.pretrain is not None or not digits else 'none',
-                   hflip=cfg.hflip if cfg.hflip is not None else not digits)
+    chosen = dict(GENERAL_DEFAULTS, **DATASET_DEFAULTS.get(dataset_family(dataset), {}))
+    if cfg.model != DEFAULT_MODEL:
+        chosen['model_kwargs'] = {}
+    chosen.setdefault('rounds', 'views' if cfg.targets == 'pseudo' else 'paper')
+    cfg = replace(cfg, **{name: copy.deepcopy(value) for name, value in chosen.items() if getattr(cfg, name) is None})
+    return cfg if cfg.lr is not None else replace(cfg, lr=ROUND_LR.get(cfg.rounds))
 
 
 @dataclass
@@ -181,7 +217,11 @@ def describe_readout(readout: str, pretrain: str) -> str:
 
 
 def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) -> nn.Module:
-    """timm.create_model with the run's size and channels; img_size is dropped for models without it (CNNs)."""
+    """timm.create_model with the run's size and channels; img_size is dropped for models without it (CNNs).
+
+    Options left None get the general defaults (`for_dataset`), as no data chooses them here.
+    """
+    cfg = for_dataset(cfg, '')
     return create_model_at_size(cfg.model, cfg.img_size, num_classes=num_classes, in_chans=in_chans,
                                 **cfg.model_kwargs)
 
@@ -314,6 +354,11 @@ def check_run(data: ImageSet, cfg: ClusterConfig, world: int = 1) -> int:
         raise ValueError(f'pretrain must be one of {PRETRAIN_METHODS}, got {cfg.pretrain!r}')
     if cfg.readout not in READOUTS:
         raise ValueError(f'readout must be one of {READOUTS}, got {cfg.readout!r}')
+    if cfg.rounds not in ROUNDS:
+        raise ValueError(f'rounds must be one of {ROUNDS}, got {cfg.rounds!r}')
+    if cfg.rounds == 'views' and cfg.pretrain_batch_size < 2 * world:
+        raise ValueError(f"'views' rounds train on NT-Xent: pretrain_batch_size must be >= 2 per process, got "
+                         f'{cfg.pretrain_batch_size}')
     low, high = cfg.view_scale
     if not 0 < low <= high <= 1:
         raise ValueError(f'view_scale must satisfy 0 < min <= max <= 1 (fractions of the image area), '
@@ -344,11 +389,15 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     embedding (`readout='umap'`, the default) or on the embedding (`'kmeans'`). Without the stage
     they are read out of the pixels alone the same way. Round 0 trains with L_ViT only (pseudo mode:
     on those initial clusters), embeds and clusters. Each later round retrains with eq. 8 against the previous
-    round's centroids, re-embeds and re-clusters; the loop stops once l_current - l_new < eps or
-    after max_rounds. The last round's clustering of the final model's embeddings is the result.
+    round's centroids, re-embeds and re-clusters: 'views' rounds (the default with pseudo targets) train
+    it on two contrastive views beside NT-Xent and re-cluster by the UMAP readout of the pixels and the new
+    embedding, 'paper' rounds train it on lightly augmented images and re-cluster by k-means of the
+    embedding. The loop stops once l_current - l_new < eps or after max_rounds. The last round's clustering
+    is the result. Options left None are chosen for the data (`for_dataset`).
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
     env: the processes to run on (default: the process group already joined, else this process on cfg.device).
     """
+    cfg = for_dataset(cfg, data.name)
     run = _setup(data, cfg, out_dir, log, env or DistributedEnv.current(cfg.device))
     state = _resume(run) if resume else None
     if state is None:
@@ -360,7 +409,7 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         prev = state['assignments'] if r > 0 else state['initial_assignments']
         losses = _train(run, state, prev)
         z = run.embed(f'embed round {r}')
-        assign, centroids, inertia = _recluster(run, z, prev, stage=r + 1)
+        assign, centroids, inertia = (_reread if cfg.rounds == 'views' else _recluster)(run, z, prev, stage=r + 1)
         record = {'round': r, **losses, 'inertia': inertia, **_evaluate(data.labels, assign.numpy()),
                   'nmi_vs_previous': nmi(prev, assign), 'time_s': time.perf_counter() - t0}
         state['history'].append(record)
@@ -385,10 +434,13 @@ class _Run:
     out: Path
     net: EmbedNet
     images: torch.Tensor  # data.images, moved to the device once when they fit (`_resident`)
-    train_net: nn.Module  # net, or its DDP wrapper: what trains; net embeds and is checkpointed
+    train_net: nn.Module  # net, or its DDP wrapper: what the paper's rounds train; net embeds and is checkpointed
+    projection: Optional[nn.Module]  # NT-Xent's head, of the stage and the views rounds
+    views_net: Optional[nn.Module]  # net's model with that head (DDP-wrapped): what the views rounds train
     optimizer: torch.optim.Optimizer
     config: Dict[str, Any]  # cfg as checkpointed, with its defaults resolved
     log: Callable[[str], None]
+    pixels: Optional[torch.Tensor] = None  # the readout's pixel features, once computed
 
     @property
     def checkpoint_path(self) -> Path:
@@ -403,14 +455,21 @@ class _Run:
         """k-means into the run's k clusters with its number of restarts; stage 0 before the loop, r + 1 in round r."""
         return kmeans(x, self.k, n_init=self.cfg.kmeans_restarts, seed=self.clustering_seed(stage))
 
+    def pixel_rows(self) -> torch.Tensor:
+        """The readout's pixel features (`pixel_rows`), computed once."""
+        if self.pixels is None:
+            self.pixels = pixel_rows(self.images, self.env.device)
+        return self.pixels
+
     def clustering_seed(self, stage: int) -> int:
         """The seed of the k-means restarts (and UMAP layout) of one stage."""
         return derive_seed(self.cfg.seed, SeedPurpose.CLUSTERING, stage)
 
     def save(self, state: Dict[str, Any]) -> None:
         """The checkpoint a resume continues from: weights, optimizer, loop state, config."""
-        save_atomic({'model': self.net.state_dict(), 'optimizer': self.optimizer.state_dict(), 'state': state,
-                     'config': self.config, 'n': len(self.data)}, self.checkpoint_path)
+        projection = None if self.projection is None else self.projection.state_dict()
+        save_atomic({'model': self.net.state_dict(), 'projection': projection, 'optimizer': self.optimizer.state_dict(),
+                     'state': state, 'config': self.config, 'n': len(self.data)}, self.checkpoint_path)
 
 
 def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str], None], env: DistributedEnv) -> _Run:
@@ -422,10 +481,23 @@ def _setup(data: ImageSet, cfg: ClusterConfig, out_dir: str, log: Callable[[str]
         out.mkdir(parents=True, exist_ok=True)
     num_out = k if cfg.targets == 'pseudo' else int(data.labels.max()) + 1
     net = create_embed_net(cfg, num_out, in_chans, env.device)
+    projection = views_net = None
+    if pretrain_method(cfg) == 'simclr' or cfg.rounds == 'views':
+        projection = create_projection(net, cfg, in_chans, env.device)
+    if cfg.rounds == 'views':
+        # the head takes no part in L_ViT's logits nor the classifier in NT-Xent's: DDP must allow unused parameters
+        views_net = env.data_parallel(ContrastiveNet(net.model, projection), find_unused_parameters=True)
+    trained = list(net.parameters()) + (list(projection.parameters()) if views_net is not None else [])
     return _Run(data, cfg, k, in_chans, env, out, net, _resident(data.images, env.device),
-                train_net=env.data_parallel(net),
-                optimizer=torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+                train_net=env.data_parallel(net), projection=projection, views_net=views_net,
+                optimizer=torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay),
                 config=dict(asdict(cfg), k=k, pretrain=pretrain_method(cfg)), log=log)
+
+
+def create_projection(net: EmbedNet, cfg: ClusterConfig, in_chans: int, device: torch.device) -> nn.Module:
+    """NT-Xent's projection head for net's embedding, on device, its weights drawn from cfg.seed's own stream."""
+    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.WEIGHTS, index=1), device):
+        return projection_head(_embed_dim(net, cfg, in_chans, device)).to(device)
 
 
 def _resident(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -450,6 +522,8 @@ def _resume(run: _Run) -> Optional[Dict[str, Any]]:
     check_same_run(dict(ckpt['config'], images=ckpt['n']),
                    dict({key: run.config[key] for key in RESUME_KEYS}, images=len(run.data)), path, _BEFORE_OPTION)
     run.net.load_state_dict(ckpt['model'])
+    if run.projection is not None and ckpt.get('projection') is not None:
+        run.projection.load_state_dict(ckpt['projection'])
     run.optimizer.load_state_dict(ckpt['optimizer'])
     state = ckpt['state']
     run.log(f'resumed from {path} after ' + (f'round {state["history"][-1]["round"]}' if state['history']
@@ -481,7 +555,7 @@ def _initial_state(run: _Run) -> Dict[str, Any]:
 def _baselines(run: _Run) -> Dict[str, Any]:
     """A fresh loop state with the k-means baselines: pixels (round 0's targets with neither stage nor UMAP) and
     the untrained embedding."""
-    pix = run.kmeans(pixel_rows(run.images, run.env.device), stage=0)
+    pix = run.kmeans(run.pixel_rows(), stage=0)
     untrained = run.kmeans(run.embed('embed untrained'), stage=0)
     return {
         'baselines': {
@@ -511,7 +585,7 @@ def _representation_stage(run: _Run, state: Dict[str, Any]) -> torch.Tensor:
     """The representation stage before the paper's loop (SimCLR); returns its embedding, whose k-means is round 0's
     targets unless the UMAP readout replaces them."""
     state['pretrain'] = pretrain_representation(run.net, run.images, run.cfg, run.in_chans, run.env.device,
-                                                run.env.rank, run.env.world)
+                                                run.env.rank, run.env.world, projection=run.projection)
     z = run.embed('embed contrastive')
     check_embeddings(z, run.k)
     km = run.kmeans(z, stage=0)
@@ -525,46 +599,59 @@ def _umap_readout(run: _Run, state: Dict[str, Any], z: Optional[torch.Tensor]) -
     """Round 0's targets: k-means on a UMAP layout of the pixels, beside the contrastive embedding z when there is one.
 
     The pixels' neighbourhoods are the more label-faithful and the embedding's global shape the better
-    for k-means; side by side they beat both (measured in docs/benchmarks.md). Rank 0 computes it and
-    broadcasts: on a GPU the layout's index_add_ is not bitwise reproducible, and every rank must train on
-    the same targets.
+    for k-means; side by side they beat both (docs/clustering.md).
     """
     t0 = time.perf_counter()
-    if run.env.is_primary:
-        pixels = pixel_rows(run.images, run.env.device)
-        labels = umap_readout(pixels, z, run.k, run.cfg.kmeans_restarts, run.clustering_seed(0)).to(run.env.device)
-    else:
-        labels = torch.empty(len(run.data), dtype=torch.long, device=run.env.device)
-    if run.env.world > 1:
-        dist.broadcast(labels, 0)
-    state['initial_assignments'] = labels.cpu()
+    labels = _readout_labels(run, z, stage=0)
+    state['initial_assignments'] = labels
     name = 'umap_pixels' if z is None else 'umap_contrastive_embedding_and_pixels'
     state['baselines'][name] = dict(_evaluate(run.data.labels, labels.cpu().numpy()), time_s=time.perf_counter() - t0)
 
 
+def _readout_labels(run: _Run, z: Optional[torch.Tensor], stage: int) -> torch.Tensor:
+    """`umap_readout` of the run's pixels beside z, on the CPU; rank 0 computes it and broadcasts.
+
+    On a GPU the layout's index_add_ is not bitwise reproducible, and every rank must train on the same targets.
+    """
+    if run.env.is_primary:
+        labels = umap_readout(run.pixel_rows(), z, run.k, run.cfg.kmeans_restarts, run.clustering_seed(stage))
+        labels = labels.to(run.env.device)
+    else:
+        labels = torch.empty(len(run.data), dtype=torch.long, device=run.env.device)
+    if run.env.world > 1:
+        dist.broadcast(labels, 0)
+    return labels.cpu()
+
+
 def pretrain_representation(net: EmbedNet, images: torch.Tensor, cfg: ClusterConfig, in_chans: int,
-                            device: torch.device, rank: int = 0, world: int = 1) -> Dict[str, float]:
+                            device: torch.device, rank: int = 0, world: int = 1,
+                            projection: Optional[nn.Module] = None) -> Dict[str, float]:
     """The contrastive stage: NT-Xent through a projection head on net's embedding, with its own AdamW.
 
-    The head and optimizer are dropped afterwards; the loop's optimizer starts fresh on the trained
-    weights. DDP needs find_unused_parameters because the classifier head takes no part in this loss.
+    The head (a new one when none is given) carries over to the views rounds; the stage's optimizer does
+    not. DDP needs find_unused_parameters because the classifier head takes no part in this loss.
     """
     t0 = time.perf_counter()
     env = DistributedEnv(device, rank, world)
-    with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.WEIGHTS, index=1), device):  # the projection head
-        contrastive = ContrastiveNet(net.model, _embed_dim(net, cfg, in_chans, device)).to(device)
+    if projection is None:
+        projection = create_projection(net, cfg, in_chans, device)
+    contrastive = ContrastiveNet(net.model, projection)
     train_net = env.data_parallel(contrastive, find_unused_parameters=True)
     optimizer = torch.optim.AdamW(contrastive.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.CONTRASTIVE_STEPS, index=rank), device):
-        losses = pretrain_contrastive(train_net, optimizer, images, cfg.pretrain_epochs, cfg.pretrain_batch_size,
-                                      cfg.pretrain_lr, cfg.temperature, bool(cfg.hflip), cfg.img_size, in_chans,
-                                      device, seed=derive_seed(cfg.seed, SeedPurpose.CONTRASTIVE), rank=rank,
-                                      world=world, view_scale=tuple(cfg.view_scale), color_jitter=cfg.color_jitter)
-    return {'method': 'simclr', **losses, 'time_s': time.perf_counter() - t0}
+        losses = train_on_views(train_net, optimizer, images, cfg.pretrain_epochs, cfg.pretrain_batch_size,
+                                cfg.pretrain_lr, cfg.temperature, bool(cfg.hflip), cfg.img_size, in_chans, device,
+                                seed=derive_seed(cfg.seed, SeedPurpose.CONTRASTIVE), rank=rank, world=world,
+                                view_scale=tuple(cfg.view_scale), color_jitter=cfg.color_jitter)
+    return {'method': 'simclr', 'loss_contrastive': losses['loss_contrastive'], 'time_s': time.perf_counter() - t0}
 
 
 def _train(run: _Run, state: Dict[str, Any], prev: torch.Tensor) -> Dict[str, float]:
-    """One round's training: cross-entropy on the targets in round 0, eq. 8 against the last centroids after."""
+    """One round's training: cross-entropy on the targets in round 0, eq. 8 against the last centroids after.
+
+    'views' rounds train it on two contrastive views of every image beside NT-Xent, 'paper' rounds on the
+    lightly augmented images.
+    """
     r = len(state['history'])
     cfg = run.cfg
     targets = prev if cfg.targets == 'pseudo' else torch.from_numpy(run.data.labels)
@@ -572,6 +659,13 @@ def _train(run: _Run, state: Dict[str, Any], prev: torch.Tensor) -> Dict[str, fl
     env = run.env
     # dropout and drop path, when the model has them, draw per rank from a stream a resumed round repeats
     with seeded_global_rngs(derive_seed(cfg.seed, SeedPurpose.STEPS, r, env.rank), env.device):
+        if cfg.rounds == 'views':
+            return train_on_views(run.views_net, run.optimizer, run.images, cfg.epochs, cfg.pretrain_batch_size,
+                                  cfg.lr, cfg.temperature, bool(cfg.hflip), cfg.img_size, run.in_chans, env.device,
+                                  seed=derive_seed(cfg.seed, SeedPurpose.ORDER, r), rank=env.rank, world=env.world,
+                                  view_scale=tuple(cfg.view_scale), color_jitter=cfg.color_jitter, targets=targets,
+                                  assignments=state['assignments'], centroids=centroids, gamma=cfg.gamma,
+                                  desc=f'round {r}')
         return train_round(run.train_net, run.optimizer, run.images, targets, centroids, state['assignments'], cfg,
                            run.in_chans, env.device, seed=derive_seed(cfg.seed, SeedPurpose.ORDER, r), rank=env.rank,
                            world=env.world, desc=f'round {r}')
@@ -590,6 +684,19 @@ def _recluster(run: _Run, z: torch.Tensor, prev: torch.Tensor, stage: int) -> Tu
         inv[perm] = torch.arange(run.k)
         assign, centroids = perm[assign], centroids[inv.to(centroids.device)]
     return assign, centroids, km.inertia
+
+
+def _reread(run: _Run, z: torch.Tensor, prev: torch.Tensor, stage: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """The views rounds' re-clustering: the UMAP readout of the pixels beside the new embeddings; (assignments,
+    centroids, inertia) as `_recluster` gives them, the centroids being each cluster's mean embedding (eq. 7's μ)."""
+    check_embeddings(z, run.k)
+    assign = _readout_labels(run, z, stage)
+    if run.cfg.match_ids:
+        assign = torch.from_numpy(match_clusters(assign, prev, run.k))[assign]
+    z = z.float().cpu()
+    counts = torch.bincount(assign, minlength=run.k).clamp(min=1)
+    centroids = torch.zeros(run.k, z.shape[1]).index_add_(0, assign, z) / counts[:, None]
+    return assign, centroids, (z - centroids[assign]).pow(2).sum().item()
 
 
 def _stop_reason(cfg: ClusterConfig, history: List[Dict[str, Any]]) -> Optional[str]:
