@@ -7,7 +7,6 @@ GPU's utilisation once a second, then records every baseline and round (NMI/ARI/
 and the utilisation against the targets, and renders docs/benchmarks.md with the run's two figures,
 copied next to the page into figures/.
 """
-import shutil
 import statistics
 import subprocess
 import sys
@@ -23,13 +22,12 @@ from timm_supertoken.clustering.deep_clustering import data_and_config_from, pre
 from timm_supertoken.clustering.report import results_markdown
 from timm_supertoken.runtime import use_cudnn_benchmark
 
-from bench_cluster import cluster_parser, settings_lines
+from bench_cluster import FIGURES, cluster_parser, copy_figures, settings_lines
 from docs_page import reproducing_command, result_record, tables_from_markdown, write_result
 
 TARGET_NMI = 0.70  # issue 13, all 70k images, no labels used but for scoring
 TARGET_MINUTES = 15  # on an H100
 TARGET_UTILISATION = 70  # % of nvidia-smi samples while the loop runs
-FIGURES = ('nmi_per_round.png', 'clusters.png')
 # the CLI's default model (vit_small_stconv depth 4) at 32², with the batch sizes of the H200 sizing runs
 GPU_DEFAULTS: Dict[str, Any] = dict(
     dataset='fashion-mnist', device='cuda', img_size=32, pretrain_batch_size=512, pretrain_epochs=30, epochs=3,
@@ -82,18 +80,6 @@ class UtilisationSampler:
                 f'{TARGET_UTILISATION}%: {verdict})')
 
 
-def copy_figures(run_dir: Path, page: Path) -> List[str]:
-    """The run's figures into figures/ next to the page; their paths relative to it, for Markdown links."""
-    folder = page.parent / 'figures'
-    folder.mkdir(parents=True, exist_ok=True)
-    links = []
-    for name in FIGURES:
-        if (run_dir / name).is_file():
-            shutil.copyfile(run_dir / name, folder / f'fashion_mnist_gpu_{name}')
-            links.append(f'figures/fashion_mnist_gpu_{name}')
-    return links
-
-
 def write_gpu_result(result: Dict[str, Any], command: str, wall_s: float, device: torch.device, utilisation: str,
                      figures: List[str], args) -> Path:
     """results/cluster_gpu.json: settings, the per-round table, the verdicts and the figures."""
@@ -129,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         with UtilisationSampler(device) as sampler:
             result = run_deep_clustering(data, cfg, str(run_dir))
         wall_s = time.perf_counter() - start
-        figures = copy_figures(run_dir, args.page)
+        figures = copy_figures(run_dir, args.page, 'fashion_mnist_gpu')
     result['config']['pretrain'] = pretrain_method(cfg)
     command = reproducing_command('bench_cluster_gpu.py', argv)
     path = write_gpu_result(result, command, wall_s, device, sampler.summary(), figures, args)

@@ -31,7 +31,8 @@ RESULTS_DIR = ROOT / 'benchmarks' / 'results'
 PAGE = ROOT / 'docs' / 'benchmarks.md'
 # the page's order; a result not named here follows, alphabetically
 ORDER = ('cpu_inference', 'gpu_supertoken', 'kernel_report', 'data_loader', 'compare_step', 'reproduce',
-         'cluster_cpu', 'cluster_gpu', 'cluster_views')
+         'cluster_cpu_fashion_mnist', 'cluster_cpu_fashion_mnist_test', 'cluster_cpu_digits', 'readout_scale',
+         'pixel_features', 'cluster_gpu', 'cluster_views')
 PLACEHOLDER = '—'
 Cell = Union[str, int, float, None]
 

@@ -232,7 +232,7 @@ def test_cluster_benchmark_writes_its_result(tmp_path):
     results, page = tmp_path / 'results', tmp_path / 'benchmarks.md'
     bench.main(['--dataset', 'digits', *TINY_ARGS, '--max-rounds', '0', '--results-dir', str(results),
                 '--page', str(page)])
-    record = json.loads((results / 'cluster_cpu.json').read_text())
+    record = json.loads((results / 'cluster_cpu_digits.json').read_text())
     assert record['command'].startswith('python benchmarks/bench_cluster.py --dataset digits --subset 160')
     assert str(results) not in record['command']  # the command shown reproduces the numbers, wherever they went
     (table,) = record['tables']
@@ -242,6 +242,25 @@ def test_cluster_benchmark_writes_its_result(tmp_path):
         ' '.join(record['setting'])
     text = page.read_text()
     assert '| kmeans pixels |' in text and 'vs k-means on the same pixels' in text and 'CPU time' in text
+    assert 'target NMI' not in text  # a subset is not the dataset the targets are set on
+    for name in bench.FIGURES:  # the run's figures sit next to the page and the section links them
+        assert (tmp_path / 'figures' / f'cluster_cpu_digits_{name}').stat().st_size > 0
+        assert f'(figures/cluster_cpu_digits_{name})' in text
+
+
+def test_cluster_benchmark_judges_each_dataset_by_its_targets():
+    import bench_cluster as bench
+
+    result = {'baselines': {'kmeans_pixels': {'nmi': 0.51}, 'umap_contrastive_embedding_and_pixels': {'nmi': 0.69}},
+              'rounds': [{'nmi': 0.70, 'acc': 0.66}, {'nmi': 0.73, 'acc': 0.71}]}
+    scores, time_line = bench.target_findings(result, bench.TARGETS['fashion-mnist'], minutes=31)
+    assert 'target NMI ≥ 0.72: met' in scores and 'target ACC ≥ 0.70: met' in scores
+    assert "the rounds add +0.0400 to the readout's 0.6900 (target ≥ +0.02: met)" in scores
+    assert 'target ≤ 30 min on 2 cores: NOT met' in time_line
+    scores, _ = bench.target_findings(result, bench.TARGETS['fashion-mnist:test'], minutes=5)
+    assert 'vs k-means on the same pixels 0.5100: +0.2200 (target ≥ +0.10: met)' in scores
+    scores, _ = bench.target_findings(result, bench.TARGETS['digits'], minutes=2)
+    assert 'target NMI ≥ 0.88: NOT met' in scores
 
 
 def test_gpu_cluster_benchmark_writes_its_result_and_figures(tmp_path):
