@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from timm_supertoken.clustering.deep_clustering import (ClusterConfig, create_embed_net, data_and_config_from, embed,
-                                                        pixel_rows, pretrain_representation, umap_readout)
+                                                        pretrain_representation, umap_readout)
+from timm_supertoken.clustering.features import pixel_features
 from timm_supertoken.clustering.kmeans import kmeans
 from timm_supertoken.clustering.metrics import cluster_metrics
 from timm_supertoken.harness import DistributedEnv
@@ -81,7 +82,7 @@ def score_variant(data, cfg: ClusterConfig, device: torch.device) -> Dict[str, f
     stage = pretrain_representation(net, data.images, cfg, in_chans, device)
     z = embed(net, data.images, cfg, in_chans, device)
     km = kmeans(z, data.num_classes, n_init=cfg.kmeans_restarts, seed=cfg.seed)
-    readout = umap_readout(pixel_rows(data.images, device), z, data.num_classes, cfg.kmeans_restarts, cfg.seed)
+    readout = umap_readout(pixel_features(data.images, device, seed=cfg.seed), z, data.num_classes, cfg.kmeans_restarts, cfg.seed)
     return dict(cluster_metrics(data.labels, km.labels.cpu().numpy()), knn=neighbour_agreement(z, data.labels),
                 umap_nmi=cluster_metrics(data.labels, readout.cpu().numpy())['nmi'],
                 loss=stage['loss_contrastive'], time_s=stage['time_s'])

@@ -7,7 +7,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from timm_supertoken.clustering import cluster_metrics, kmeans
-from timm_supertoken.clustering.deep_clustering import pixel_rows
+from timm_supertoken.clustering.features import pixel_features
 from timm_supertoken.clustering.manifold import (_membership, fuzzy_graph, joint_features, knn_cosine, knn_ivf,
                                                  nearest_neighbors, optimize_layout, spectral_layout, umap_layout)
 from timm_supertoken.data import load_digits_set
@@ -72,7 +72,7 @@ def test_layout_pulls_neighbours_together_and_is_reproducible_per_seed():
 def test_readout_of_digits_pixels_beats_kmeans_on_them():
     # the reason the readout exists: on scikit-learn's digits k-means on pixels scores NMI 0.74
     digits = load_digits_set()
-    pixels = pixel_rows(digits.images, torch.device('cpu'))
+    pixels = pixel_features(digits.images, torch.device('cpu'))
     on_pixels = cluster_metrics(digits.labels, kmeans(pixels, 10, n_init=4, seed=0).labels.numpy())['nmi']
     layout = umap_layout(joint_features(pixels), seed=0)
     assert layout.shape == (len(digits), 10) and torch.isfinite(layout).all()
@@ -111,7 +111,7 @@ def recall(approx: torch.Tensor, exact: torch.Tensor) -> float:
 @pytest.fixture(scope='module')
 def digits_pixels():
     digits = load_digits_set()
-    return pixel_rows(digits.images, torch.device('cpu'))
+    return pixel_features(digits.images, torch.device('cpu'))
 
 
 def test_ivf_finds_the_exact_neighbours_in_order_and_never_the_point_itself(digits_pixels):

@@ -31,6 +31,7 @@ from ..harness import (DEVICE_HELP, DistributedEnv, SeedPurpose, check_finite, c
 from ..harness import log as log_line
 from ..runtime import create_model_at_size
 from .batches import VIEW_CROP_AREA, VIEW_JITTER, prepare_batch
+from .features import pixel_features
 from .contrastive import ContrastiveNet, projection_head, train_on_views
 from .kmeans import KMeansResult, check_embeddings, kmeans
 from .manifold import joint_features, umap_layout
@@ -39,7 +40,7 @@ from .plots import plot_cluster_grid, plot_nmi_curve
 
 __all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'TARGETS', 'DEFAULT_MODEL',
            'DEFAULT_MODEL_KWARGS', 'for_dataset', 'data_and_config_from', 'check_run', 'create_embed_net', 'pretrain_method',
-           'describe_readout', 'pretrain_representation', 'pixel_rows', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
+           'describe_readout', 'pretrain_representation', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
            'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
@@ -390,9 +391,9 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     they are read out of the pixels alone the same way. Round 0 trains with L_ViT only (pseudo mode:
     on those initial clusters), embeds and clusters. Each later round retrains with eq. 8 against the previous
     round's centroids, re-embeds and re-clusters: 'views' rounds (the default with pseudo targets) train
-    it on two contrastive views beside NT-Xent and re-cluster by the UMAP readout of the pixels and the new
-    embedding, 'paper' rounds train it on lightly augmented images and re-cluster by k-means of the
-    embedding. The loop stops once l_current - l_new < eps or after max_rounds. The last round's clustering
+    it on two contrastive views beside NT-Xent and re-cluster with the run's readout (UMAP: of the pixels
+    beside the new embedding), 'paper' rounds train it on lightly augmented images and re-cluster by
+    k-means of the embedding. The loop stops once l_current - l_new < eps or after max_rounds. The last round's clustering
     is the result. Options left None are chosen for the data (`for_dataset`).
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
     env: the processes to run on (default: the process group already joined, else this process on cfg.device).
@@ -409,7 +410,8 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
         prev = state['assignments'] if r > 0 else state['initial_assignments']
         losses = _train(run, state, prev)
         z = run.embed(f'embed round {r}')
-        assign, centroids, inertia = (_reread if cfg.rounds == 'views' else _recluster)(run, z, prev, stage=r + 1)
+        reread = cfg.rounds == 'views' and cfg.readout == 'umap'
+        assign, centroids, inertia = (_reread if reread else _recluster)(run, z, prev, stage=r + 1)
         record = {'round': r, **losses, 'inertia': inertia, **_evaluate(data.labels, assign.numpy()),
                   'nmi_vs_previous': nmi(prev, assign), 'time_s': time.perf_counter() - t0}
         state['history'].append(record)
@@ -455,10 +457,10 @@ class _Run:
         """k-means into the run's k clusters with its number of restarts; stage 0 before the loop, r + 1 in round r."""
         return kmeans(x, self.k, n_init=self.cfg.kmeans_restarts, seed=self.clustering_seed(stage))
 
-    def pixel_rows(self) -> torch.Tensor:
-        """The readout's pixel features (`pixel_rows`), computed once."""
+    def pixel_features(self) -> torch.Tensor:
+        """The pixel block of the baselines and the readout (`features.pixel_features`), computed once."""
         if self.pixels is None:
-            self.pixels = pixel_rows(self.images, self.env.device)
+            self.pixels = pixel_features(self.images, self.env.device, seed=self.clustering_seed(0))
         return self.pixels
 
     def clustering_seed(self, stage: int) -> int:
@@ -555,7 +557,7 @@ def _initial_state(run: _Run) -> Dict[str, Any]:
 def _baselines(run: _Run) -> Dict[str, Any]:
     """A fresh loop state with the k-means baselines: pixels (round 0's targets with neither stage nor UMAP) and
     the untrained embedding."""
-    pix = run.kmeans(run.pixel_rows(), stage=0)
+    pix = run.kmeans(run.pixel_features(), stage=0)
     untrained = run.kmeans(run.embed('embed untrained'), stage=0)
     return {
         'baselines': {
@@ -567,13 +569,8 @@ def _baselines(run: _Run) -> Dict[str, Any]:
     }
 
 
-def pixel_rows(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 images as (n, C·H·W) rows in [0, 1] on device: the features of the pixel baselines and readout."""
-    return images.reshape(images.shape[0], -1).to(device).float().div_(255.)
-
-
 def umap_readout(pixels: torch.Tensor, z: Optional[torch.Tensor], k: int, n_init: int, seed: int) -> torch.Tensor:
-    """Cluster ids of k-means on a UMAP layout of the pixel rows, beside the embedding z when given (`readout='umap'`).
+    """Cluster ids of k-means on a UMAP layout of the pixel features, beside the embedding z when given (`readout='umap'`).
 
     One definition for the loop and for benchmarks/bench_views.py, so its column measures what round 0 trains on.
     """
@@ -614,7 +611,7 @@ def _readout_labels(run: _Run, z: Optional[torch.Tensor], stage: int) -> torch.T
     On a GPU the layout's index_add_ is not bitwise reproducible, and every rank must train on the same targets.
     """
     if run.env.is_primary:
-        labels = umap_readout(run.pixel_rows(), z, run.k, run.cfg.kmeans_restarts, run.clustering_seed(stage))
+        labels = umap_readout(run.pixel_features(), z, run.k, run.cfg.kmeans_restarts, run.clustering_seed(stage))
         labels = labels.to(run.env.device)
     else:
         labels = torch.empty(len(run.data), dtype=torch.long, device=run.env.device)
