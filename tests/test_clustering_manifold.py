@@ -1,4 +1,5 @@
 """The UMAP readout (clustering/manifold.py): each step against its definition, and the layout against k-means."""
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,8 @@ from sklearn.neighbors import NearestNeighbors
 from timm_supertoken.clustering import cluster_metrics, kmeans
 from timm_supertoken.clustering.features import pixel_features
 from timm_supertoken.clustering.manifold import (_membership, fuzzy_graph, joint_features, knn_cosine, knn_ivf,
-                                                 nearest_neighbors, optimize_layout, spectral_layout, umap_layout)
+                                                 nearest_neighbors, optimize_layout, pca_layout, spectral_layout,
+                                                 umap_layout)
 from timm_supertoken.data import load_digits_set
 
 
@@ -164,7 +166,26 @@ def test_auto_search_is_exact_up_to_the_threshold_and_approximate_above(digits_p
     assert torch.equal(layout, umap_layout(x, dim=2, n_neighbors=10, epochs=20, knn='exact'))
 
 
+def test_pca_start_fills_the_box_and_auto_takes_it_above_the_threshold(digits_pixels):
+    x = digits_pixels[:300]
+    start = pca_layout(x, 3, seed=0)
+    assert start.shape == (300, 3) and torch.allclose(start.amin(0), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(start.amax(0), torch.full((3,), 10.0), atol=1e-5)
+    assert torch.equal(start, pca_layout(x, 3, seed=0))
+    # its first axis is the first principal direction: the variance along it is the largest of any axis
+    centred = x - x.mean(0)
+    first = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    axis = (start[:, 0] - start[:, 0].mean()) / start[:, 0].std()
+    assert abs(torch.corrcoef(torch.stack([axis, centred @ first]))[0, 1]) > 0.999
+    settings = dict(dim=2, n_neighbors=10, epochs=20, knn='exact')
+    assert torch.equal(umap_layout(x, start='auto', spectral_max_n=299, **settings),
+                       umap_layout(x, start='pca', **settings))
+    assert torch.equal(umap_layout(x, start='auto', spectral_max_n=300, **settings),
+                       umap_layout(x, start='spectral', **settings))
+
+
 @pytest.mark.parametrize('call, match', [
+    (lambda x: umap_layout(x, start='random'), "start must be one of auto, spectral, pca, got 'random'"),
     (lambda x: knn_ivf(x, 5, nprobe=0), 'nprobe must be at least 1'),
     (lambda x: knn_ivf(x, 5, cells=51), 'cells=51 for 50 points'),
     (lambda x: knn_ivf(x, 50), 'n_neighbors=50 for 50 points'),
@@ -175,3 +196,18 @@ def test_auto_search_is_exact_up_to_the_threshold_and_approximate_above(digits_p
 def test_bad_search_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(50, 4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_scale_benchmark_times_every_stage_and_fits_the_exponent(tmp_path):
+    import bench_readout_scale as bench  # benchmarks/ is on sys.path (conftest.py)
+
+    results, page = tmp_path / 'results', tmp_path / 'benchmarks.md'
+    bench.main(['--sizes', '1500', '3000', '--threads', '1', '--results-dir', str(results), '--page', str(page)])
+    record = json.loads((results / 'readout_scale.json').read_text())
+    assert [r['n'] for r in record['runs']] == [1500, 3000]
+    for run in record['runs']:
+        assert run['recall'] > 0.9 and run['peak_rss_gb'] > 0 and 0 < run['pca_start_nmi'] <= 1
+        for knn in ('approximate', 'exact'):
+            assert all(run[knn][stage]['wall_s'] >= 0 for stage in bench.STAGES) and 0 < run[knn]['nmi'] <= 1
+    assert 'Growth exponent of the total time over 1,500 → 3,000 points' in ' '.join(record['findings'])
+    assert '| 3,000 | approximate |' in page.read_text()

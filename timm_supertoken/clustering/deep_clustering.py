@@ -66,12 +66,12 @@ DEFAULT_MODEL_KWARGS: Dict[str, Any] = {'depth': 4}
 # in under half an hour (docs/clustering.md)
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     'digits': dict(pretrain='none', hflip=False, rounds='paper'),
-    'fashion-mnist': dict(model_kwargs={'depth': 2, 'embed_dim': 128, 'num_heads': 4}, img_size=16,
-                          pretrain_epochs=12, epochs=2, max_rounds=3),
+    'fashion-mnist': dict(model_kwargs={'depth': 2, 'embed_dim': 128, 'num_heads': 4}, img_size=16, epochs=2,
+                          max_rounds=3),
 }
 # and what every other dataset gets
-GENERAL_DEFAULTS: Dict[str, Any] = dict(model_kwargs=DEFAULT_MODEL_KWARGS, img_size=32, pretrain_epochs=20, epochs=4,
-                                        max_rounds=5, hflip=True)
+GENERAL_DEFAULTS: Dict[str, Any] = dict(model_kwargs=DEFAULT_MODEL_KWARGS, img_size=32, epochs=4, max_rounds=5,
+                                        hflip=True)
 ROUND_LR = {'views': 1e-3, 'paper': 5e-4}  # the views rounds' peak of a one-cycle schedule; the paper's is constant
 # checkpoints written before an option existed, resumed: what those runs did
 _BEFORE_OPTION = {'readout': 'kmeans', 'rounds': 'paper'}
@@ -121,8 +121,7 @@ class ClusterConfig:
         "how round 0's pseudo-labels are read out: 'umap' = k-means of a UMAP layout of the pixels and the "
         "contrastive embedding side by side (of the pixels without the stage), 'kmeans' = k-means of the "
         "embedding (of the pixels without the stage)", choices=READOUTS))
-    pretrain_epochs: Optional[int] = field(default=None, metadata=field_help(
-        'contrastive epochs (default: 20; 12 for Fashion-MNIST)'))
+    pretrain_epochs: int = field(default=20, metadata=field_help('contrastive epochs'))
     pretrain_batch_size: int = field(default=256, metadata=field_help(
         "contrastive global batch, of the stage and the 'views' rounds; NT-Xent's negatives are the other 2B - 2 "
         "views of the batch"))

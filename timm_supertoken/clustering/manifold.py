@@ -21,8 +21,8 @@ import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
-__all__ = ['knn_cosine', 'knn_ivf', 'nearest_neighbors', 'fuzzy_graph', 'spectral_layout', 'optimize_layout',
-           'umap_layout', 'joint_features']
+__all__ = ['knn_cosine', 'knn_ivf', 'nearest_neighbors', 'fuzzy_graph', 'spectral_layout', 'pca_layout',
+           'optimize_layout', 'umap_layout', 'joint_features']
 
 # the curve 1 / (1 + a·d^(2b)) that umap-learn fits to its min_dist = 0, spread = 1 (find_ab_params): the
 # tightest clumps, which is what a clustering readout wants (N2D's choice)
@@ -33,6 +33,8 @@ SIGMA_SEARCH_STEPS = 64
 MIN_SIGMA_SCALE = 1e-3  # σ_i ≥ this × the mean neighbour distance (umap-learn's MIN_K_DIST_SCALE)
 KNN_METHODS = ('auto', 'exact', 'approximate')
 EXACT_KNN_MAX_N = 100_000  # 'auto' searches exactly up to this many points, approximately above
+SPECTRAL_MAX_N = 100_000  # 'auto' starts the layout at the eigenmap up to this many points, at the PCA above
+STARTS = ('auto', 'spectral', 'pca')
 # the IVF's defaults, chosen by recall@30 against the exact search on Fashion-MNIST (docs/benchmarks.md)
 IVF_CELLS_PER_SQRT_N = 2
 IVF_NPROBE = 16
@@ -251,9 +253,33 @@ def spectral_layout(graph: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     except (scipy.sparse.linalg.ArpackNoConvergence, scipy.sparse.linalg.ArpackError):
         warnings.warn('the spectral start of the UMAP layout did not converge; starting from random positions')
         layout = rng.uniform(-10, 10, (n, dim))
-    layout = layout + rng.normal(scale=1e-4 * np.abs(layout).max(), size=layout.shape)  # split exact ties
+    return _scaled(layout, rng)
+
+
+def _scaled(layout: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """A start with its exact ties split by a little noise and each axis scaled to [0, 10], as umap-learn's."""
+    layout = layout + rng.normal(scale=1e-4 * np.abs(layout).max(), size=layout.shape)
     span = layout.max(0) - layout.min(0)
     return torch.from_numpy(10 * (layout - layout.min(0)) / np.where(span > 0, span, 1)).float()
+
+
+@torch.no_grad()
+def pca_layout(x: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """The points' first dim principal coordinates, each axis scaled to [0, 10]: the start of large layouts.
+
+    Why: ARPACK's eigenmap costs about n^1.65 (its iterations grow with the graph), the PCA one pass over
+    the points (a seeded randomised SVD), so above SPECTRAL_MAX_N points the start stops dominating the readout.
+    umap-learn offers the same start as init='pca'.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # pca_lowrank draws its sketch from the global generator
+    try:
+        # a sketch of 10 more directions than kept, as randomised SVDs oversample, makes the kept ones accurate
+        _, _, basis = torch.pca_lowrank(x.float(), q=min(dim + 10, *x.shape), center=True, niter=4)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    layout = ((x.float() - x.float().mean(0)) @ basis[:, :dim]).cpu().double().numpy()
+    return _scaled(layout, np.random.default_rng(seed))
 
 
 @torch.no_grad()
@@ -317,11 +343,16 @@ def _sgd_step(y: torch.Tensor, h: torch.Tensor, t: torch.Tensor, negatives: int,
 
 
 def umap_layout(x: torch.Tensor, dim: int = 10, n_neighbors: int = 30, epochs: int = 200, seed: int = 0,
-                knn: str = 'auto', exact_max_n: int = EXACT_KNN_MAX_N) -> torch.Tensor:
+                knn: str = 'auto', exact_max_n: int = EXACT_KNN_MAX_N, start: str = 'auto',
+                spectral_max_n: int = SPECTRAL_MAX_N) -> torch.Tensor:
     """UMAP of the rows of x (cosine metric) into dim dimensions, computed on x's device; deterministic per seed.
 
     knn picks the neighbour search (`nearest_neighbors`): exact up to exact_max_n points under 'auto'.
+    start picks where the SGD starts: the graph's eigenmap (`spectral_layout`) or the points' PCA
+    (`pca_layout`); 'auto' takes the eigenmap up to spectral_max_n points.
     """
+    if start not in STARTS:
+        raise ValueError(f'start must be one of {", ".join(STARTS)}, got {start!r}')
     if x.ndim != 2:
         raise ValueError(f'expected a 2-D (n, d) tensor of points, got shape {tuple(x.shape)}')
     if not torch.isfinite(x).all():
@@ -330,8 +361,11 @@ def umap_layout(x: torch.Tensor, dim: int = 10, n_neighbors: int = 30, epochs: i
         raise ValueError(f'need 1 <= dim < n - 1 for a spectral start, got dim={dim} for {x.shape[0]} points')
     idx, dist = nearest_neighbors(x, min(n_neighbors, x.shape[0] - 1), knn, exact_max_n, seed)
     graph = fuzzy_graph(idx, dist)
-    start = spectral_layout(graph, dim, seed).to(x.device)
-    return optimize_layout(graph, start, epochs=epochs, seed=seed)
+    if start == 'pca' or (start == 'auto' and x.shape[0] > spectral_max_n):
+        initial = pca_layout(x, dim, seed)
+    else:
+        initial = spectral_layout(graph, dim, seed)
+    return optimize_layout(graph, initial.to(x.device), epochs=epochs, seed=seed)
 
 
 def joint_features(*blocks: torch.Tensor) -> torch.Tensor:
