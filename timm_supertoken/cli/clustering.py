@@ -55,7 +55,8 @@ def _settings(data: ImageSet, cfg: ClusterConfig) -> Tuple[str, ...]:
         + (f' (round 0 trains on {describe_readout(cfg.readout, method)})' if cfg.targets == 'pseudo' else '')
         + f', rounds={cfg.rounds} ({ROUNDS_IN_WORDS[cfg.rounds]}), gamma={cfg.gamma}, eps={cfg.eps}, '
         f'max_rounds={cfg.max_rounds}, epochs/round={cfg.epochs}, '
-        + (f'batch={cfg.pretrain_batch_size}' if cfg.rounds == 'views' else f'augment={cfg.augment}, batch={cfg.batch_size}')
+        + (f'batch={cfg.pretrain_batch_size}' if cfg.rounds == 'views'
+           else f'augment={cfg.augment}, batch={cfg.batch_size}')
         + f', lr={cfg.lr}, seed={cfg.seed}',
     )
 

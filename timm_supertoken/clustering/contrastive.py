@@ -66,11 +66,11 @@ def train_on_views(train_net: nn.Module, optimizer: torch.optim.Optimizer, image
     The loss is NT-Xent, plus, when targets (cluster ids per image) are given, L_ViT = the cross-entropy of
     both views' logits against them, plus γ·L_clustering = γ·‖z − μ_c‖² of both views' embeddings to the
     centroid of their image's cluster c when assignments and centroids are given (eq. 8 on strong views,
-    beside the instance loss that keeps the embedding learning). The learning rate follows one cosine cycle peaking at lr, with a 10% warm-up (OneCycleLR) over
-    all steps. Batch order and view parameters come from a generator seeded by `seed` and drawn for the
-    global batch, each rank taking its slice; the projections are all-gathered, so DDP computes the
-    one-process loss. view_scale and color_jitter set the views' crop-area range and brightness/contrast
-    strength (`draw_view_params`).
+    beside the instance loss that keeps the embedding learning). The learning rate follows one cosine cycle
+    peaking at lr, with a 10% warm-up (OneCycleLR) over all steps. Batch order and view parameters come from
+    a generator seeded by `seed` and drawn for the global batch, each rank taking its slice; the projections
+    are all-gathered, so DDP computes the one-process loss. view_scale and color_jitter set the views'
+    crop-area range and brightness/contrast strength (`draw_view_params`).
     """
     train_net.train()
     n = images.shape[0]
@@ -80,7 +80,7 @@ def train_on_views(train_net: nn.Module, optimizer: torch.optim.Optimizer, image
     gen = torch.Generator().manual_seed(seed)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.1)
-    use_clust = targets is not None and centroids is not None and gamma > 0
+    use_clust = centroids is not None and gamma > 0
     if targets is not None:
         targets = targets.to(images.device)
     if use_clust:

@@ -38,10 +38,11 @@ from .manifold import joint_features, umap_layout
 from .metrics import cluster_metrics, match_clusters, nmi
 from .plots import plot_cluster_grid, plot_nmi_curve
 
-__all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'TARGETS', 'DEFAULT_MODEL',
-           'DEFAULT_MODEL_KWARGS', 'for_dataset', 'data_and_config_from', 'check_run', 'create_embed_net', 'pretrain_method',
-           'describe_readout', 'pretrain_representation', 'umap_readout', 'create_cluster_model', 'embed', 'train_round',
-           'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
+__all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'ROUNDS', 'TARGETS',
+           'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS', 'DATASET_DEFAULTS', 'GENERAL_DEFAULTS', 'dataset_family',
+           'for_dataset', 'data_and_config_from', 'check_run', 'create_embed_net', 'create_projection',
+           'pretrain_method', 'describe_readout', 'pretrain_representation', 'umap_readout', 'create_cluster_model',
+           'embed', 'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 CHECKPOINT_KEYS = ('model', 'optimizer', 'state', 'config', 'n')  # what a resume reads (and 'projection')
@@ -387,12 +388,12 @@ def run_deep_clustering(data: ImageSet, cfg: ClusterConfig, out_dir: str, resume
     In pseudo mode with `pretrain='simclr'` (the default there), the model first learns from augmented
     views (NT-Xent); the initial clusters are then k-means on a UMAP layout of the pixels and that
     embedding (`readout='umap'`, the default) or on the embedding (`'kmeans'`). Without the stage
-    they are read out of the pixels alone the same way. Round 0 trains with L_ViT only (pseudo mode:
-    on those initial clusters), embeds and clusters. Each later round retrains with eq. 8 against the previous
-    round's centroids, re-embeds and re-clusters: 'views' rounds (the default with pseudo targets) train
-    it on two contrastive views beside NT-Xent and re-cluster with the run's readout (UMAP: of the pixels
-    beside the new embedding), 'paper' rounds train it on lightly augmented images and re-cluster by
-    k-means of the embedding. The loop stops once l_current - l_new < eps or after max_rounds. The last round's clustering
+    they are read out of the pixels alone the same way. Round 0 trains L_ViT on those initial clusters
+    (pseudo mode), embeds and clusters. Each later round retrains with eq. 8 against the previous round's
+    centroids, re-embeds and re-clusters. 'views' rounds (the default with pseudo targets) train on two
+    contrastive views beside NT-Xent and re-cluster with the run's readout (UMAP: of the pixels beside the
+    new embedding); 'paper' rounds train on lightly augmented images and re-cluster by k-means of the
+    embedding. The loop stops once l_current - l_new < eps or after max_rounds; the last round's clustering
     is the result. Options left None are chosen for the data (`for_dataset`).
     on_round_end(round, record) runs after each round's checkpoint is written (tests use it to stop a run).
     env: the processes to run on (default: the process group already joined, else this process on cfg.device).
@@ -569,7 +570,7 @@ def _baselines(run: _Run) -> Dict[str, Any]:
 
 
 def umap_readout(pixels: torch.Tensor, z: Optional[torch.Tensor], k: int, n_init: int, seed: int) -> torch.Tensor:
-    """Cluster ids of k-means on a UMAP layout of the pixel features, beside the embedding z when given (`readout='umap'`).
+    """Cluster ids of k-means on a UMAP layout of the pixel features, beside the embedding z when given.
 
     One definition for the loop and for benchmarks/bench_views.py, so its column measures what round 0 trains on.
     """
