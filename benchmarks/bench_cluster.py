@@ -27,7 +27,7 @@ from timm_supertoken.clustering.deep_clustering import (ClusterConfig, ClusterDa
 from timm_supertoken.config_fields import field_arguments
 from timm_supertoken.clustering.report import results_markdown
 
-from docs_page import PAGE, RESULTS_DIR, reproducing_command, result_record, tables_from_markdown, write_result
+from docs_page import PAGE, RESULTS_DIR, met, reproducing_command, result_record, tables_from_markdown, write_result
 
 FIGURES = ('nmi_per_round.png', 'clusters.png')
 
@@ -66,10 +66,6 @@ def copy_figures(run_dir: Path, page: Path, prefix: str) -> List[str]:
     return links
 
 
-def _verdict(ok: bool) -> str:
-    return 'met' if ok else 'NOT met'
-
-
 def target_findings(result: Dict[str, Any], targets: Optional[Targets], minutes: float) -> List[str]:
     """One line on the scores and one on the time, each against the dataset's targets where it has them."""
     final = result['rounds'][-1] if result['rounds'] else {}
@@ -77,20 +73,20 @@ def target_findings(result: Dict[str, Any], targets: Optional[Targets], minutes:
     start = next((m['nmi'] for name, m in result['baselines'].items() if name.startswith('umap')), None)
     scores = [f'Final NMI **{final.get("nmi", float("nan")):.4f}**, ACC **{final.get("acc", float("nan")):.4f}**']
     if targets is not None and targets.nmi is not None:
-        scores.append(f'target NMI ≥ {targets.nmi:.2f}: {_verdict(final["nmi"] >= targets.nmi)}')
+        scores.append(f'target NMI ≥ {targets.nmi:.2f}: {met(final["nmi"] >= targets.nmi)}')
     if targets is not None and targets.acc is not None:
-        scores.append(f'target ACC ≥ {targets.acc:.2f}: {_verdict(final["acc"] >= targets.acc)}')
+        scores.append(f'target ACC ≥ {targets.acc:.2f}: {met(final["acc"] >= targets.acc)}')
     gain = final.get('nmi', float('nan')) - pixels
     scores.append(f'vs k-means on the same pixels {pixels:.4f}: {gain:+.4f}' + (
-        f' (target ≥ +{targets.over_pixels:.2f}: {_verdict(gain >= targets.over_pixels)})'
+        f' (target ≥ +{targets.over_pixels:.2f}: {met(gain >= targets.over_pixels)})'
         if targets is not None and targets.over_pixels is not None else ''))
     if start is not None and final:
         rounds = final['nmi'] - start
         scores.append(f'the rounds add {rounds:+.4f} to the readout\'s {start:.4f}' + (
-            f' (target ≥ +{targets.rounds_gain:.2f}: {_verdict(rounds >= targets.rounds_gain)})'
+            f' (target ≥ +{targets.rounds_gain:.2f}: {met(rounds >= targets.rounds_gain)})'
             if targets is not None and targets.rounds_gain is not None else ''))
     time_line = f'Wall time **{minutes:.1f} min**' + (
-        f' (target ≤ {targets.minutes:g} min on 2 cores: {_verdict(minutes <= targets.minutes)})' if targets else '')
+        f' (target ≤ {targets.minutes:g} min on 2 cores: {met(minutes <= targets.minutes)})' if targets else '')
     return ['; '.join(scores) + '.', time_line]
 
 

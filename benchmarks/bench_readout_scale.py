@@ -28,7 +28,7 @@ from timm_supertoken.clustering.manifold import (SPECTRAL_MAX_N, _exact_rows, fu
                                                  optimize_layout, pca_layout, spectral_layout)
 from timm_supertoken.data import load_dataset
 
-from docs_page import PAGE, RESULTS_DIR, Table, render_section, result_record, write_result
+from docs_page import PAGE, RESULTS_DIR, Table, met, render_section, result_record, write_result
 
 DIM = 128
 NEIGHBORS = 30
@@ -178,13 +178,13 @@ def scale_record(results: List[Dict[str, Any]], threads: int, load: List[float])
         cpu = growth_exponent(sizes, [total(r['approximate'], 'cpu_s') for r in results])
         findings.append(f'Growth exponent of the total time over {sizes[0]:,} → {sizes[-1]:,} points (least squares '
                         f'on log-log): **{wall:.2f}** wall, {cpu:.2f} CPU (target ≤ {TARGET_EXPONENT}: '
-                        f'{"met" if wall <= TARGET_EXPONENT else "NOT met"}).')
+                        f'{met(wall <= TARGET_EXPONENT)}).')
     largest = results[-1]
     if largest['n'] >= 1_000_000:
         minutes = total(largest['approximate'], 'wall_s') / 60
         findings.append(f'{largest["n"]:,} points read out and clustered in **{minutes:.1f} min** wall '
                         f'(target ≤ {TARGET_MINUTES_1M} min on 2 cores: '
-                        f'{"met" if minutes <= TARGET_MINUTES_1M else "NOT met"}), peak RSS '
+                        f'{met(minutes <= TARGET_MINUTES_1M)}), peak RSS '
                         f'{largest["peak_rss_gb"]:.2f} GB.')
     for r in results:
         if 'exact' in r:

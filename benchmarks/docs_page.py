@@ -23,7 +23,7 @@ import torch
 
 from timm_supertoken.runtime import cpu_name
 
-__all__ = ['Table', 'target_verdict', 'reproducing_command', 'run_metadata', 'result_record', 'write_result',
+__all__ = ['Table', 'met', 'target_verdict', 'reproducing_command', 'run_metadata', 'result_record', 'write_result',
            'render_section', 'render_page', 'write_page', 'tables_from_markdown']
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +60,11 @@ class Table:
         if self.formats is not None and len(self.formats) != len(self.columns):
             raise ValueError(f'table {self.title or self.columns}: {len(self.formats)} formats for '
                              f'{len(self.columns)} columns')
+
+
+def met(ok: bool) -> str:
+    """A target's verdict as every result states it."""
+    return 'met' if ok else 'NOT met'
 
 
 def target_verdict(ratio: float, best_ratio: float, target: float) -> str:

@@ -33,6 +33,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert '| umap contrastive embedding and pixels |' in printed
     assert ('round 0 trains on k-means of a UMAP layout of the pixels and the contrastive embedding side by side'
             in printed and 'hflip=False' in printed)
+    assert 'rounds=paper (eq. 8 on lightly augmented images, re-clustered by k-means of the embedding)' in printed
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
     assert metrics['n'] == 160 and metrics['k'] == 10 and metrics['config']['targets'] == 'pseudo'
     assert metrics['pretrain']['method'] == 'simclr' and metrics['pretrain']['loss_contrastive'] > 0

@@ -4,17 +4,14 @@ import time
 from typing import Tuple
 
 from ..clustering.deep_clustering import (DEFAULT_MODEL, DEFAULT_MODEL_KWARGS, ClusterConfig, ClusterData,
-                                          check_run, data_and_config_from, describe_readout, pretrain_method,
-                                          run_deep_clustering)
+                                          check_run, data_and_config_from, describe_readout, describe_rounds,
+                                          pretrain_method, run_deep_clustering)
 from ..clustering.report import results_markdown
 from ..data.image_sets import ImageSet
 from ..harness import init_distributed
 from .options import add_command, add_config_options, add_out, add_resume, add_threads, print_preamble
 
 __all__ = ['add_commands', 'add_cluster_arguments', 'cmd_cluster', 'data_and_config']
-
-ROUNDS_IN_WORDS = {'views': 'eq. 8 on two contrastive views beside NT-Xent, re-read out by UMAP',
-                   'paper': 'eq. 8 on lightly augmented images, re-clustered by k-means of the embedding'}
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
@@ -53,7 +50,7 @@ def _settings(data: ImageSet, cfg: ClusterConfig) -> Tuple[str, ...]:
         *stage,
         f'loop: targets={cfg.targets}'
         + (f' (round 0 trains on {describe_readout(cfg.readout, method)})' if cfg.targets == 'pseudo' else '')
-        + f', rounds={cfg.rounds} ({ROUNDS_IN_WORDS[cfg.rounds]}), gamma={cfg.gamma}, eps={cfg.eps}, '
+        + f', rounds={cfg.rounds} ({describe_rounds(cfg.rounds, cfg.readout)}), gamma={cfg.gamma}, eps={cfg.eps}, '
         f'max_rounds={cfg.max_rounds}, epochs/round={cfg.epochs}, '
         + (f'batch={cfg.pretrain_batch_size}' if cfg.rounds == 'views'
            else f'augment={cfg.augment}, batch={cfg.batch_size}')

@@ -41,8 +41,8 @@ from .plots import plot_cluster_grid, plot_nmi_curve
 __all__ = ['ClusterConfig', 'ClusterData', 'EmbedNet', 'PRETRAIN_METHODS', 'READOUTS', 'ROUNDS', 'TARGETS',
            'DEFAULT_MODEL', 'DEFAULT_MODEL_KWARGS', 'DATASET_DEFAULTS', 'GENERAL_DEFAULTS', 'dataset_family',
            'for_dataset', 'data_and_config_from', 'check_run', 'create_embed_net', 'create_projection',
-           'pretrain_method', 'describe_readout', 'pretrain_representation', 'umap_readout', 'create_cluster_model',
-           'embed', 'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
+           'pretrain_method', 'describe_readout', 'describe_rounds', 'pretrain_representation', 'umap_readout',
+           'create_cluster_model', 'embed', 'train_round', 'run_deep_clustering', 'CHECKPOINT_NAME', 'METRICS_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 CHECKPOINT_KEYS = ('model', 'optimizer', 'state', 'config', 'n')  # what a resume reads (and 'projection')
@@ -215,6 +215,14 @@ def describe_readout(readout: str, pretrain: str) -> str:
     if readout == 'umap':
         return f'k-means of a UMAP layout of {features}'
     return 'k-means of ' + ('the pixels' if pretrain == 'none' else 'the contrastive embedding')
+
+
+def describe_rounds(rounds: str, readout: str) -> str:
+    """What a round trains on and how it re-clusters, in words, for the CLI's preamble."""
+    if rounds == 'paper':
+        return 'eq. 8 on lightly augmented images, re-clustered by k-means of the embedding'
+    again = 'the UMAP readout' if readout == 'umap' else 'k-means of the embedding'
+    return f'eq. 8 on two contrastive views beside NT-Xent, re-clustered by {again}'
 
 
 def create_cluster_model(cfg: ClusterConfig, num_classes: int, in_chans: int) -> nn.Module:
